@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make up` and `make test`.
+VENV ?= $(CURDIR)/.venv
+SB := $(VENV)/bin/switchboard
+export SWITCHBOARD_VENV := $(VENV)
+
+.PHONY: bootstrap up down status test lint unit integration chaos bench clean
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+up: bootstrap
+	$(SB) up $(ARGS)
+
+down: bootstrap
+	$(SB) down
+
+status: bootstrap
+	$(SB) status
+
+lint: bootstrap
+	$(VENV)/bin/ruff check app tests migrations
+	$(VENV)/bin/mypy
+
+test: bootstrap lint
+	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+unit: bootstrap
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: bootstrap
+	$(VENV)/bin/pytest -q tests/integration
+
+bench: bootstrap
+	$(VENV)/bin/python -m bench.up_time
+
+clean:
+	rm -rf .switchboard build *.egg-info

@@ -1,0 +1,179 @@
+"""The ``switchboard`` command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from app.settings import Settings, SettingsError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "state_dir": getattr(args, "state_dir", None),
+        "workers": getattr(args, "workers", None),
+        "client_port": getattr(args, "client_port", None),
+    }
+    return Settings.load(config_file=args.config, **overrides)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster, format_status
+
+    cluster = LocalCluster(_settings(args), say=_say)
+    cluster.up()
+    print()
+    print(format_status(cluster.status()))
+    if not args.foreground:
+        print("\nrunning in the background: `switchboard status`, `switchboard down`")
+        return 0
+    print("\nattached: Ctrl-C stops the cluster")
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop:
+        time.sleep(0.5)
+    print("stopping ...", flush=True)
+    cluster.down()
+    print("stopped")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster
+
+    cluster = LocalCluster(_settings(args), say=_say)
+    running = cluster.running_components()
+    cluster.down(purge=args.purge)
+    print(f"stopped {', '.join(running)}" if running else "nothing was running")
+    if args.purge:
+        print(f"removed {cluster.layout.root}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster, format_status
+
+    rows = LocalCluster(_settings(args)).status()
+    print(format_status(rows))
+    return 0 if all(r.healthy for r in rows) else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster
+
+    cluster = LocalCluster(_settings(args))
+    if args.component not in cluster.component_names():
+        print(
+            f"switchboard: no component {args.component!r}; one of: "
+            + ", ".join(cluster.component_names()),
+            file=sys.stderr,
+        )
+        return 2
+    for line in cluster.log_tail(args.component, args.lines):
+        print(line)
+    if args.follow:
+        path = cluster.layout.logfile(args.component)
+        with path.open() as fh:
+            fh.seek(0, 2)
+            try:
+                while True:
+                    line = fh.readline()
+                    if line:
+                        print(line, end="", flush=True)
+                    else:
+                        time.sleep(0.3)
+            except KeyboardInterrupt:
+                pass
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.worker.main import main as worker_main
+
+    worker_main()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.store import migrate
+
+    settings = _settings(args)
+    if args.revision.startswith("-") or args.down:
+        migrate.downgrade(settings, args.revision)
+    else:
+        migrate.upgrade(settings, args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard",
+        description="Switchboard: an instant-messaging server cluster "
+        "(HAProxy, stateless socket workers, Patroni PostgreSQL).",
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (or SWITCHBOARD_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--state-dir", type=Path, help="cluster state directory (default ./.switchboard)"
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = add("up", cmd_up, "start etcd, 3 Patroni PostgreSQL nodes, HAProxy and the workers")
+    p.add_argument("--workers", type=int, help="number of socket workers (default 3)")
+    p.add_argument("--client-port", type=int, help="the client TCP port (default 5222)")
+    p.add_argument(
+        "--foreground", action="store_true", help="stay attached; Ctrl-C stops everything"
+    )
+
+    p = add("down", cmd_down, "stop every component of the local cluster")
+    p.add_argument("--purge", action="store_true", help="also delete the state dir and all data")
+
+    add("status", cmd_status, "show each component: pid, endpoint, role, health")
+
+    p = add("logs", cmd_logs, "show a component's log (etcd, n1.., haproxy, w1..)")
+    p.add_argument("component")
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+
+    add("worker", cmd_worker, "run one socket worker in the foreground (SWITCHBOARD_WORKER_ID)")
+
+    p = add("migrate", cmd_migrate, "apply (or revert) database migrations")
+    p.add_argument("revision", nargs="?", default="head")
+    p.add_argument("--down", action="store_true", help="downgrade to REVISION")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from app.cluster.errors import ClusterError
+
+    try:
+        code = args.func(args)
+    except (ClusterError, SettingsError) as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)

@@ -1,0 +1,35 @@
+"""etcd, Patroni's distributed configuration store."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+from app.cluster.layout import Layout
+from app.settings import Settings
+
+
+def argv(settings: Settings, layout: Layout) -> list[str]:
+    client = f"http://{settings.host}:{settings.etcd_client_port}"
+    peer = f"http://{settings.host}:{settings.etcd_peer_port}"
+    return [
+        settings.etcd_bin,
+        "--name=etcd0",
+        f"--data-dir={layout.etcd_data}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=etcd0={peer}",
+        "--initial-cluster-state=new",
+        "--auto-compaction-retention=1",
+    ]
+
+
+def healthy(settings: Settings, timeout: float = 1.0) -> bool:
+    url = f"http://{settings.host}:{settings.etcd_client_port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(json.load(response).get("health") == "true")
+    except (OSError, ValueError):
+        return False

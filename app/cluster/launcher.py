@@ -1,0 +1,396 @@
+"""Start, inspect and stop the whole local tier: etcd, Patroni nodes, HAProxy, workers.
+
+``up`` is the single code path behind ``switchboard up`` and the test fixtures.
+Each step prints what it is doing and how long it took; any failure stops
+what was already started and surfaces as one ``ClusterError`` line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.cluster import etcd, haproxy, patroni
+from app.cluster.errors import AlreadyRunning, ClusterError, ComponentFailed
+from app.cluster.health import http_json, port_free, wait_for
+from app.cluster.layout import Layout, load_or_create_secrets
+from app.cluster.process import (
+    PidRecord,
+    RunAs,
+    read_pidfile,
+    spawn,
+    stop_all,
+    write_pidfile,
+)
+from app.settings import Settings
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentStatus:
+    name: str
+    pid: int | None
+    running: bool
+    endpoint: str
+    detail: str
+    healthy: bool
+
+
+class LocalCluster:
+    def __init__(self, settings: Settings, say: Say = _quiet) -> None:
+        self.settings = settings
+        self.layout = Layout.for_settings(settings)
+        self.say = say
+        self.venv_bin = Path(sys.executable).parent
+
+    # ---- names -------------------------------------------------------------
+    def component_names(self) -> list[str]:
+        return ["etcd", *self.settings.node_names(), "haproxy", *self.settings.worker_ids()]
+
+    def _record(self, name: str) -> PidRecord | None:
+        return read_pidfile(self.layout.pidfile(name))
+
+    def _postmaster(self, node: str) -> PidRecord | None:
+        try:
+            pid = int((self.layout.node_data(node) / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        return PidRecord(pid, None) if Path(exe).name in ("postgres", "postmaster") else None
+
+    def running_components(self) -> list[str]:
+        names = []
+        for name in self.component_names():
+            rec = self._record(name)
+            if rec is not None and rec.alive():
+                names.append(name)
+        return names
+
+    # ---- up ----------------------------------------------------------------
+    def up(self) -> None:
+        started = time.monotonic()
+        running = self.running_components()
+        if running:
+            raise AlreadyRunning(
+                f"a cluster is already running in {self.layout.root} "
+                f"({', '.join(running)}); see `switchboard status` or `switchboard down`"
+            )
+        self._clear_stale_pidfiles()
+        run_as = RunAs.for_current_process(self.settings.run_as)
+        self._preflight(run_as)
+        try:
+            self._prepare(run_as)
+            self._step("etcd", lambda: self._start_etcd(run_as))
+            self._step("patroni nodes", lambda: self._start_patroni(run_as))
+            self._step("haproxy", self._start_haproxy)
+            self._step("postgres cluster healthy", self._wait_db)
+            self._step("database roles and migrations", self._migrate)
+            self._step(f"{self.settings.workers} workers", self._start_workers)
+        except BaseException:
+            self.say("start-up failed: stopping what was started")
+            self.down(purge=False)
+            raise
+        self.say(f"cluster up in {time.monotonic() - started:.1f} s")
+
+    def _step(self, what: str, action: Callable[[], None]) -> None:
+        t0 = time.monotonic()
+        self.say(f"==> {what} ...")
+        action()
+        self.say(f"    {what}: ok ({time.monotonic() - t0:.1f} s)")
+
+    def _preflight(self, run_as: RunAs) -> None:
+        s = self.settings
+        for binary, package in ((s.etcd_bin, "etcd-server"), (s.haproxy_bin, "haproxy")):
+            if shutil.which(binary) is None:
+                raise ComponentFailed(
+                    f"{binary} not found: install the Debian package {package} (`make up` does)"
+                )
+        if not (s.pg_bin_dir / "postgres").exists():
+            raise ComponentFailed(
+                f"PostgreSQL not found in {s.pg_bin_dir}: install postgresql-15 (`make up` does)"
+            )
+        if not (self.venv_bin / "patroni").exists():
+            raise ComponentFailed(f"patroni not found in {self.venv_bin}: run `make bootstrap`")
+        if run_as.user is not None and shutil.which("setpriv") is None:
+            raise ComponentFailed("setpriv not found: install util-linux")
+        taken = [
+            f"{name} {port}" for name, port in s.all_ports().items() if not port_free(s.host, port)
+        ]
+        if taken:
+            raise ComponentFailed(f"port already in use: {', '.join(taken)}")
+        if run_as.user is not None and not run_as.can_access(Path(sys.executable), "x"):
+            raise ComponentFailed(
+                f"user {run_as.user} cannot run {sys.executable}: the venv must be made from "
+                "/usr/bin/python3 in a directory that user can read"
+            )
+
+    def _prepare(self, run_as: RunAs) -> None:
+        self.layout.ensure()
+        secrets = load_or_create_secrets(self.layout)
+        if run_as.user is not None and not run_as.can_access(self.layout.root, "x"):
+            raise ComponentFailed(
+                f"user {run_as.user} cannot enter the state dir {self.layout.root}: "
+                "choose one whose parent directories are world-searchable"
+            )
+        self.layout.etcd_data.mkdir(parents=True, exist_ok=True)
+        self.layout.etcd_data.chmod(0o700)
+        run_as.chown(self.layout.etcd_data)
+        for node in self.settings.node_names():
+            node_dir = self.layout.node_dir(node)
+            node_dir.mkdir(exist_ok=True)
+            node_dir.chmod(0o700)
+            run_as.chown(node_dir)
+            cfg = self.layout.patroni_cfg(node)
+            cfg.write_text(patroni.node_config(self.settings, self.layout, node, secrets))
+            cfg.chmod(0o600)
+            run_as.chown(cfg)
+        self.layout.haproxy_cfg.write_text(haproxy.render(self.settings, self.layout))
+
+    def _launch(self, name: str, argv: list[str], env: dict[str, str]) -> PidRecord:
+        pid = spawn(argv, self.layout.logfile(name), env)
+        # setpriv and env -C exec, so this pid is the component's own.
+        return write_pidfile(self.layout.pidfile(name), pid)
+
+    def _alive_check(self, *names: str) -> Callable[[], str | None]:
+        def check() -> str | None:
+            for name in names:
+                rec = self._record(name)
+                if rec is None or not rec.alive():
+                    tail = self.log_tail(name, 1)
+                    last = tail[-1].strip() if tail else "no output"
+                    return f"{name} exited (see `switchboard logs {name}`): {last[:200]}"
+            return None
+
+        return check
+
+    def _start_etcd(self, run_as: RunAs) -> None:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.layout.etcd_data), "LANG": "C.UTF-8"}
+        self._launch("etcd", run_as.wrap(etcd.argv(self.settings, self.layout)), env)
+        wait_for(
+            "etcd",
+            lambda: (etcd.healthy(self.settings), "not answering /health"),
+            timeout=20,
+            alive=self._alive_check("etcd"),
+        )
+
+    def _start_patroni(self, run_as: RunAs) -> None:
+        for node in self.settings.node_names():
+            node_dir = self.layout.node_dir(node)
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(node_dir), "LANG": "C.UTF-8"}
+            # env -C: start in the node dir, which the DB user can always enter.
+            argv = [
+                "env",
+                "-C",
+                str(node_dir),
+                str(self.venv_bin / "patroni"),
+                str(self.layout.patroni_cfg(node)),
+            ]
+            self._launch(node, run_as.wrap(argv), env)
+
+    def _start_haproxy(self) -> None:
+        argv = [self.settings.haproxy_bin, "-db", "-f", str(self.layout.haproxy_cfg)]
+        self._launch("haproxy", argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        wait_for(
+            "haproxy",
+            lambda: (self.layout.haproxy_socket.exists(), "no stats socket yet"),
+            timeout=10,
+            alive=self._alive_check("haproxy"),
+        )
+
+    def _wait_db(self) -> None:
+        nodes = self.settings.node_names()
+
+        def cluster_ready() -> tuple[bool, str]:
+            view = patroni.cluster_view(self.settings)
+            if view is None:
+                return False, "no Patroni REST API answers yet"
+            return view.healthy(len(nodes))
+
+        alive = self._alive_check("etcd", "haproxy", *nodes)
+        wait_for("patroni cluster", cluster_ready, self.settings.startup_timeout_s, alive, 0.25)
+        wait_for("db primary port", self._primary_writable, 20, alive, 0.2)
+
+    def _primary_writable(self) -> tuple[bool, str]:
+        import asyncio
+
+        import asyncpg
+
+        from app.store.db import dsn
+
+        async def probe() -> bool:
+            conn = await asyncpg.connect(dsn(self.settings, role="superuser"), timeout=2)
+            try:
+                return not await conn.fetchval("SELECT pg_is_in_recovery()")
+            finally:
+                await conn.close()
+
+        try:
+            ok = asyncio.run(probe())
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return False, type(exc).__name__
+        return ok, "primary port reaches a node in recovery"
+
+    def _migrate(self) -> None:
+        from app.store import migrate
+
+        migrate.bootstrap(self.settings)
+
+    def _start_workers(self) -> None:
+        base_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            **self.settings.to_env(),
+        }
+        base_env["SWITCHBOARD_STATE_DIR"] = str(self.layout.root)
+        for wid in self.settings.worker_ids():
+            self.start_worker(wid, base_env)
+        for wid in self.settings.worker_ids():
+            self.wait_worker(wid)
+        wait_for(
+            "haproxy sees the workers",
+            self._workers_up_in_haproxy,
+            timeout=15,
+            alive=self._alive_check(*self.settings.worker_ids()),
+        )
+
+    def start_worker(self, wid: str, env: dict[str, str] | None = None) -> PidRecord:
+        if env is None:
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "LANG": "C.UTF-8",
+                **self.settings.to_env(),
+                "SWITCHBOARD_STATE_DIR": str(self.layout.root),
+            }
+        env = {**env, "SWITCHBOARD_WORKER_ID": wid}
+        return self._launch(wid, [sys.executable, "-m", "app.worker"], env)
+
+    def wait_worker(self, wid: str, timeout: float = 20) -> None:
+        url = f"http://{self.settings.host}:{self.settings.worker_health_port(wid)}/health"
+        wait_for(
+            f"worker {wid}",
+            lambda: (http_json(url)[0] == 200, "health check not passing"),
+            timeout=timeout,
+            alive=self._alive_check(wid),
+        )
+
+    def _workers_up_in_haproxy(self) -> tuple[bool, str]:
+        try:
+            states = haproxy.server_states(self.layout)
+        except OSError as exc:
+            return False, f"stats socket: {exc}"
+        down = [s.server for s in states if s.backend == "workers" and s.status != "UP"]
+        return not down, f"not UP yet: {', '.join(down)}"
+
+    def _clear_stale_pidfiles(self) -> None:
+        for name in self.component_names():
+            path = self.layout.pidfile(name)
+            rec = read_pidfile(path)
+            if rec is not None and not rec.alive():
+                path.unlink(missing_ok=True)
+
+    # ---- down --------------------------------------------------------------
+    def down(self, purge: bool = False) -> None:
+        """Stop everything: workers, then all Patroni nodes together, then HAProxy and etcd."""
+
+        def records(names: list[str]) -> list[PidRecord]:
+            return [r for r in (self._record(n) for n in names) if r is not None]
+
+        s = self.settings
+        stop_all(records(s.worker_ids()), signal.SIGTERM, timeout=s.shutdown_grace_s + 2)
+        # Together: one by one, each synchronous standby waits to be released (~20 s).
+        postmasters = [p for p in (self._postmaster(n) for n in s.node_names()) if p]
+        stop_all(records(s.node_names()), signal.SIGTERM, timeout=40)
+        # Patroni detaches the postmaster; after a kill -9 of Patroni it is still running.
+        stop_all(postmasters, signal.SIGINT, timeout=30)
+        stop_all(records(["haproxy", "etcd"]), signal.SIGTERM, timeout=10)
+        for name in self.component_names():
+            self.layout.pidfile(name).unlink(missing_ok=True)
+        if purge:
+            shutil.rmtree(self.layout.etcd_data, ignore_errors=True)
+            shutil.rmtree(self.layout.root, ignore_errors=True)
+
+    # ---- status ------------------------------------------------------------
+    def status(self) -> list[ComponentStatus]:
+        s = self.settings
+        view = patroni.cluster_view(s)
+        members = {m.name: m for m in view.members} if view else {}
+        out = []
+        for name in self.component_names():
+            rec = self._record(name)
+            running = rec is not None and rec.alive()
+            pid = rec.pid if rec else None
+            if name == "etcd":
+                ok = running and etcd.healthy(s)
+                endpoint = f"http://{s.host}:{s.etcd_client_port}"
+                detail = "healthy" if ok else "not answering"
+            elif name in members or name in s.node_names():
+                m = members.get(name)
+                endpoint = f"{s.host}:{s.pg_port(name)} (REST {s.patroni_rest_port(name)})"
+                detail = f"{m.role} {m.state} tl={m.timeline} lag={m.lag}" if m else "unknown"
+                ok = running and m is not None and m.state in ("running", "streaming")
+            elif name == "haproxy":
+                endpoint = (
+                    f"clients {s.host}:{s.client_port}, db primary :{s.db_primary_port}, "
+                    f"replicas :{s.db_replica_port}, stats http://{s.host}:{s.haproxy_stats_port}/"
+                )
+                ok = running and self.layout.haproxy_socket.exists()
+                detail = "serving" if ok else "down"
+            else:
+                endpoint = f"{s.host}:{s.worker_port(name)} (health :{s.worker_health_port(name)})"
+                code, body = http_json(f"http://{s.host}:{s.worker_health_port(name)}/health")
+                ok = running and code == 200
+                detail = (
+                    f"{body.get('state', '?')} sessions={body.get('sessions', '?')}"
+                    if isinstance(body, dict)
+                    else "not answering"
+                )
+            out.append(ComponentStatus(name, pid, running, endpoint, detail, ok))
+        return out
+
+    def log_tail(self, name: str, lines: int) -> list[str]:
+        path = self.layout.logfile(name)
+        try:
+            with path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - 64 * 1024 * max(1, lines // 100)))
+                data = fh.read().decode(errors="replace")
+        except OSError:
+            return []
+        return data.splitlines()[-lines:]
+
+
+def format_status(rows: list[ComponentStatus]) -> str:
+    header = ("COMPONENT", "PID", "HEALTH", "ENDPOINT", "DETAIL")
+    table = [header] + [
+        (
+            r.name,
+            str(r.pid) if r.running and r.pid else "-",
+            "ok" if r.healthy else ("DOWN" if not r.running else "UNHEALTHY"),
+            r.endpoint,
+            r.detail,
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
+        for row in table
+    )
+
+
+__all__ = ["ClusterError", "ComponentStatus", "LocalCluster", "format_status"]

@@ -1,0 +1,90 @@
+"""Where a local cluster keeps its files inside the state directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.settings import Settings
+
+SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting")
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    root: Path
+    etcd_data: Path
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Layout:
+        root = settings.state_dir.resolve()
+        # etcd's data lives on tmpfs; a hash of the state dir keeps clusters apart.
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        return cls(root=root, etcd_data=settings.etcd_tmpfs_dir / f"switchboard-etcd-{digest}")
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.root / "secrets.json"
+
+    @property
+    def haproxy_cfg(self) -> Path:
+        return self.root / "haproxy.cfg"
+
+    @property
+    def haproxy_socket(self) -> Path:
+        return self.run / "haproxy.sock"
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / "db" / node
+
+    def node_data(self, node: str) -> Path:
+        return self.node_dir(node) / "data"
+
+    def patroni_cfg(self, node: str) -> Path:
+        return self.node_dir(node) / "patroni.yml"
+
+    def pidfile(self, component: str) -> Path:
+        return self.run / f"{component}.pid"
+
+    def logfile(self, component: str) -> Path:
+        return self.logs / f"{component}.log"
+
+    def ensure(self) -> None:
+        for path in (self.root, self.run, self.logs, self.root / "db"):
+            path.mkdir(parents=True, exist_ok=True)
+            # The unprivileged DB user must traverse into its node directories.
+            path.chmod(0o755 if path != self.run else 0o700)
+
+
+def load_or_create_secrets(layout: Layout) -> dict[str, str]:
+    """Generated passwords, kept in the state dir with mode 0600."""
+    path = layout.secrets_file
+    existing: dict[str, str] = {}
+    if path.exists():
+        existing = json.loads(path.read_text())
+    missing = [name for name in SECRET_NAMES if name not in existing]
+    if missing:
+        existing.update({name: secrets.token_urlsafe(24) for name in missing})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(existing, fh, indent=2)
+    path.chmod(0o600)
+    return existing
+
+
+def read_secrets(settings: Settings) -> dict[str, str]:
+    path = Layout.for_settings(settings).secrets_file
+    data: dict[str, str] = json.loads(path.read_text())
+    return data

@@ -1,0 +1,515 @@
+"""Sans-I/O codec for the v1 line protocol: bytes in, typed requests out.
+
+`Decoder.receive_data` never raises: every problem becomes a `FrameError`
+whose message is ours (never exception text), so it is safe to echo.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final, Generic, TypeVar
+
+import orjson
+
+from app.protocol.errors import ErrorCode, FrameError
+from app.protocol.events import (
+    CLIENT_PRESENCE_STATES,
+    Ack,
+    Bye,
+    ContactAccept,
+    ContactAdd,
+    ContactList,
+    ContactRemove,
+    Hello,
+    History,
+    PasswordChange,
+    Ping,
+    PresenceState,
+    Read,
+    Register,
+    Request,
+    Resume,
+    Rid,
+    RoomCreate,
+    RoomInvite,
+    RoomJoin,
+    RoomLeave,
+    RoomList,
+    RoomMembers,
+    Send,
+    SetPresence,
+    Typing,
+)
+from app.protocol.limits import (
+    DEFAULT_LIMITS,
+    MAX_CMID_CHARS,
+    MAX_ID,
+    MAX_PASSWORD_CHARS,
+    MAX_RID_CHARS,
+    MAX_ROOM_NAME_CHARS,
+    MAX_TOKEN_CHARS,
+    MIN_TOKEN_CHARS,
+    PROTOCOL_VERSION,
+    Limits,
+)
+
+T = TypeVar("T")
+Frame = dict[str, object]
+
+# ---------------------------------------------------------------------------
+# Field specs: a check returns the accepted value or None when invalid; the
+# expectation text is what the peer reads in the bad_field message.
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec(Generic[T]):
+    expect: str
+    check: Callable[[object], T | None]
+
+
+def _string(lo: int, hi: int, pattern: str | None = None) -> Callable[[object], str | None]:
+    compiled = re.compile(pattern) if pattern else None
+
+    def check(value: object) -> str | None:
+        if not isinstance(value, str) or not lo <= len(value) <= hi:
+            return None
+        if compiled is not None and compiled.fullmatch(value) is None:
+            return None
+        return value
+
+    return check
+
+
+def _integer(lo: int, hi: int) -> Callable[[object], int | None]:
+    def check(value: object) -> int | None:
+        # bool is a subclass of int, but JSON true is not a number.
+        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+            return value
+        return None
+
+    return check
+
+
+def _boolean(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+_rid_int = _integer(0, MAX_ID - 1)
+
+
+def _rid(value: object) -> str | int | None:
+    if isinstance(value, str):
+        return value if len(value) <= MAX_RID_CHARS else None
+    return _rid_int(value)
+
+
+def _presence(value: object) -> PresenceState | None:
+    if isinstance(value, str) and value in CLIENT_PRESENCE_STATES:
+        return PresenceState(value)
+    return None
+
+
+def _room_name(value: object) -> str | None:
+    if isinstance(value, str) and len(value) <= MAX_ROOM_NAME_CHARS and value.strip():
+        return value.strip()
+    return None
+
+
+RID: Final[_Spec[str | int]] = _Spec(
+    f"a string of at most {MAX_RID_CHARS} characters or an integer 0..{MAX_ID - 1}", _rid
+)
+USERNAME: Final = _Spec(
+    "a user name of 3..32 characters from a-z 0-9 _ . - (not starting with . or -)",
+    _string(3, 32, r"[a-z0-9_][a-z0-9_.-]{2,31}"),
+)
+DEVICE: Final = _Spec(
+    "a device name of 1..64 characters from A-Z a-z 0-9 _ . : -",
+    _string(1, 64, r"[A-Za-z0-9_.:-]+"),
+)
+PASSWORD: Final = _Spec(
+    f"a string of 1..{MAX_PASSWORD_CHARS} characters", _string(1, MAX_PASSWORD_CHARS)
+)
+CMID: Final = _Spec(
+    f"a string of 1..{MAX_CMID_CHARS} printable ASCII characters",
+    _string(1, MAX_CMID_CHARS, r"[\x20-\x7e]+"),
+)
+TOKEN: Final = _Spec(
+    f"a string of {MIN_TOKEN_CHARS}..{MAX_TOKEN_CHARS} characters",
+    _string(MIN_TOKEN_CHARS, MAX_TOKEN_CHARS),
+)
+ROOM: Final = _Spec(f"an integer 1..{MAX_ID}", _integer(1, MAX_ID))
+SEQ: Final = _Spec(f"an integer 0..{MAX_ID}", _integer(0, MAX_ID))
+MSG_ID: Final = _Spec(f"an integer 1..{MAX_ID}", _integer(1, MAX_ID))
+VERSION: Final = _Spec("an integer", _integer(-(2**64), 2**64))  # orjson ints fit
+BOOL: Final = _Spec("true or false", _boolean)
+PRESENCE: Final = _Spec("one of 'online', 'away', 'dnd'", _presence)
+ROOM_NAME: Final = _Spec(
+    f"a string of 1..{MAX_ROOM_NAME_CHARS} characters, not all whitespace", _room_name
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _LimitSpecs:
+    """Specs whose bounds come from `Limits`, built once per distinct `Limits`."""
+
+    limits: Limits
+    body: _Spec[str]
+    status: _Spec[str]
+    history_limit: _Spec[int]
+
+
+@lru_cache(maxsize=16)
+def _limit_specs(limits: Limits) -> _LimitSpecs:
+    return _LimitSpecs(
+        limits=limits,
+        body=_Spec(
+            f"a string of 1..{limits.max_body_chars} characters",
+            _string(1, limits.max_body_chars),
+        ),
+        status=_Spec(
+            f"a string of 0..{limits.max_status_chars} characters",
+            _string(0, limits.max_status_chars),
+        ),
+        history_limit=_Spec(
+            f"an integer 1..{limits.max_history_limit}",
+            _integer(1, limits.max_history_limit),
+        ),
+    )
+
+
+class _Reject(Exception):
+    """Internal: a frame failed validation. Never escapes the decoder."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _bad(key: str, spec: _Spec[T]) -> _Reject:
+    return _Reject(ErrorCode.BAD_FIELD, f"field '{key}' must be {spec.expect}")
+
+
+def _req(frame: Frame, key: str, spec: _Spec[T]) -> T:
+    """A required field; JSON null counts as missing."""
+    raw = frame.get(key)
+    value = None if raw is None else spec.check(raw)
+    if value is None:
+        raise _bad(key, spec)
+    return value
+
+
+def _opt(frame: Frame, key: str, spec: _Spec[T]) -> T | None:
+    """An optional field; absent and null both give None."""
+    raw = frame.get(key)
+    if raw is None:
+        return None
+    value = spec.check(raw)
+    if value is None:
+        raise _bad(key, spec)
+    return value
+
+
+def _exactly_one(a: object, b: object, a_key: str, b_key: str) -> None:
+    if (a is None) == (b is None):
+        raise _Reject(
+            ErrorCode.BAD_FIELD, f"exactly one of fields '{a_key}' and '{b_key}' must be given"
+        )
+
+
+# ---------------------------------------------------------------------------
+# One parser per op: (validated frame object, limit specs, rid) -> Request.
+
+_Parser = Callable[[Frame, _LimitSpecs, Rid], Request]
+
+
+def _hello(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    # Check the version first: with another version the other fields may mean other things.
+    version = _opt(f, "v", VERSION)
+    if version is not None and version != PROTOCOL_VERSION:
+        raise _Reject(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"unsupported protocol version; this server speaks v{PROTOCOL_VERSION}",
+        )
+    return Hello(
+        user=_req(f, "user", USERNAME),
+        password=_req(f, "password", PASSWORD),
+        device=_req(f, "device", DEVICE),
+        v=PROTOCOL_VERSION,
+        rid=rid,
+    )
+
+
+def _register(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return Register(_req(f, "user", USERNAME), _req(f, "password", PASSWORD), rid)
+
+
+def _resume(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return Resume(
+        user=_req(f, "user", USERNAME),
+        device=_req(f, "device", DEVICE),
+        token=_req(f, "token", TOKEN),
+        last_seq=_req(f, "last_seq", SEQ),
+        rid=rid,
+    )
+
+
+def _send(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    cmid = _req(f, "cmid", CMID)
+    body = _req(f, "body", s.body)
+    to, room = _opt(f, "to", USERNAME), _opt(f, "room", ROOM)
+    _exactly_one(to, room, "to", "room")
+    return Send(cmid=cmid, body=body, to=to, room=room, rid=rid)
+
+
+def _ack(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return Ack(_req(f, "seq", SEQ), rid)
+
+
+def _presence_op(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return SetPresence(_req(f, "state", PRESENCE), _opt(f, "text", s.status), rid)
+
+
+def _user_op(cls: type[ContactAdd | ContactAccept | ContactRemove]) -> _Parser:
+    def parse(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+        return cls(_req(f, "user", USERNAME), rid)
+
+    return parse
+
+
+def _room_op(cls: type[RoomJoin | RoomLeave | RoomMembers]) -> _Parser:
+    def parse(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+        return cls(_req(f, "room", ROOM), rid)
+
+    return parse
+
+
+def _no_fields(cls: type[ContactList | RoomList | Ping | Bye]) -> _Parser:
+    def parse(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+        return cls(rid)
+
+    return parse
+
+
+def _room_create(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return RoomCreate(_req(f, "name", ROOM_NAME), rid)
+
+
+def _room_invite(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return RoomInvite(_req(f, "room", ROOM), _req(f, "user", USERNAME), rid)
+
+
+def _history(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    with_user, room = _opt(f, "with", USERNAME), _opt(f, "room", ROOM)
+    _exactly_one(with_user, room, "with", "room")
+    limit = _opt(f, "limit", s.history_limit)
+    return History(
+        with_user=with_user,
+        room=room,
+        before=_opt(f, "before", MSG_ID),
+        limit=s.limits.default_history_limit if limit is None else limit,
+        rid=rid,
+    )
+
+
+def _typing(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    to, room = _opt(f, "to", USERNAME), _opt(f, "room", ROOM)
+    _exactly_one(to, room, "to", "room")
+    active = _opt(f, "active", BOOL)
+    return Typing(to=to, room=room, active=True if active is None else active, rid=rid)
+
+
+def _read(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return Read(_req(f, "msg_id", MSG_ID), rid)
+
+
+def _password(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return PasswordChange(_req(f, "old", PASSWORD), _req(f, "new", PASSWORD), rid)
+
+
+_PARSERS: Final[Mapping[str, _Parser]] = {
+    "hello": _hello,
+    "register": _register,
+    "resume": _resume,
+    "send": _send,
+    "ack": _ack,
+    "presence": _presence_op,
+    "contact_add": _user_op(ContactAdd),
+    "contact_accept": _user_op(ContactAccept),
+    "contact_remove": _user_op(ContactRemove),
+    "contacts": _no_fields(ContactList),
+    "room_create": _room_create,
+    "room_invite": _room_invite,
+    "room_join": _room_op(RoomJoin),
+    "room_leave": _room_op(RoomLeave),
+    "room_members": _room_op(RoomMembers),
+    "rooms": _no_fields(RoomList),
+    "history": _history,
+    "typing": _typing,
+    "read": _read,
+    "password": _password,
+    "ping": _no_fields(Ping),
+    "bye": _no_fields(Bye),
+}
+
+_OP_NAME = re.compile(r"[a-z_]{1,32}")
+
+
+def _unknown_op_message(op: str) -> str:
+    # Echo the op only when it is short and plain, so the reply stays readable.
+    return f"unknown op '{op}'" if _OP_NAME.fullmatch(op) else "unknown op"
+
+
+def _bad_json_message(line: bytes | bytearray) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "frame is not valid UTF-8"
+    return "frame is not valid JSON"
+
+
+def parse_frame(line: bytes | bytearray, limits: Limits = DEFAULT_LIMITS) -> Request | FrameError:
+    """Parse one frame (without its line terminator). Never raises."""
+    try:
+        return _parse(line, _limit_specs(limits))
+    except Exception:
+        # Safety net: a decoder bug must not take the connection down or leak text.
+        return FrameError(ErrorCode.INTERNAL, "internal error while decoding the frame")
+
+
+def _parse(line: bytes | bytearray, specs: _LimitSpecs) -> Request | FrameError:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return FrameError(ErrorCode.BAD_JSON, _bad_json_message(line))
+    if not isinstance(obj, dict):
+        return FrameError(ErrorCode.BAD_FRAME, "frame must be a JSON object")
+    frame: Frame = obj
+    rid: Rid = None
+    if frame.get("rid") is not None:
+        try:
+            rid = _req(frame, "rid", RID)
+        except _Reject as exc:
+            return FrameError(exc.code, exc.message)
+    op = frame.get("op")
+    if not isinstance(op, str):
+        return FrameError(ErrorCode.BAD_FRAME, "frame must have a string field 'op'", rid)
+    parser = _PARSERS.get(op)
+    if parser is None:
+        return FrameError(ErrorCode.UNKNOWN_OP, _unknown_op_message(op), rid)
+    try:
+        return parser(frame, specs, rid)
+    except _Reject as exc:
+        return FrameError(exc.code, exc.message, rid)
+
+
+# ---------------------------------------------------------------------------
+
+
+class Decoder:
+    """Incremental decoder for one connection (model: h11 / websockets protocol).
+
+    Feed it whatever the socket returned; it yields requests and errors in
+    order. After a fatal error it is `closed` and ignores further data.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._specs = _limit_specs(limits)
+        self._buf = bytearray()
+        self._scanned = 0  # prefix of _buf already known to hold no b"\n"
+        self._errors = 0
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def error_count(self) -> int:
+        """Non-fatal protocol errors seen so far."""
+        return self._errors
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes buffered for a frame whose newline has not arrived yet."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> list[Request | FrameError]:
+        """Consume `data`; return the requests and errors it completed."""
+        out: list[Request | FrameError] = []
+        if self._closed or not data:
+            return out
+        buf = self._buf
+        buf += data
+        max_frame = self._limits.max_frame_bytes
+        start = 0
+        # Only the new bytes are searched, so a frame trickling in stays O(n).
+        scan = self._scanned
+        while (nl := buf.find(b"\n", scan)) >= 0:
+            if nl - start > max_frame:
+                self._fail(out, ErrorCode.FRAME_TOO_LARGE, self._too_large_message())
+                return out
+            line = buf[start:nl]  # a copy, so the buffer stays resizable
+            start = scan = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line.strip():
+                continue  # blank line: a human pressed Enter
+            self._handle(out, parse_frame(line, self._limits))
+            if self._closed:
+                return out
+        del buf[:start]
+        self._scanned = len(buf)
+        if len(buf) > max_frame:
+            self._fail(out, ErrorCode.FRAME_TOO_LARGE, self._too_large_message())
+        return out
+
+    def _too_large_message(self) -> str:
+        return f"frame exceeds {self._limits.max_frame_bytes} bytes"
+
+    def _handle(self, out: list[Request | FrameError], item: Request | FrameError) -> None:
+        out.append(item)
+        if not isinstance(item, FrameError):
+            return
+        self._errors += 1
+        if self._errors > self._limits.max_errors_per_connection:
+            self._fail(out, ErrorCode.TOO_MANY_ERRORS, "too many protocol errors")
+
+    def _fail(self, out: list[Request | FrameError], code: ErrorCode, message: str) -> None:
+        out.append(FrameError(code, message, fatal=True))
+        self._closed = True
+        self._buf = bytearray()  # release the memory now; nothing more will be parsed
+        self._scanned = 0
+
+
+# ---------------------------------------------------------------------------
+# Encoding (server -> client).
+
+
+def encode(frame: Mapping[str, object]) -> bytes:
+    """One frame as a JSON line. Raises TypeError on unserialisable values (a server bug)."""
+    # orjson only serialises real dicts; enums and dataclasses are handled natively.
+    obj = frame if isinstance(frame, dict) else dict(frame)
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def error_frame(code: ErrorCode, message: str, rid: Rid = None, **extra: object) -> bytes:
+    """An ``error`` frame; `rid` is omitted when None, `extra` e.g. ``retry_after=2``."""
+    frame: dict[str, object] = {"op": "error", "code": code.value, "message": message}
+    if rid is not None:
+        frame["rid"] = rid
+    frame.update(extra)
+    return encode(frame)
+
+
+def encode_error(error: FrameError) -> bytes:
+    """The wire form of a decoder `FrameError`."""
+    return error_frame(error.code, error.message, error.rid)

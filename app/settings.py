@@ -1,0 +1,215 @@
+"""One typed settings object for every Switchboard process.
+
+Values come, later ones winning, from: the defaults below, a TOML file
+(``SWITCHBOARD_CONFIG`` or ``--config``), ``SWITCHBOARD_<NAME>`` environment
+variables, and explicit overrides (CLI flags, tests). Read once at start-up;
+code receives the frozen object and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SWITCHBOARD_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where the local cluster keeps pid files, logs, secrets and data.
+    state_dir: Path = Path(".switchboard")
+    host: str = "127.0.0.1"
+
+    # Client-facing tier.
+    workers: int = 3
+    client_port: int = 5222
+    worker_base_port: int = 7001
+    worker_health_base_port: int = 7101
+    haproxy_stats_port: int = 8404
+    dashboard_port: int = 8080
+
+    # Database tier.
+    db_nodes: int = 3
+    db_primary_port: int = 5000
+    db_replica_port: int = 5001
+    pg_base_port: int = 15432
+    patroni_rest_base_port: int = 8008
+    etcd_client_port: int = 2379
+    etcd_peer_port: int = 2380
+    db_name: str = "switchboard"
+    db_user: str = "switchboard"
+    # etcd's data lives on tmpfs: on disk its fsync stalls under failover load here.
+    etcd_tmpfs_dir: Path = Path("/dev/shm")
+    # PostgreSQL refuses to run as root; root runs the DB tier as this user.
+    run_as: str = "postgres"
+    pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    etcd_bin: str = "etcd"
+    haproxy_bin: str = "haproxy"
+    patroni_ttl: int = 20
+    startup_timeout_s: float = 90.0
+
+    # Worker process.
+    worker_id: str = ""
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    db_connect_timeout_s: float = 2.0
+    db_command_timeout_s: float = 10.0
+    shutdown_grace_s: float = 10.0
+    worker_lease_s: float = 5.0
+    lease_renew_interval_s: float = 1.0
+    max_frame_bytes: int = 65536
+    max_body_chars: int = 16384
+    max_errors_per_connection: int = 20
+    # Per-connection flood control: a token bucket of frames.
+    frames_per_s: float = 200.0
+    frame_burst: int = 400
+    # Requests decoded but not yet handled; past this the socket stops being read.
+    max_pending_requests: int = 64
+    # A reader slower than this much buffered output is disconnected (it can resume).
+    max_write_buffer_bytes: int = 1_048_576
+    # Admission control: logins and resumes handled at once per worker.
+    max_concurrent_auth: int = 16
+    # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).
+    argon2_time_cost: int = 2
+    argon2_memory_kib: int = 19456
+    argon2_parallelism: int = 1
+    min_password_chars: int = 12
+    login_failure_window_s: float = 300.0
+    max_login_failures_per_user: int = 10
+    max_login_failures_per_addr: int = 50
+    log_level: str = "INFO"
+    # Only the cluster launcher writes these for the processes it starts.
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise SettingsError("workers must be at least 1")
+        if self.db_nodes < 1:
+            raise SettingsError("db_nodes must be at least 1")
+        if self.max_frame_bytes < 1024:
+            raise SettingsError("max_frame_bytes must be at least 1024")
+        for f in fields(self):
+            if f.name.endswith("_port"):
+                port = getattr(self, f.name)
+                if not 1 <= port <= 65535:
+                    raise SettingsError(f"{f.name} must be a TCP port, got {port}")
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = config_file or (
+            Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env else None
+        )
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError(f"cannot read config file {path}: {exc}") from None
+            values.update(data.get("switchboard", data))
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls) if f.name != "extra"}
+        for name in known:
+            key = ENV_PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        unknown = set(values) - known
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """Environment that makes a child process load these same settings."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[ENV_PREFIX + f.name.upper()] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+        return out
+
+    # Derived values, kept here so no module invents its own port arithmetic.
+    def worker_ids(self) -> list[str]:
+        return [f"w{i}" for i in range(1, self.workers + 1)]
+
+    def worker_port(self, worker_id: str) -> int:
+        return self.worker_base_port + _index(worker_id) - 1
+
+    def worker_health_port(self, worker_id: str) -> int:
+        return self.worker_health_base_port + _index(worker_id) - 1
+
+    def node_names(self) -> list[str]:
+        return [f"n{i}" for i in range(1, self.db_nodes + 1)]
+
+    def pg_port(self, node: str) -> int:
+        return self.pg_base_port + _index(node) - 1
+
+    def patroni_rest_port(self, node: str) -> int:
+        return self.patroni_rest_base_port + _index(node) - 1
+
+    def all_ports(self) -> dict[str, int]:
+        """Every listening port of the local cluster, named for error messages."""
+        ports = {
+            "client_port": self.client_port,
+            "haproxy_stats_port": self.haproxy_stats_port,
+            "db_primary_port": self.db_primary_port,
+            "db_replica_port": self.db_replica_port,
+            "etcd_client_port": self.etcd_client_port,
+            "etcd_peer_port": self.etcd_peer_port,
+        }
+        for node in self.node_names():
+            ports[f"postgres {node}"] = self.pg_port(node)
+            ports[f"patroni REST {node}"] = self.patroni_rest_port(node)
+        for wid in self.worker_ids():
+            ports[f"worker {wid}"] = self.worker_port(wid)
+            ports[f"worker {wid} health"] = self.worker_health_port(wid)
+        return ports
+
+
+def _index(name: str) -> int:
+    return int(name.lstrip("wn"))
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    if isinstance(hint, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if hint is Path:
+            return Path(value)
+        if hint in (int, float, str):
+            return hint(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name}: cannot use {value!r} as {hint.__name__}") from None
+    return value

@@ -1,0 +1,40 @@
+"""Connections to PostgreSQL, always through HAProxy's Patroni-checked ports."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import asyncpg
+
+from app.cluster.layout import read_secrets
+from app.settings import Settings
+
+
+def _password(settings: Settings, role: str) -> str:
+    return read_secrets(settings)[role]
+
+
+def dsn(settings: Settings, *, replica: bool = False, role: str = "app") -> str:
+    """A libpq URL for the primary (default) or replica port of HAProxy."""
+    user = {"app": settings.db_user, "superuser": "postgres", "reporting": "reporting"}[role]
+    database = "postgres" if role == "superuser" else settings.db_name
+    port = settings.db_replica_port if replica else settings.db_primary_port
+    password = quote(_password(settings, role), safe="")
+    return f"postgresql://{user}:{password}@{settings.host}:{port}/{database}"
+
+
+def sqlalchemy_url(settings: Settings) -> str:
+    return dsn(settings).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn(settings),
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        timeout=settings.db_connect_timeout_s,
+        command_timeout=settings.db_command_timeout_s,
+        server_settings={"application_name": f"switchboard-{settings.worker_id or 'cli'}"},
+    )
+    assert pool is not None
+    return pool

@@ -1,0 +1,198 @@
+"""The database schema as SQLAlchemy Core tables: the source Alembic migrations follow.
+
+Who is logged in where: ``sessions`` (one row per connected device, naming its
+worker). What must never be lost: ``messages`` (idempotent on sender + client
+message id) and ``inbox`` (each recipient's gap-free sequence of deliveries),
+with ``inbox_counters`` holding each user's last assigned seq and ``devices``
+each device's acknowledged position.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+NOW = func.now()
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("pid", Integer, nullable=False),
+    Column("address", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="active"),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("lease_expires_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("state in ('active', 'draining', 'stopped', 'dead')", name="state"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("username", Text, nullable=False, unique=True),
+    Column("password_hash", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False, server_default=text("false")),
+    Column("presence_state", Text, nullable=False, server_default="online"),
+    Column("status_text", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    CheckConstraint("presence_state in ('online', 'away', 'dnd')", name="presence_state"),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("user_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("device", Text, nullable=False),
+    Column("worker_id", Text, nullable=False),
+    Column("remote_addr", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="active"),
+    Column("epoch", Integer, nullable=False, server_default="1"),
+    Column("resume_token_hash", LargeBinary),
+    Column("connected_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("detached_at", DateTime(timezone=True)),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("close_reason", Text),
+    CheckConstraint("state in ('active', 'detached', 'closed')", name="state"),
+    Index("ix_sessions_live_user", "user_id", postgresql_where=text("state <> 'closed'")),
+    Index("ix_sessions_live_worker", "worker_id", postgresql_where=text("state <> 'closed'")),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("device", Text, nullable=False),
+    Column("acked_seq", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("user_id", "device"),
+)
+
+login_failures = Table(
+    "login_failures",
+    metadata,
+    # "user:alice" or "addr:127.0.0.1": one fixed window counter per key.
+    Column("key", Text, primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("window_started_at", DateTime(timezone=True), nullable=False),
+)
+
+rooms = Table(
+    "rooms",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("created_by", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
+room_members = Table(
+    "room_members",
+    metadata,
+    Column("room_id", BigInteger, ForeignKey("rooms.id"), nullable=False),
+    Column("user_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("status", Text, nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("room_id", "user_id"),
+    CheckConstraint("status in ('invited', 'member')", name="status"),
+    Index("ix_room_members_user", "user_id"),
+)
+
+contacts = Table(
+    "contacts",
+    metadata,
+    Column("owner_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("contact_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("status", Text, nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("owner_id", "contact_id"),
+    CheckConstraint("status in ('pending_out', 'pending_in', 'accepted')", name="status"),
+    Index("ix_contacts_contact", "contact_id"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("sender_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("cmid", Text, nullable=False),
+    Column("recipient_id", BigInteger, ForeignKey("users.id")),
+    Column("room_id", BigInteger, ForeignKey("rooms.id")),
+    Column("body", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # Idempotency is a constraint, not an if: a resend stores nothing new.
+    UniqueConstraint("sender_id", "cmid"),
+    CheckConstraint("(recipient_id is null) <> (room_id is null)", name="one_target"),
+    # History of a 1:1 conversation or a room, newest first.
+    Index(
+        "ix_messages_pair",
+        func.least(text("sender_id"), text("recipient_id")),
+        func.greatest(text("sender_id"), text("recipient_id")),
+        text("id DESC"),
+        postgresql_where=text("recipient_id is not null"),
+    ),
+    Index(
+        "ix_messages_room", "room_id", text("id DESC"), postgresql_where=text("room_id is not null")
+    ),
+)
+
+inbox_counters = Table(
+    "inbox_counters",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id"), primary_key=True),
+    Column("last_seq", BigInteger, nullable=False, server_default="0"),
+)
+
+INBOX_KIND_MESSAGE = 1
+INBOX_KIND_RECEIPT = 2
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("user_id", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("kind", SmallInteger, nullable=False),
+    Column("message_id", BigInteger, ForeignKey("messages.id"), nullable=False),
+    # For receipts: who read the message.
+    Column("actor_id", BigInteger),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("user_id", "seq"),
+)
+
+receipts = Table(
+    "receipts",
+    metadata,
+    Column("message_id", BigInteger, ForeignKey("messages.id"), nullable=False),
+    Column("reader_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("read_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("message_id", "reader_id"),
+)

@@ -1,0 +1,142 @@
+"""The thin asyncio adapter: socket bytes to the codec, decoded requests to the session.
+
+One ``ClientConnection`` per TCP connection. Requests are handled strictly in
+order by a task that exists only while there is work, so an idle connection
+costs a protocol object, a decoder and a small buffer, not a coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from app.protocol import Decoder, ErrorCode, FrameError, Request, encode_error, error_frame
+
+if TYPE_CHECKING:
+    from app.worker.server import Worker
+    from app.worker.session import Session
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_bucket",
+        "_bucket_at",
+        "_paused",
+        "_pending",
+        "_task",
+        "closed",
+        "decoder",
+        "peer",
+        "session",
+        "transport",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.decoder = Decoder(worker.limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.session: Session | None = None
+        self.closed = False
+        self._pending: deque[Request | FrameError] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._paused = False
+        self._bucket = float(worker.settings.frame_burst)
+        self._bucket_at = time.monotonic()
+
+    # ---- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        # Past this much unsent output the kernel buffer is full: see write().
+        self.transport.set_write_buffer_limits(high=self.worker.settings.max_write_buffer_bytes)
+        self.worker.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        items = self.decoder.receive_data(data)
+        if not items:
+            return
+        if not self._take_tokens(len(items)):
+            self.fail(ErrorCode.FLOOD, "too many frames too fast")
+            return
+        self._pending.extend(items)
+        if len(self._pending) >= self.worker.settings.max_pending_requests and not self._paused:
+            # Backpressure: stop reading until the backlog is handled.
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pending.clear()
+        self.worker.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        # A slow reader: its buffered output passed the limit. Its messages are
+        # durable in its inbox, so dropping the connection loses nothing.
+        self.worker.metrics_slow_reader()
+        self.abort()
+
+    # ---- used by the session -----------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def fail(self, code: ErrorCode, message: str, rid: str | int | None = None) -> None:
+        """Send an error; fatal codes also close the connection."""
+        self.write(error_frame(code, message, rid))
+        if code.fatal:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self._pending.clear()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self._pending.clear()
+            self.transport.abort()
+
+    # ---- internals ---------------------------------------------------------
+    def _take_tokens(self, n: int) -> bool:
+        now = time.monotonic()
+        s = self.worker.settings
+        self._bucket = min(
+            float(s.frame_burst), self._bucket + (now - self._bucket_at) * s.frames_per_s
+        )
+        self._bucket_at = now
+        self._bucket -= n
+        return self._bucket >= 0
+
+    async def _run(self) -> None:
+        try:
+            while self._pending and not self.closed:
+                item = self._pending.popleft()
+                if isinstance(item, FrameError):
+                    self.write(encode_error(item))
+                    if item.fatal:
+                        self.close()
+                else:
+                    await self.worker.handle(self, item)
+                if (
+                    self._paused
+                    and len(self._pending) < self.worker.settings.max_pending_requests // 2
+                ):
+                    self._paused = False
+                    if self.transport is not None and not self.closed:
+                        self.transport.resume_reading()
+        finally:
+            self._task = None
