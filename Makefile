@@ -18,7 +18,7 @@ status: bootstrap
 	$(SB) status
 
 lint: bootstrap
-	$(VENV)/bin/ruff check app tests migrations
+	$(VENV)/bin/ruff check app tests migrations bench
 	$(VENV)/bin/mypy
 
 test: bootstrap lint

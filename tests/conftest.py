@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.cluster.launcher import LocalCluster
-from tests.cluster_fixture import running_cluster, make_settings
+from tests.cluster_fixture import make_settings, running_cluster
 
 
 @pytest.fixture(scope="session")

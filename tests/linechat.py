@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -43,13 +44,11 @@ class LineClient:
     async def closed(self, timeout: float = 5.0) -> bool:
         try:
             data = await asyncio.wait_for(self.reader.read(), timeout)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             return False
         return data == b"" or self.reader.at_eof()
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass

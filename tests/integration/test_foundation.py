@@ -15,7 +15,9 @@ from tests.linechat import LineClient
 PASSWORD = "correct horse battery staple"
 
 
-async def _login(cluster: LocalCluster, user: str, device: str = "laptop") -> tuple[LineClient, dict]:
+async def _login(
+    cluster: LocalCluster, user: str, device: str = "laptop"
+) -> tuple[LineClient, dict]:
     s = cluster.settings
     client = await LineClient.connect(s.host, s.client_port)
     reply = await client.request({"op": "register", "user": user, "password": PASSWORD})
@@ -31,7 +33,9 @@ def _user() -> str:
     return "u" + uuid.uuid4().hex[:12]
 
 
-async def test_welcome_through_haproxy_and_session_row_names_the_worker(cluster: LocalCluster) -> None:
+async def test_welcome_through_haproxy_and_session_row_names_the_worker(
+    cluster: LocalCluster,
+) -> None:
     user = _user()
     client, welcome = await _login(cluster, user, "phone")
     assert welcome["rid"] == "h1"

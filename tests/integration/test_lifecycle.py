@@ -13,7 +13,6 @@ from app.cluster.launcher import LocalCluster
 from tests.cluster_fixture import cluster_processes, make_settings
 
 
-
 def test_up_twice_status_logs_and_down_leaves_nothing() -> None:
     settings = make_settings(workers=1)
     cluster = LocalCluster(settings)
