@@ -76,8 +76,15 @@ class Settings:
     frame_burst: int = 400
     # Requests decoded but not yet handled; past this the socket stops being read.
     max_pending_requests: int = 64
-    # A reader slower than this much buffered output is disconnected (it can resume).
+    # Past this much unsent output a connection is a slow reader: inbox pushes pause,
+    # and it is dropped after slow_reader_timeout_s (or at 4x this much). It can resume.
     max_write_buffer_bytes: int = 1_048_576
+    slow_reader_timeout_s: float = 30.0
+    # Group commit: messages per statement, statements in flight, and how long a
+    # send may stall (e.g. through a DB failover) before it fails with `internal`.
+    batch_max: int = 500
+    batch_writers: int = 4
+    send_retry_budget_s: float = 60.0
     # Admission control: logins and resumes handled at once per worker.
     max_concurrent_auth: int = 16
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).

@@ -34,7 +34,11 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         max_size=settings.db_pool_max,
         timeout=settings.db_connect_timeout_s,
         command_timeout=settings.db_command_timeout_s,
-        server_settings={"application_name": f"switchboard-{settings.worker_id or 'cli'}"},
+        server_settings={
+            "application_name": f"switchboard-{settings.worker_id or 'cli'}",
+            # Batch statements unnest arrays whose size a generic plan guesses as 10 rows.
+            "plan_cache_mode": "force_custom_plan",
+        },
     )
     assert pool is not None
     return pool

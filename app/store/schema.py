@@ -145,6 +145,8 @@ messages = Table(
     Column("id", BigInteger, primary_key=True),
     Column("sender_id", BigInteger, ForeignKey("users.id"), nullable=False),
     Column("cmid", Text, nullable=False),
+    # The sending device gets `sent`, not a `msg` copy; its other devices get the copy.
+    Column("sender_device", Text, nullable=False),
     Column("recipient_id", BigInteger, ForeignKey("users.id")),
     Column("room_id", BigInteger, ForeignKey("rooms.id")),
     Column("body", Text, nullable=False),

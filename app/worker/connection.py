@@ -25,6 +25,7 @@ class ClientConnection(asyncio.Protocol):
         "_bucket_at",
         "_paused",
         "_pending",
+        "_slow_timer",
         "_task",
         "closed",
         "decoder",
@@ -44,6 +45,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending: deque[Request | FrameError] = deque()
         self._task: asyncio.Task[None] | None = None
         self._paused = False
+        self._slow_timer: asyncio.TimerHandle | None = None
         self._bucket = float(worker.settings.frame_burst)
         self._bucket_at = time.monotonic()
 
@@ -78,19 +80,48 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
         self._pending.clear()
         self.worker.connection_lost(self)
 
     def pause_writing(self) -> None:
-        # A slow reader: its buffered output passed the limit. Its messages are
-        # durable in its inbox, so dropping the connection loses nothing.
+        # The peer reads slower than we write: stop pushing inbox entries to it
+        # (they stay in its durable inbox) and give it a while to catch up.
+        if self._slow_timer is None:
+            self._slow_timer = asyncio.get_running_loop().call_later(
+                self.worker.settings.slow_reader_timeout_s, self._slow_reader
+            )
+
+    def resume_writing(self) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+        if self.session is not None:
+            self.worker.delivery.mark_dirty([self.session.user_id])
+
+    def _slow_reader(self) -> None:
+        # Still stuck: drop it. Nothing is lost; the client resumes from its inbox.
+        self._slow_timer = None
         self.worker.metrics_slow_reader()
         self.abort()
+
+    @property
+    def writable(self) -> bool:
+        return not self.closed and self._slow_timer is None
 
     # ---- used by the session -----------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+            # A hard cap on top of the slow-reader timer: memory per connection stays bounded.
+            if (
+                self.transport.get_write_buffer_size()
+                > 4 * self.worker.settings.max_write_buffer_bytes
+            ):
+                self.worker.metrics_slow_reader()
+                self.abort()
 
     def fail(self, code: ErrorCode, message: str, rid: str | int | None = None) -> None:
         """Send an error; fatal codes also close the connection."""

@@ -21,10 +21,13 @@ from app.logs import get_logger
 from app.protocol import ErrorCode, Limits, Request, error_frame
 from app.settings import Settings
 from app.store import sessions as session_store
+from app.store import social
 from app.store.db import create_pool
 from app.worker.connection import ClientConnection
+from app.worker.delivery import Delivery
 from app.worker.passwords import Passwords
 from app.worker.session import SessionLogic
+from app.worker.writer import MessageWriter
 
 log = get_logger("worker")
 
@@ -53,6 +56,10 @@ class Worker:
         self.passwords = Passwords(settings)
         self.logic = SessionLogic(self)
         self._pool: asyncpg.Pool | None = None
+        self._writer: MessageWriter | None = None
+        self.delivery = Delivery(self)
+        # Usernames never change owner: a bounded cache spares a query per send.
+        self._user_ids: dict[str, int] = {}
         self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
         self._auth_waiting = 0
         self._stop = asyncio.Event()
@@ -63,6 +70,22 @@ class Worker:
     def pool(self) -> asyncpg.Pool:
         assert self._pool is not None, "the pool exists once the worker started"
         return self._pool
+
+    @property
+    def writer(self) -> MessageWriter:
+        assert self._writer is not None, "the writer exists once the worker started"
+        return self._writer
+
+    async def user_id(self, username: str) -> int:
+        """The id of a user (NotFound if there is none)."""
+        cached = self._user_ids.get(username)
+        if cached is not None:
+            return cached
+        user_id = await social.require_user(self.pool, username)
+        if len(self._user_ids) >= 100_000:
+            self._user_ids.clear()
+        self._user_ids[username] = user_id
+        return user_id
 
     # ---- connection bookkeeping --------------------------------------------
     def connection_opened(self, conn: ClientConnection) -> None:
@@ -121,6 +144,14 @@ class Worker:
         )
         self._lease_ok_at = time.monotonic()
         log.info("worker_registered", detached_sessions=left)
+        self._writer = MessageWriter(
+            self.pool,
+            batch_max=s.batch_max,
+            writers=s.batch_writers,
+            retry_budget_s=s.send_retry_budget_s,
+        )
+        self._writer.start()
+        self.delivery.start()
         server = await loop.create_server(
             lambda: ClientConnection(self),
             s.host,
@@ -174,6 +205,11 @@ class Worker:
                 "sessions": sum(len(c) for c in self.by_user.values()),
                 "users": len(self.by_user),
                 "lease_age_s": round(time.monotonic() - self._lease_ok_at, 3),
+                "listening": self.delivery.listening,
+                "messages_stored": self.writer.messages,
+                "batches": self.writer.batches,
+                "delivered": self.delivery.delivered,
+                "slow_readers": self.slow_readers,
             }
             return web.json_response(body, status=200 if body["healthy"] else 503)
 
@@ -206,6 +242,8 @@ class Worker:
             )
             await session_store.set_worker_state(self.pool, self.worker_id, "stopped")
         lease.cancel()
+        await self.delivery.stop()
+        await self.writer.stop()
         await health.cleanup()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pool.close(), 5)

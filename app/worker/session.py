@@ -21,17 +21,38 @@ from app.logs import get_logger
 from app.protocol import (
     PRE_AUTH_OPS,
     PROTOCOL_VERSION,
+    Ack,
     Bye,
+    ContactAccept,
+    ContactAdd,
+    ContactList,
+    ContactRemove,
     ErrorCode,
     Hello,
+    History,
+    PasswordChange,
     Ping,
+    Read,
     Register,
     Request,
+    RoomCreate,
+    RoomInvite,
+    RoomJoin,
+    RoomLeave,
+    RoomList,
+    RoomMembers,
+    Send,
+    SetPresence,
+    Typing,
     encode,
 )
-from app.store import accounts
+from app.store import accounts, social
+from app.store import messages as message_store
 from app.store import sessions as session_store
-from app.store.errors import UserExists
+from app.store.errors import Forbidden, NotFound, UserExists
+from app.store.messages import NewMessage
+from app.worker.delivery import rfc3339
+from app.worker.writer import StoreUnavailable
 
 if TYPE_CHECKING:
     from app.worker.connection import ClientConnection
@@ -55,6 +76,8 @@ class Session:
     username: str
     device: str
     epoch: int
+    # Highest inbox seq written to this connection (or known to the client).
+    delivered_seq: int = 0
     state: SessionState = SessionState.AUTHENTICATED
 
 
@@ -80,6 +103,23 @@ class SessionLogic:
             Register: self.register,
             Ping: self.ping,
             Bye: self.bye,
+            Send: self.send,
+            Ack: self.ack,
+            SetPresence: self.set_presence,
+            ContactAdd: self.contact_add,
+            ContactAccept: self.contact_accept,
+            ContactRemove: self.contact_remove,
+            ContactList: self.contact_list,
+            RoomCreate: self.room_create,
+            RoomInvite: self.room_invite,
+            RoomJoin: self.room_join,
+            RoomLeave: self.room_leave,
+            RoomMembers: self.room_members,
+            RoomList: self.room_list,
+            History: self.history,
+            Typing: self.typing,
+            Read: self.read,
+            PasswordChange: self.change_password,
         }
 
     async def handle(self, conn: ClientConnection, req: Request) -> None:
@@ -95,6 +135,12 @@ class SessionLogic:
             conn.write(_error(exc.code, exc.message, rid, **exc.extra))
             if exc.code.fatal:
                 conn.close()
+        except NotFound as exc:
+            conn.write(_error(ErrorCode.NOT_FOUND, str(exc), rid))
+        except Forbidden as exc:
+            conn.write(_error(ErrorCode.FORBIDDEN, str(exc), rid))
+        except StoreUnavailable:
+            conn.write(_error(ErrorCode.INTERNAL, "the database is unavailable; retry", rid))
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("request_failed", op=req.op, error=type(exc).__name__)
             conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", rid))
@@ -154,9 +200,11 @@ class SessionLogic:
         opened = await session_store.open_session(
             pool, account.id, req.device, self.worker.worker_id, conn.peer
         )
-        session = Session(opened.session_id, account.id, account.username, req.device, opened.epoch)
+        last_seq, acked = await message_store.inbox_position(pool, account.id, req.device)
+        session = Session(
+            opened.session_id, account.id, account.username, req.device, opened.epoch, acked
+        )
         conn.session = session
-        self.worker.session_attached(conn)
         log.info(
             "session_opened", user=account.username, device=req.device, session=session.session_id
         )
@@ -169,17 +217,25 @@ class SessionLogic:
                     "device": req.device,
                     "session": session.session_id,
                     "worker": self.worker.worker_id,
+                    "seq": last_seq,
+                    "acked": acked,
                     **_rid(req.rid),
                 }
             )
         )
+        # After welcome: the replay of everything after `acked` follows, then live entries.
+        self.worker.session_attached(conn)
+        self.worker.delivery.mark_dirty([account.id])
+        if opened.replaced_session_id is not None:
+            await self.worker.delivery.replace_session(account.id, opened.replaced_session_id)
+        await self.broadcast_presence(account.id)
 
     # ---- misc --------------------------------------------------------------
     async def ping(self, conn: ClientConnection, req: Ping) -> None:
         conn.write(encode({"op": "pong", **_rid(req.rid)}))
 
     async def bye(self, conn: ClientConnection, req: Bye) -> None:
-        conn.write(encode({"op": "ok", **_rid(req.rid)}))
+        conn.write(_ok(req.rid))
         await self.end_session(conn, "bye")
         conn.close()
 
@@ -191,6 +247,214 @@ class SessionLogic:
         self.worker.session_detached(conn)
         await session_store.close_session(self.worker.pool, session.session_id, reason)
         log.info("session_closed", user=session.username, device=session.device, reason=reason)
+        await self.broadcast_presence(session.user_id)
+
+    async def broadcast_presence(self, user_id: int) -> None:
+        """Tell every accepted contact, on any worker, this user's effective presence."""
+        pool = self.worker.pool
+        contacts = await social.accepted_contact_ids(pool, user_id)
+        if contacts:
+            view = await social.presence_of(pool, user_id)
+            await self.worker.delivery.push(
+                contacts,
+                {"op": "presence", "user": view.username, "state": view.state, "text": view.text},
+            )
+
+    # ---- messages ----------------------------------------------------------
+    async def _user_id(self, username: str) -> int:
+        return await self.worker.user_id(username)
+
+    async def send(self, conn: ClientConnection, req: Send) -> None:
+        session = _session(conn)
+        recipient_id = await self._user_id(req.to) if req.to is not None else None
+        stored = await self.worker.writer.submit(
+            NewMessage(session.user_id, session.device, req.cmid, recipient_id, req.room, req.body)
+        )
+        if stored is None:
+            await social.require_member(self.worker.pool, req.room or 0, session.user_id)
+            raise RequestError(ErrorCode.FORBIDDEN, "you are not a member of that room")
+        frame: dict[str, Any] = {
+            "op": "sent",
+            "cmid": req.cmid,
+            "id": stored.id,
+            "ts": rfc3339(stored.created_at),
+        }
+        if stored.sender_seq is not None:
+            frame["seq"] = stored.sender_seq
+        conn.write(encode({**frame, **_rid(req.rid)}))
+
+    async def ack(self, conn: ClientConnection, req: Ack) -> None:
+        session = _session(conn)
+        await message_store.ack(self.worker.pool, session.user_id, session.device, req.seq)
+        conn.write(_ok(req.rid))
+
+    async def read(self, conn: ClientConnection, req: Read) -> None:
+        session = _session(conn)
+        result = await message_store.add_receipt(self.worker.pool, session.user_id, req.msg_id)
+        if result is None:
+            raise NotFound("no such message")
+        conn.write(_ok(req.rid))
+
+    async def history(self, conn: ClientConnection, req: History) -> None:
+        session = _session(conn)
+        pool = self.worker.pool
+        other_id = None
+        if req.with_user is not None:
+            other_id = await self._user_id(req.with_user)
+        else:
+            await social.require_member(pool, req.room or 0, session.user_id)
+        rows = await message_store.conversation(
+            pool,
+            session.user_id,
+            other_id=other_id,
+            room_id=req.room,
+            before=req.before,
+            limit=req.limit,
+        )
+        page = rows[: req.limit]
+        items = []
+        for row in page:
+            item: dict[str, Any] = {"id": row.id, "from": row.sender}
+            if row.room_id is not None:
+                item["room"] = row.room_id
+            else:
+                item["to"] = row.recipient
+            item.update(body=row.body, ts=rfc3339(row.created_at), cmid=row.cmid)
+            items.append(item)
+        conn.write(
+            encode(
+                {"op": "history", "messages": items, "more": len(rows) > req.limit, **_rid(req.rid)}
+            )
+        )
+
+    async def typing(self, conn: ClientConnection, req: Typing) -> None:
+        session = _session(conn)
+        frame: dict[str, Any] = {"op": "typing", "from": session.username, "active": req.active}
+        if req.to is not None:
+            targets = [await self._user_id(req.to)]
+            frame["to"] = req.to
+        else:
+            room = req.room or 0
+            await social.require_member(self.worker.pool, room, session.user_id)
+            targets = [
+                u
+                for u in await social.room_member_ids(self.worker.pool, room)
+                if u != session.user_id
+            ]
+            frame["room"] = room
+        await self.worker.delivery.push(targets, frame)
+        conn.write(_ok(req.rid))
+
+    # ---- presence and contacts ---------------------------------------------
+    async def set_presence(self, conn: ClientConnection, req: SetPresence) -> None:
+        session = _session(conn)
+        await social.set_presence(self.worker.pool, session.user_id, req.state.value, req.text)
+        conn.write(_ok(req.rid))
+        await self.broadcast_presence(session.user_id)
+
+    async def contact_add(self, conn: ClientConnection, req: ContactAdd) -> None:
+        session = _session(conn)
+        other = await self._user_id(req.user)
+        status = await social.contact_add(self.worker.pool, session.user_id, other)
+        conn.write(_ok(req.rid))
+        if status == "accepted":
+            await self.broadcast_presence(session.user_id)
+            await self.broadcast_presence(other)
+        else:
+            await self.worker.delivery.push(
+                [other], {"op": "contact_request", "from": session.username}
+            )
+
+    async def contact_accept(self, conn: ClientConnection, req: ContactAccept) -> None:
+        session = _session(conn)
+        other = await self._user_id(req.user)
+        await social.contact_accept(self.worker.pool, session.user_id, other)
+        conn.write(_ok(req.rid))
+        await self.broadcast_presence(session.user_id)
+        await self.broadcast_presence(other)
+
+    async def contact_remove(self, conn: ClientConnection, req: ContactRemove) -> None:
+        session = _session(conn)
+        other = await self._user_id(req.user)
+        if not await social.contact_remove(self.worker.pool, session.user_id, other):
+            raise NotFound("not a contact")
+        conn.write(_ok(req.rid))
+
+    async def contact_list(self, conn: ClientConnection, req: ContactList) -> None:
+        session = _session(conn)
+        contacts = await social.contact_list(self.worker.pool, session.user_id)
+        items = [
+            {"user": c.username, "status": c.status, "state": c.state, "text": c.text}
+            for c in contacts
+        ]
+        conn.write(encode({"op": "contacts", "contacts": items, **_rid(req.rid)}))
+
+    # ---- rooms -------------------------------------------------------------
+    async def room_create(self, conn: ClientConnection, req: RoomCreate) -> None:
+        session = _session(conn)
+        room = await social.room_create(self.worker.pool, session.user_id, req.name)
+        conn.write(encode({"op": "room", "room": room, "name": req.name, **_rid(req.rid)}))
+
+    async def room_invite(self, conn: ClientConnection, req: RoomInvite) -> None:
+        session = _session(conn)
+        invitee = await self._user_id(req.user)
+        name = await social.room_invite(self.worker.pool, req.room, session.user_id, invitee)
+        conn.write(_ok(req.rid))
+        await self.worker.delivery.push(
+            [invitee],
+            {"op": "room_invite", "room": req.room, "name": name, "from": session.username},
+        )
+
+    async def room_join(self, conn: ClientConnection, req: RoomJoin) -> None:
+        session = _session(conn)
+        name = await social.room_join(self.worker.pool, req.room, session.user_id)
+        conn.write(encode({"op": "room", "room": req.room, "name": name, **_rid(req.rid)}))
+
+    async def room_leave(self, conn: ClientConnection, req: RoomLeave) -> None:
+        session = _session(conn)
+        await social.room_leave(self.worker.pool, req.room, session.user_id)
+        conn.write(_ok(req.rid))
+
+    async def room_members(self, conn: ClientConnection, req: RoomMembers) -> None:
+        session = _session(conn)
+        members = await social.room_members(self.worker.pool, req.room, session.user_id)
+        conn.write(encode({"op": "members", "room": req.room, "members": members, **_rid(req.rid)}))
+
+    async def room_list(self, conn: ClientConnection, req: RoomList) -> None:
+        session = _session(conn)
+        rooms = await social.rooms_of(self.worker.pool, session.user_id)
+        items = [{"room": room, "name": name} for room, name in rooms]
+        conn.write(encode({"op": "rooms", "rooms": items, **_rid(req.rid)}))
+
+    # ---- account -----------------------------------------------------------
+    async def change_password(self, conn: ClientConnection, req: PasswordChange) -> None:
+        session = _session(conn)
+        if len(req.new) < self.settings.min_password_chars:
+            raise RequestError(
+                ErrorCode.WEAK_PASSWORD,
+                f"password must have at least {self.settings.min_password_chars} characters",
+            )
+        pool = self.worker.pool
+        async with self.worker.auth_slot():
+            account = await accounts.find_user(pool, session.username)
+            if account is None or not await self.worker.passwords.verify(
+                account.password_hash, req.old
+            ):
+                raise RequestError(ErrorCode.AUTH_FAILED, "the old password is wrong")
+            await accounts.set_password(
+                pool, session.user_id, await self.worker.passwords.hash(req.new)
+            )
+        log.info("password_changed", user=session.username)
+        conn.write(_ok(req.rid))
+
+
+def _session(conn: ClientConnection) -> Session:
+    assert conn.session is not None, "the dispatcher admits only authenticated requests here"
+    return conn.session
+
+
+def _ok(rid: str | int | None) -> bytes:
+    return encode({"op": "ok", **_rid(rid)})
 
 
 def _rid(rid: str | int | None) -> dict[str, str | int]:

@@ -172,6 +172,7 @@ def upgrade() -> None:
         sa.Column("id", sa.BigInteger(), nullable=False),
         sa.Column("sender_id", sa.BigInteger(), nullable=False),
         sa.Column("cmid", sa.Text(), nullable=False),
+        sa.Column("sender_device", sa.Text(), nullable=False),
         sa.Column("recipient_id", sa.BigInteger(), nullable=True),
         sa.Column("room_id", sa.BigInteger(), nullable=True),
         sa.Column("body", sa.Text(), nullable=False),

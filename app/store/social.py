@@ -1,0 +1,259 @@
+"""Presence, contacts and rooms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from app.store.errors import Forbidden, NotFound
+
+PUSH_CHANNEL = "sb_push"
+
+
+async def user_ids(pool: asyncpg.Pool, usernames: list[str]) -> dict[str, int]:
+    rows = await pool.fetch(
+        "SELECT username, id FROM users WHERE username = ANY($1::text[])", usernames
+    )
+    return {row["username"]: int(row["id"]) for row in rows}
+
+
+async def require_user(pool: asyncpg.Pool, username: str) -> int:
+    found = await user_ids(pool, [username])
+    if username not in found:
+        raise NotFound(f"no user {username!r}")
+    return found[username]
+
+
+# ---- presence ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceView:
+    username: str
+    state: str  # online, away, dnd, or offline when no live session
+    text: str | None
+
+
+_EFFECTIVE_PRESENCE = """
+    CASE WHEN EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = u.id AND s.state = 'active')
+         THEN u.presence_state ELSE 'offline' END
+"""
+
+
+async def set_presence(pool: asyncpg.Pool, user_id: int, state: str, text: str | None) -> None:
+    await pool.execute(
+        "UPDATE users SET presence_state = $2, status_text = $3 WHERE id = $1",
+        user_id,
+        state,
+        text,
+    )
+
+
+async def presence_of(pool: asyncpg.Pool, user_id: int) -> PresenceView:
+    row = await pool.fetchrow(
+        f"SELECT u.username, {_EFFECTIVE_PRESENCE} AS state, u.status_text AS text "
+        "FROM users u WHERE u.id = $1",
+        user_id,
+    )
+    assert row is not None
+    return PresenceView(row["username"], row["state"], row["text"])
+
+
+async def accepted_contact_ids(pool: asyncpg.Pool, user_id: int) -> list[int]:
+    rows = await pool.fetch(
+        "SELECT contact_id FROM contacts WHERE owner_id = $1 AND status = 'accepted'", user_id
+    )
+    return [int(r["contact_id"]) for r in rows]
+
+
+async def push(pool: asyncpg.Pool, payload: str) -> None:
+    """An ephemeral event for other workers (presence, typing, contact requests)."""
+    await pool.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, payload)
+
+
+# ---- contacts ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContactView:
+    username: str
+    status: str
+    state: str | None
+    text: str | None
+
+
+async def contact_add(pool: asyncpg.Pool, owner_id: int, other_id: int) -> str:
+    """Ask ``other_id`` to become a contact; returns the owner's new status with them.
+
+    If they had already asked us, both sides become ``accepted``.
+    """
+    if owner_id == other_id:
+        raise Forbidden("you cannot add yourself")
+    async with pool.acquire() as conn, conn.transaction():
+        theirs = await conn.fetchval(
+            "SELECT status FROM contacts WHERE owner_id = $1 AND contact_id = $2 FOR UPDATE",
+            other_id,
+            owner_id,
+        )
+        if theirs in ("pending_out", "accepted"):
+            mine, other = "accepted", "accepted"
+        else:
+            mine, other = "pending_out", "pending_in"
+        await conn.execute(
+            """
+            INSERT INTO contacts (owner_id, contact_id, status) VALUES ($1, $2, $3), ($2, $1, $4)
+            ON CONFLICT (owner_id, contact_id) DO UPDATE SET status = excluded.status
+            WHERE contacts.status <> 'accepted'
+            """,
+            owner_id,
+            other_id,
+            mine,
+            other,
+        )
+        return str(
+            await conn.fetchval(
+                "SELECT status FROM contacts WHERE owner_id = $1 AND contact_id = $2",
+                owner_id,
+                other_id,
+            )
+        )
+
+
+async def contact_accept(pool: asyncpg.Pool, owner_id: int, other_id: int) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        mine = await conn.fetchval(
+            "SELECT status FROM contacts WHERE owner_id = $1 AND contact_id = $2 FOR UPDATE",
+            owner_id,
+            other_id,
+        )
+        if mine == "accepted":
+            return
+        if mine != "pending_in":
+            raise NotFound("no pending request from that user")
+        await conn.execute(
+            "UPDATE contacts SET status = 'accepted', since = now() "
+            "WHERE (owner_id = $1 AND contact_id = $2) OR (owner_id = $2 AND contact_id = $1)",
+            owner_id,
+            other_id,
+        )
+
+
+async def contact_remove(pool: asyncpg.Pool, owner_id: int, other_id: int) -> bool:
+    result = await pool.execute(
+        "DELETE FROM contacts "
+        "WHERE (owner_id = $1 AND contact_id = $2) OR (owner_id = $2 AND contact_id = $1)",
+        owner_id,
+        other_id,
+    )
+    return bool(result != "DELETE 0")
+
+
+async def contact_list(pool: asyncpg.Pool, owner_id: int) -> list[ContactView]:
+    rows = await pool.fetch(
+        f"""
+        SELECT u.username, c.status,
+               CASE WHEN c.status = 'accepted' THEN {_EFFECTIVE_PRESENCE} END AS state,
+               CASE WHEN c.status = 'accepted' THEN u.status_text END AS text
+        FROM contacts c JOIN users u ON u.id = c.contact_id
+        WHERE c.owner_id = $1 ORDER BY u.username
+        """,
+        owner_id,
+    )
+    return [ContactView(r["username"], r["status"], r["state"], r["text"]) for r in rows]
+
+
+# ---- rooms -------------------------------------------------------------------
+
+
+async def room_create(pool: asyncpg.Pool, creator_id: int, name: str) -> int:
+    async with pool.acquire() as conn, conn.transaction():
+        room_id = await conn.fetchval(
+            "INSERT INTO rooms (name, created_by) VALUES ($1, $2) RETURNING id", name, creator_id
+        )
+        await conn.execute(
+            "INSERT INTO room_members (room_id, user_id, status) VALUES ($1, $2, 'member')",
+            room_id,
+            creator_id,
+        )
+    return int(room_id)
+
+
+async def _membership(
+    conn: asyncpg.Connection | asyncpg.Pool, room_id: int, user_id: int
+) -> str | None:
+    status = await conn.fetchval(
+        "SELECT status FROM room_members WHERE room_id = $1 AND user_id = $2", room_id, user_id
+    )
+    return None if status is None else str(status)
+
+
+async def require_member(pool: asyncpg.Pool, room_id: int, user_id: int) -> None:
+    if await _membership(pool, room_id, user_id) != "member":
+        exists = await pool.fetchval("SELECT 1 FROM rooms WHERE id = $1", room_id)
+        if not exists:
+            raise NotFound("no such room")
+        raise Forbidden("you are not a member of that room")
+
+
+async def room_invite(pool: asyncpg.Pool, room_id: int, inviter_id: int, user_id: int) -> str:
+    await require_member(pool, room_id, inviter_id)
+    await pool.execute(
+        "INSERT INTO room_members (room_id, user_id, status) VALUES ($1, $2, 'invited') "
+        "ON CONFLICT DO NOTHING",
+        room_id,
+        user_id,
+    )
+    return str(await pool.fetchval("SELECT name FROM rooms WHERE id = $1", room_id))
+
+
+async def room_join(pool: asyncpg.Pool, room_id: int, user_id: int) -> str:
+    async with pool.acquire() as conn, conn.transaction():
+        name = await conn.fetchval("SELECT name FROM rooms WHERE id = $1", room_id)
+        if name is None:
+            raise NotFound("no such room")
+        status = await _membership(conn, room_id, user_id)
+        if status is None:
+            raise Forbidden("you were not invited to that room")
+        if status == "invited":
+            await conn.execute(
+                "UPDATE room_members SET status = 'member', since = now() "
+                "WHERE room_id = $1 AND user_id = $2",
+                room_id,
+                user_id,
+            )
+    return str(name)
+
+
+async def room_leave(pool: asyncpg.Pool, room_id: int, user_id: int) -> None:
+    result = await pool.execute(
+        "DELETE FROM room_members WHERE room_id = $1 AND user_id = $2", room_id, user_id
+    )
+    if result == "DELETE 0":
+        raise NotFound("you are not in that room")
+
+
+async def room_members(pool: asyncpg.Pool, room_id: int, user_id: int) -> list[str]:
+    await require_member(pool, room_id, user_id)
+    rows = await pool.fetch(
+        "SELECT u.username FROM room_members rm JOIN users u ON u.id = rm.user_id "
+        "WHERE rm.room_id = $1 AND rm.status = 'member' ORDER BY u.username",
+        room_id,
+    )
+    return [r["username"] for r in rows]
+
+
+async def room_member_ids(pool: asyncpg.Pool, room_id: int) -> list[int]:
+    rows = await pool.fetch(
+        "SELECT user_id FROM room_members WHERE room_id = $1 AND status = 'member'", room_id
+    )
+    return [int(r["user_id"]) for r in rows]
+
+
+async def rooms_of(pool: asyncpg.Pool, user_id: int) -> list[tuple[int, str]]:
+    rows = await pool.fetch(
+        "SELECT r.id, r.name FROM rooms r JOIN room_members rm ON rm.room_id = r.id "
+        "WHERE rm.user_id = $1 AND rm.status = 'member' ORDER BY r.id",
+        user_id,
+    )
+    return [(int(r["id"]), str(r["name"])) for r in rows]

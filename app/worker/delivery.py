@@ -1,0 +1,235 @@
+"""Cross-worker delivery: LISTEN for inbox pointers, then pump inbox rows to sockets.
+
+Writers NOTIFY ``sb_inbox`` with the ids of users whose inboxes moved; every
+worker listens (through HAProxy's primary port) and marks those of its users
+dirty. One pump task per worker fetches each dirty user's entries after the
+lowest seq its local sessions have seen and writes them in seq order. Because
+the pump reads the tables, a lost notification (listener reconnecting after a
+failover) costs latency, never a message: on every (re)connect of the listener
+all local users are marked dirty and caught up.
+
+``sb_push`` carries ephemeral frames (presence, typing, contact requests) for
+named users; they are written to local sessions and never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import orjson
+
+from app.logs import get_logger
+from app.protocol import ErrorCode, encode
+from app.store import messages as message_store
+from app.store.messages import INBOX_CHANNEL, InboxEntry
+from app.store.schema import INBOX_KIND_MESSAGE
+from app.store.social import PUSH_CHANNEL
+from app.worker.writer import RETRYABLE
+
+if TYPE_CHECKING:
+    from app.worker.connection import ClientConnection
+    from app.worker.server import Worker
+
+log = get_logger("delivery")
+
+# Entries fetched per user per round; a long offline backlog arrives in pages.
+PAGE = 500
+# Users handled per pump round (one query).
+USERS_PER_ROUND = 500
+PUSH_CHUNK = 300
+
+
+def rfc3339(ts: Any) -> str:
+    return str(ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z")
+
+
+def entry_frame(entry: InboxEntry) -> bytes:
+    if entry.kind == INBOX_KIND_MESSAGE:
+        frame: dict[str, Any] = {
+            "op": "msg",
+            "seq": entry.seq,
+            "id": entry.message_id,
+            "from": entry.sender,
+        }
+        if entry.room_id is not None:
+            frame["room"] = entry.room_id
+        else:
+            frame["to"] = entry.recipient
+        frame.update(body=entry.body, ts=rfc3339(entry.created_at), cmid=entry.cmid)
+        return encode(frame)
+    return encode(
+        {
+            "op": "receipt",
+            "seq": entry.seq,
+            "by": entry.actor,
+            "msg_id": entry.message_id,
+            "ts": rfc3339(entry.read_at or entry.created_at),
+        }
+    )
+
+
+class Delivery:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._dirty: set[int] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.listening = False
+        self.delivered = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._listen()), loop.create_task(self._pump())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def mark_dirty(self, user_ids: Any) -> None:
+        local = self.worker.by_user
+        self._dirty.update(u for u in user_ids if u in local)
+        if self._dirty:
+            self._wake.set()
+
+    # ---- the listener ------------------------------------------------------
+    async def _listen(self) -> None:
+        from app.store.db import dsn
+
+        delay = 0.2
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    dsn(self.worker.settings), timeout=self.worker.settings.db_connect_timeout_s
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, ev=lost: ev.set())
+                await conn.add_listener(INBOX_CHANNEL, self._on_inbox)
+                await conn.add_listener(PUSH_CHANNEL, self._on_push)
+                self.listening = True
+                delay = 0.2
+                # Anything notified while we were not listening: catch up from the tables.
+                self.mark_dirty(list(self.worker.by_user))
+                log.info("listening", channels=[INBOX_CHANNEL, PUSH_CHANNEL])
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), 2.0)
+                    except TimeoutError:
+                        # HAProxy cuts a session to a demoted node; a probe notices a dead peer.
+                        await conn.fetchval("SELECT 1", timeout=2.0)
+            except asyncio.CancelledError:
+                raise
+            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                log.warning("listener_lost", error=type(exc).__name__)
+            finally:
+                self.listening = False
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _on_inbox(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self.mark_dirty(int(u) for u in payload.split(",") if u)
+
+    def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        try:
+            event = orjson.loads(payload)
+            if "replaced" in event:
+                self._close_replaced(int(event["user"]), int(event["replaced"]))
+                return
+            data = encode(event["f"])
+            targets = event["to"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("bad_push_payload")
+            return
+        for user_id in targets:
+            for target in self.worker.by_user.get(user_id, ()):
+                target.write(data)
+
+    def _close_replaced(self, user_id: int, session_id: int) -> None:
+        for conn in list(self.worker.by_user.get(user_id, ())):
+            if conn.session is not None and conn.session.session_id == session_id:
+                log.info("session_replaced", user=conn.session.username, session=session_id)
+                self.worker.session_detached(conn)
+                conn.session = None  # its row is already closed by the new login
+                conn.fail(ErrorCode.SESSION_REPLACED, "this device logged in on another connection")
+
+    async def replace_session(self, user_id: int, session_id: int) -> None:
+        """Close an older connection of the same device, wherever it is."""
+        from app.store.social import push
+
+        await push(
+            self.worker.pool, orjson.dumps({"user": user_id, "replaced": session_id}).decode()
+        )
+
+    async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
+        """Send an ephemeral frame to every session of these users, on any worker."""
+        from app.store.social import push
+
+        for i in range(0, len(user_ids), PUSH_CHUNK):
+            payload = orjson.dumps({"to": user_ids[i : i + PUSH_CHUNK], "f": frame}).decode()
+            await push(self.worker.pool, payload)
+
+    # ---- the pump ----------------------------------------------------------
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                users = [self._dirty.pop() for _ in range(min(USERS_PER_ROUND, len(self._dirty)))]
+                try:
+                    await self._deliver(users)
+                except asyncio.CancelledError:
+                    raise
+                except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                    log.warning("delivery_retry", users=len(users), error=type(exc).__name__)
+                    self._dirty.update(users)
+                    await asyncio.sleep(0.5)
+
+    async def _deliver(self, users: list[int]) -> None:
+        after: dict[int, int] = {}
+        for user_id in users:
+            conns = [c for c in self.worker.by_user.get(user_id, ()) if c.writable]
+            if conns:
+                after[user_id] = min(c.session.delivered_seq for c in conns if c.session)
+        if not after:
+            return
+        entries = await message_store.fetch_inboxes(self.worker.pool, after, PAGE)
+        by_user: dict[int, list[InboxEntry]] = defaultdict(list)
+        for entry in entries:
+            by_user[entry.user_id].append(entry)
+        for user_id, items in by_user.items():
+            for conn in list(self.worker.by_user.get(user_id, ())):
+                self._write_entries(conn, items)
+            if len(items) >= PAGE:
+                self._dirty.add(user_id)  # more pages to come
+
+    def _write_entries(self, conn: ClientConnection, items: list[InboxEntry]) -> None:
+        session = conn.session
+        if session is None or not conn.writable:
+            return
+        for entry in items:
+            if entry.seq <= session.delivered_seq:
+                continue
+            if entry.seq != session.delivered_seq + 1:
+                # Seqs are gap-free and become visible in order; never skip ahead.
+                log.warning(
+                    "inbox_gap",
+                    user=session.username,
+                    expected=session.delivered_seq + 1,
+                    got=entry.seq,
+                )
+                return
+            own_copy = (
+                entry.kind == INBOX_KIND_MESSAGE
+                and entry.sender == session.username
+                and entry.sender_device == session.device
+            )
+            if not own_copy:  # the sending device already has it, as `sent`
+                conn.write(entry_frame(entry))
+                self.delivered += 1
+            session.delivered_seq = entry.seq
