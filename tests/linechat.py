@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import contextlib
 from typing import Any
 
@@ -13,6 +15,9 @@ class LineClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        # Frames that arrived while request() waited for its reply, in order.
+        self.backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self._rids = itertools.count(1)
 
     @classmethod
     async def connect(cls, host: str, port: int) -> LineClient:
@@ -25,6 +30,11 @@ class LineClient:
         await self.writer.drain()
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        if self.backlog:
+            return self.backlog.popleft()
+        return await self._read(timeout)
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
         line = await asyncio.wait_for(self.reader.readline(), timeout)
         if not line:
             raise ConnectionError("connection closed")
@@ -32,8 +42,15 @@ class LineClient:
         return frame
 
     async def request(self, frame: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send a request and return its reply (matched by rid); other frames go to the backlog."""
+        if "rid" not in frame:
+            frame = {**frame, "rid": f"auto-{next(self._rids)}"}
         await self.send(frame)
-        return await self.recv(timeout)
+        while True:
+            reply = await self._read(timeout)
+            if reply.get("rid") == frame["rid"]:
+                return reply
+            self.backlog.append(reply)
 
     async def recv_until(self, op: str, timeout: float = 10.0) -> dict[str, Any]:
         while True:

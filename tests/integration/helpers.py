@@ -1,0 +1,75 @@
+"""Helpers for integration tests: logins through HAProxy, pinned to chosen workers."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from app.cluster import haproxy
+from app.cluster.launcher import LocalCluster
+from app.store.db import dsn
+from tests.linechat import LineClient
+
+PASSWORD = "correct horse battery staple"
+
+
+def new_user(prefix: str = "u") -> str:
+    return prefix + uuid.uuid4().hex[:12]
+
+
+@contextlib.contextmanager
+def only_worker(cluster: LocalCluster, worker: str) -> Any:
+    """Route new client connections to one worker by putting the others in maintenance.
+
+    Uses HAProxy's runtime API: the real balancer decides, existing connections stay.
+    """
+    others = [w for w in cluster.settings.worker_ids() if w != worker]
+    for w in others:
+        haproxy.runtime_command(cluster.layout, f"set server workers/{w} state maint")
+    try:
+        yield
+    finally:
+        for w in others:
+            haproxy.runtime_command(cluster.layout, f"set server workers/{w} state ready")
+
+
+async def register(cluster: LocalCluster, user: str) -> None:
+    s = cluster.settings
+    client = await LineClient.connect(s.host, s.client_port)
+    reply = await client.request({"op": "register", "user": user, "password": PASSWORD})
+    assert reply["op"] == "registered", reply
+    await client.close()
+
+
+async def login(
+    cluster: LocalCluster,
+    user: str,
+    device: str = "laptop",
+    worker: str | None = None,
+    register_first: bool = True,
+) -> tuple[LineClient, dict[str, Any]]:
+    s = cluster.settings
+    if register_first:
+        await register(cluster, user)
+    with only_worker(cluster, worker) if worker else contextlib.nullcontext():
+        client = await LineClient.connect(s.host, s.client_port)
+    welcome = await client.request(
+        {"op": "hello", "user": user, "password": PASSWORD, "device": device}
+    )
+    assert welcome["op"] == "welcome", welcome
+    if worker:
+        assert welcome["worker"] == worker
+    return client, welcome
+
+
+@contextlib.asynccontextmanager
+async def db(cluster: LocalCluster) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn(cluster.settings))
+    try:
+        yield conn
+    finally:
+        await conn.close()

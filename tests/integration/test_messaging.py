@@ -1,0 +1,247 @@
+"""IM core through HAProxy on the real Patroni cluster, across workers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.cluster.launcher import LocalCluster
+from tests.integration.helpers import PASSWORD, db, login, new_user, register
+from tests.linechat import LineClient
+
+
+async def test_alice_on_one_worker_messages_bob_on_another(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    sent = await a.request({"op": "send", "to": bob, "cmid": "m1", "body": "hello bob", "rid": 7})
+    assert sent["op"] == "sent" and sent["rid"] == 7 and sent["cmid"] == "m1"
+    assert isinstance(sent["id"], int) and sent["ts"].endswith("Z")
+    msg = await b.recv()
+    assert msg == {
+        "op": "msg",
+        "seq": 1,
+        "id": sent["id"],
+        "from": alice,
+        "to": bob,
+        "body": "hello bob",
+        "ts": sent["ts"],
+        "cmid": "m1",
+    }
+    await a.close()
+    await b.close()
+
+
+async def test_offline_recipient_gets_everything_at_next_login(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    await register(cluster, bob)
+    a, _ = await login(cluster, alice)
+    ids = []
+    for i in range(3):
+        sent = await a.request({"op": "send", "to": bob, "cmid": f"c{i}", "body": f"m{i}"})
+        ids.append(sent["id"])
+    b, welcome = await login(cluster, bob, register_first=False)
+    assert welcome["seq"] == 3 and welcome["acked"] == 0
+    got = [await b.recv() for _ in range(3)]
+    assert [m["seq"] for m in got] == [1, 2, 3]
+    assert [m["id"] for m in got] == ids
+    assert [m["body"] for m in got] == ["m0", "m1", "m2"]
+    assert (await b.request({"op": "ack", "seq": 3}))["op"] == "ok"
+    await b.close()
+    # Acked on this device: a new login replays nothing; a new device gets it all.
+    b2, welcome2 = await login(cluster, bob, register_first=False)
+    assert welcome2["acked"] == 3
+    pong = await b2.request({"op": "ping"})
+    assert pong["op"] == "pong"
+    phone, _ = await login(cluster, bob, device="phone", register_first=False)
+    assert [(await phone.recv())["seq"] for _ in range(3)] == [1, 2, 3]
+    for c in (a, b2, phone):
+        await c.close()
+
+
+async def test_resend_with_same_client_id_stores_one_message(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w3")
+    first = await a.request({"op": "send", "to": bob, "cmid": "same", "body": "once"})
+    second = await a.request({"op": "send", "to": bob, "cmid": "same", "body": "once"})
+    assert (first["id"], first["ts"], first["seq"]) == (second["id"], second["ts"], second["seq"])
+    assert (await b.recv())["id"] == first["id"]
+    other = await a.request({"op": "send", "to": bob, "cmid": "next", "body": "twice"})
+    assert (await b.recv())["id"] == other["id"]  # nothing in between: the resend delivered nothing
+    async with db(cluster) as conn:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM messages m JOIN users u ON u.id = m.sender_id "
+            "WHERE u.username = $1 AND m.cmid = 'same'",
+            alice,
+        )
+    assert count == 1
+    await a.close()
+    await b.close()
+
+
+async def test_room_message_reaches_members_on_three_workers(cluster: LocalCluster) -> None:
+    names = [new_user("carol"), new_user("dave"), new_user("erin")]
+    clients = [
+        (await login(cluster, name, worker=w))[0]
+        for name, w in zip(names, ["w1", "w2", "w3"], strict=True)
+    ]
+    carol, dave, erin = clients
+    room = (await carol.request({"op": "room_create", "name": "ops"}))["room"]
+    for name, client in ((names[1], dave), (names[2], erin)):
+        assert (await carol.request({"op": "room_invite", "room": room, "user": name}))[
+            "op"
+        ] == "ok"
+        invite = await client.recv()
+        assert invite["op"] == "room_invite" and invite["room"] == room
+        assert (await client.request({"op": "room_join", "room": room}))["op"] == "room"
+    members = await erin.request({"op": "room_members", "room": room})
+    assert sorted(members["members"]) == sorted(names)
+    sent = await carol.request({"op": "send", "room": room, "cmid": "r1", "body": "standup"})
+    for client in (dave, erin):
+        msg = await client.recv()
+        assert (msg["op"], msg["room"], msg["id"], msg["from"]) == (
+            "msg",
+            room,
+            sent["id"],
+            names[0],
+        )
+    history = await dave.request({"op": "history", "room": room})
+    assert [m["id"] for m in history["messages"]] == [sent["id"]]
+    # A non-member can neither post nor read.
+    outsider, _ = await login(cluster, new_user("mallory"))
+    denied = await outsider.request({"op": "send", "room": room, "cmid": "x", "body": "hi"})
+    assert denied["code"] == "forbidden"
+    assert (await outsider.request({"op": "history", "room": room}))["code"] == "forbidden"
+    for c in (*clients, outsider):
+        await c.close()
+
+
+async def test_presence_change_reaches_a_contact_on_another_worker(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    assert (await a.request({"op": "contact_add", "user": bob}))["op"] == "ok"
+    assert await b.recv() == {"op": "contact_request", "from": alice}
+    contacts = await b.request({"op": "contacts"})
+    assert contacts["contacts"] == [
+        {"user": alice, "status": "pending_in", "state": None, "text": None}
+    ]
+    assert (await b.request({"op": "contact_accept", "user": alice}))["op"] == "ok"
+    assert (await a.recv_until("presence"))["user"] == bob
+    assert (await b.request({"op": "presence", "state": "away", "text": "lunch"}))["op"] == "ok"
+    change = await a.recv_until("presence")
+    assert change == {"op": "presence", "user": bob, "state": "away", "text": "lunch"}
+    await b.request({"op": "bye"})
+    gone = await a.recv_until("presence")
+    assert gone["user"] == bob and gone["state"] == "offline"
+    listing = await a.request({"op": "contacts"})
+    assert listing["contacts"][0]["state"] == "offline"
+    await a.close()
+    await b.close()
+
+
+async def test_seqs_are_gap_free_and_in_order_under_concurrent_senders(
+    cluster: LocalCluster,
+) -> None:
+    bob = new_user("bob")
+    b, _ = await login(cluster, bob, worker="w2")
+    senders = [(await login(cluster, new_user("s"), worker=w))[0] for w in ("w1", "w2", "w3")]
+
+    async def blast(client: LineClient, n: int) -> None:
+        for i in range(n):
+            await client.send({"op": "send", "to": bob, "cmid": f"k{i}", "body": str(i)})
+        for _ in range(n):
+            assert (await client.recv_until("sent"))["op"] == "sent"
+
+    await asyncio.gather(*(blast(c, 60) for c in senders))
+    seqs = [(await b.recv())["seq"] for _ in range(180)]
+    assert seqs == list(range(1, 181))
+    for c in (b, *senders):
+        await c.close()
+
+
+async def test_second_device_receives_the_same_messages(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    phone, _ = await login(cluster, bob, device="phone", worker="w1")
+    laptop, _ = await login(cluster, bob, device="laptop", worker="w3", register_first=False)
+    a, _ = await login(cluster, alice, device="desk", worker="w2")
+    tablet, _ = await login(cluster, alice, device="tablet", worker="w1", register_first=False)
+    sent = await a.request({"op": "send", "to": bob, "cmid": "x1", "body": "both of you"})
+    on_phone, on_laptop = await phone.recv(), await laptop.recv()
+    assert on_phone == on_laptop
+    assert on_phone["id"] == sent["id"] and on_phone["seq"] == 1
+    # The sender's other device gets a copy from the sender's own inbox; the sending one does not.
+    copy = await tablet.recv()
+    assert (copy["op"], copy["id"], copy["seq"]) == ("msg", sent["id"], sent["seq"])
+    assert (await a.request({"op": "ping"}))["op"] == "pong"
+    for c in (phone, laptop, a, tablet):
+        await c.close()
+
+
+async def test_read_receipts_are_durable_and_typing_is_ephemeral(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    assert (await a.request({"op": "typing", "to": bob}))["op"] == "ok"
+    assert await b.recv() == {"op": "typing", "from": alice, "active": True, "to": bob}
+    sent = await a.request({"op": "send", "to": bob, "cmid": "r", "body": "read me"})
+    assert (await b.recv())["id"] == sent["id"]
+    assert (await b.request({"op": "read", "msg_id": sent["id"]}))["op"] == "ok"
+    receipt = await a.recv()
+    assert (receipt["op"], receipt["by"], receipt["msg_id"]) == ("receipt", bob, sent["id"])
+    assert receipt["seq"] == sent["seq"] + 1
+    await a.close()
+    # Offline: the receipt is replayed from the inbox; the typing indicator is not.
+    a2, _ = await login(cluster, alice, device="other", register_first=False)
+    replay = [await a2.recv(), await a2.recv()]
+    assert [f["op"] for f in replay] == ["msg", "receipt"]
+    assert (await b.request({"op": "read", "msg_id": 10**12}))["code"] == "not_found"
+    await a2.close()
+    await b.close()
+
+
+async def test_history_pages_newest_first(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice)
+    await register(cluster, bob)
+    ids = [
+        (await a.request({"op": "send", "to": bob, "cmid": f"h{i}", "body": f"b{i}"}))["id"]
+        for i in range(5)
+    ]
+    page1 = await a.request({"op": "history", "with": bob, "limit": 3})
+    assert [m["id"] for m in page1["messages"]] == ids[::-1][:3] and page1["more"] is True
+    before = page1["messages"][-1]["id"]
+    page2 = await a.request({"op": "history", "with": bob, "limit": 3, "before": before})
+    assert [m["id"] for m in page2["messages"]] == ids[::-1][3:] and page2["more"] is False
+    await a.close()
+
+
+async def test_accounts_password_change_and_rate_limited_logins(cluster: LocalCluster) -> None:
+    user = new_user("pw")
+    s = cluster.settings
+    c = await LineClient.connect(s.host, s.client_port)
+    weak = await c.request({"op": "register", "user": user, "password": "short"})
+    assert weak["code"] == "weak_password"
+    assert (await c.request({"op": "register", "user": user, "password": PASSWORD}))[
+        "op"
+    ] == "registered"
+    taken = await c.request({"op": "register", "user": user, "password": PASSWORD})
+    assert taken["code"] == "user_exists"
+    hello = {"op": "hello", "user": user, "device": "d"}
+    assert (await c.request({**hello, "password": "wrong password!"}))["code"] == "auth_failed"
+    assert (await c.request({**hello, "password": PASSWORD}))["op"] == "welcome"
+    new = PASSWORD + " v2"
+    change = await c.request({"op": "password", "old": PASSWORD, "new": new})
+    assert change["op"] == "ok"
+    await c.close()
+    c = await LineClient.connect(s.host, s.client_port)
+    assert (await c.request({**hello, "password": PASSWORD}))["code"] == "auth_failed"
+    for _ in range(s.max_login_failures_per_user - 1):
+        assert (await c.request({**hello, "password": "nope nope nope"}))["code"] == "auth_failed"
+    limited = await c.request({**hello, "password": new})
+    assert limited["code"] == "rate_limited" and limited["retry_after"] > 0
+    await c.close()
+    unknown = await LineClient.connect(s.host, s.client_port)
+    reply = await unknown.request({**hello, "user": new_user("ghost"), "password": PASSWORD})
+    assert reply["code"] == "auth_failed"
+    await unknown.close()
