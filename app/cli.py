@@ -120,6 +120,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.store import accounts
+    from app.store.db import dsn
+
+    async def run() -> bool:
+        import asyncpg
+
+        pool = await asyncpg.create_pool(dsn(_settings(args)), min_size=1, max_size=1)
+        try:
+            return await accounts.set_disabled(pool, args.name, args.action == "disable")
+        finally:
+            await pool.close()
+
+    if not asyncio.run(run()):
+        print(f"switchboard: error: no user {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: {args.action}d")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchboard",
@@ -157,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
     add("worker", cmd_worker, "run one socket worker in the foreground (SWITCHBOARD_WORKER_ID)")
+
+    p = add("user", cmd_user, "disable or re-enable a user account")
+    p.add_argument("action", choices=["disable", "enable"])
+    p.add_argument("name")
+
+    from app.client.commands import add_commands
+
+    def state_dir_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--state-dir", type=Path, help="cluster state directory (default ./.switchboard)"
+        )
+
+    add_commands(sub, state_dir_option)
 
     p = add("migrate", cmd_migrate, "apply (or revert) database migrations")
     p.add_argument("revision", nargs="?", default="head")

@@ -58,6 +58,8 @@ def make_settings(workers: int = 3, **overrides: object) -> Settings:
         # Real argon2id, cheaper parameters: tests log in hundreds of times.
         "argon2_memory_kib": 1024,
         "argon2_time_cost": 1,
+        # Short, so the slow-reader test need not wait 30 s.
+        "slow_reader_timeout_s": 3.0,
     }
     values.update(overrides)
     return Settings.load(env={}, **values)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import contextlib
+import itertools
 from typing import Any
 
 import orjson
@@ -36,8 +36,8 @@ class LineClient:
 
     async def _read(self, timeout: float) -> dict[str, Any]:
         line = await asyncio.wait_for(self.reader.readline(), timeout)
-        if not line:
-            raise ConnectionError("connection closed")
+        if not line.endswith(b"\n"):
+            raise ConnectionError("connection closed" + (" mid-frame" if line else ""))
         frame: dict[str, Any] = orjson.loads(line)
         return frame
 

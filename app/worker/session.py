@@ -10,6 +10,8 @@ the connection is AUTHENTICATED.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -197,8 +199,9 @@ class SessionLogic:
                 raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
             if counts[keys[0]]:
                 await accounts.clear_failures(pool, keys[0])
+        token = secrets.token_urlsafe(24)  # 192 random bits; only its hash is stored
         opened = await session_store.open_session(
-            pool, account.id, req.device, self.worker.worker_id, conn.peer
+            pool, account.id, req.device, self.worker.worker_id, conn.peer, token_hash(token)
         )
         last_seq, acked = await message_store.inbox_position(pool, account.id, req.device)
         session = Session(
@@ -215,8 +218,9 @@ class SessionLogic:
                     "v": PROTOCOL_VERSION,
                     "user": account.username,
                     "device": req.device,
-                    "session": session.session_id,
+                    "session": str(session.session_id),
                     "worker": self.worker.worker_id,
+                    "resume_token": token,
                     "seq": last_seq,
                     "acked": acked,
                     **_rid(req.rid),
@@ -446,6 +450,10 @@ class SessionLogic:
             )
         log.info("password_changed", user=session.username)
         conn.write(_ok(req.rid))
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 def _session(conn: ClientConnection) -> Session:

@@ -46,7 +46,7 @@ async def test_welcome_through_haproxy_and_session_row_names_the_worker(
         row = await conn.fetchrow(
             "SELECT u.username, s.device, s.worker_id, s.remote_addr, s.connected_at, s.state "
             "FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
-            welcome["session"],
+            int(welcome["session"]),
         )
     finally:
         await conn.close()

@@ -1,0 +1,475 @@
+"""The asyncio client of Switchboard's v1 wire protocol (see docs/protocol.md).
+
+::
+
+    async with await Client.connect("127.0.0.1", 5222) as client:
+        await client.login("alice", "correct horse battery", "laptop")
+        await client.send("hi bob", to="bob")
+        async for event in client.events():
+            if isinstance(event, Msg):
+                await client.ack(event.seq)
+
+Framing is newline-delimited orjson. Every request carries a fresh integer
+``rid``; one background task reads the socket, resolves the pending request
+whose ``rid`` a reply echoes, and queues every other frame as an `Event`, in
+arrival order. Inbox entries (`Msg`, `Receipt`) are deduplicated by ``seq``
+(delivery is at least once), and ``last_seq`` is the highest one received.
+
+When the connection ends, pending requests fail with `ConnectionLost` and the
+event stream ends: if the application did not call `close()`, its last event
+is `ServerClosed` with the reason (EOF, a fatal ``error`` such as
+``session_replaced``, a frame the client could not read, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Final
+
+import orjson
+
+from app.client.errors import ClientError, ConnectionLost, ProtocolError, ServerError, Timeout
+from app.client.events import (
+    Contact,
+    ErrorEvent,
+    Event,
+    Frame,
+    HistoryPage,
+    Msg,
+    Receipt,
+    Sent,
+    ServerClosed,
+    Unknown,
+    Welcome,
+    error_fields,
+    parse_contacts,
+    parse_event,
+    parse_members,
+    parse_room,
+    parse_rooms,
+)
+from app.protocol import FATAL_CODES, PROTOCOL_VERSION
+
+log = logging.getLogger(__name__)
+
+# Longest line accepted from the server. A history page of 100 maximal bodies can
+# exceed it; raise it with `connect(max_line_bytes=...)` if you ask for such pages.
+MAX_LINE_BYTES: Final = 1 << 20
+# Events received but not yet taken by the application. Past this the client drops
+# the connection rather than buffer without bound (the inbox is replayed on login).
+MAX_EVENTS: Final = 10_000
+# `send` repeats a request that got a retryable error or no reply this many times.
+SEND_RETRIES: Final = 2
+RETRY_BACKOFF_S: Final = 0.25
+MAX_RETRY_WAIT_S: Final = 30.0
+BYE_TIMEOUT_S: Final = 2.0
+
+# Ops that answer a request (they echo its rid); everything else is an event.
+REPLY_OPS: Final = frozenset(
+    {
+        "registered",
+        "welcome",
+        "sent",
+        "ok",
+        "pong",
+        "contacts",
+        "room",
+        "rooms",
+        "members",
+        "history",
+        "error",
+    }
+)
+
+
+class _End:
+    """Queue marker: no event will follow."""
+
+
+_END: Final = _End()
+
+
+def new_cmid() -> str:
+    """A fresh client message id; keep it to resend the same message on another connection."""
+    return uuid.uuid4().hex
+
+
+def _exactly_one(what: str, to: object, room: object) -> None:
+    if (to is None) == (room is None):
+        raise ValueError(f"{what}: give exactly one of to=/with_user= and room=")
+
+
+class Client:
+    """One connection to a Switchboard server. Create it with `Client.connect`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        timeout: float,
+        max_line_bytes: int,
+        max_events: int,
+        keep_events: bool,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._timeout = timeout
+        self._max_line_bytes = max_line_bytes
+        self._max_events = max_events
+        self._keep_events = keep_events
+        # Session state, kept for resuming on another connection later.
+        self.user: str | None = None
+        self.device: str | None = None
+        self.session: str | None = None
+        self.resume_token: str | None = None
+        self.last_seq = 0  # highest msg/receipt seq received
+        self._rids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._events: asyncio.Queue[Event | _End] = asyncio.Queue()
+        self._closing = False  # the application asked to close: EOF is expected
+        self._close_reason: str | None = None  # set once, when the connection is gone
+        self._fatal_error: str | None = None
+        self._reader_task = asyncio.create_task(self._read_loop(), name="switchboard-client-reader")
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 10.0,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_events: int = MAX_EVENTS,
+        keep_events: bool = True,
+    ) -> Client:
+        """Open a connection. ``timeout`` bounds the connect and is each request's default.
+
+        With ``keep_events=False`` server-initiated frames are discarded (``last_seq``
+        is still tracked): for one-shot tools that never read `events()`.
+        """
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=max_line_bytes), timeout
+            )
+        except TimeoutError:
+            raise Timeout(f"cannot connect to {host}:{port} within {timeout:g} s") from None
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConnectionLost(f"cannot connect to {host}:{port}: {why}") from exc
+        return cls(
+            reader,
+            writer,
+            timeout=timeout,
+            max_line_bytes=max_line_bytes,
+            max_events=max_events,
+            keep_events=keep_events,
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._close_reason is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection ended, or None while it is open."""
+        return self._close_reason
+
+    # --- requests ------------------------------------------------------------------
+
+    async def register(self, user: str, password: str) -> None:
+        await self._request("register", "registered", {"user": user, "password": password})
+
+    async def login(self, user: str, password: str, device: str) -> Welcome:
+        """Log in (``hello``); the server then replays the inbox after this device's ack."""
+        fields = {"user": user, "password": password, "device": device, "v": PROTOCOL_VERSION}
+        welcome = Welcome.from_frame(await self._request("hello", "welcome", fields))
+        self.user, self.device = welcome.user, welcome.device
+        self.session, self.resume_token = welcome.session, welcome.resume_token
+        return welcome
+
+    async def send(
+        self,
+        body: str,
+        *,
+        to: str | None = None,
+        room: int | None = None,
+        cmid: str | None = None,
+        retries: int = SEND_RETRIES,
+    ) -> Sent:
+        """Send a message and wait until it is durably committed.
+
+        ``cmid`` defaults to a fresh uuid4 hex. A retryable error (``internal``,
+        ``overloaded``, ``rate_limited``, an unknown code) or a missing reply is
+        retried up to ``retries`` times with the same cmid, which the server
+        deduplicates, so the message is stored at most once.
+        """
+        _exactly_one("send", to, room)
+        cmid = new_cmid() if cmid is None else cmid
+        fields = {"cmid": cmid, "body": body, "to": to, "room": room}
+        attempt = 0
+        while True:
+            try:
+                return Sent.from_frame(await self._request("send", "sent", fields))
+            except (ServerError, Timeout) as exc:
+                if attempt >= retries or (isinstance(exc, ServerError) and not exc.retryable):
+                    raise
+                delay = RETRY_BACKOFF_S * 2**attempt
+                if isinstance(exc, ServerError) and exc.retry_after is not None:
+                    delay = exc.retry_after
+                delay = min(max(delay, 0.0), MAX_RETRY_WAIT_S)
+                log.info("send cmid=%s: %s; resending in %.2f s", cmid, exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def ack(self, seq: int) -> None:
+        """This device has processed its inbox up to and including ``seq``."""
+        await self._request("ack", "ok", {"seq": seq})
+
+    async def set_presence(self, state: str, text: str | None = None) -> None:
+        await self._request("presence", "ok", {"state": state, "text": text})
+
+    async def contact_add(self, user: str) -> None:
+        await self._request("contact_add", "ok", {"user": user})
+
+    async def contact_accept(self, user: str) -> None:
+        await self._request("contact_accept", "ok", {"user": user})
+
+    async def contact_remove(self, user: str) -> None:
+        await self._request("contact_remove", "ok", {"user": user})
+
+    async def contacts(self) -> list[Contact]:
+        return parse_contacts(await self._request("contacts", "contacts", {}))
+
+    async def room_create(self, name: str) -> int:
+        return parse_room(await self._request("room_create", "room", {"name": name}))
+
+    async def room_invite(self, room: int, user: str) -> None:
+        await self._request("room_invite", "ok", {"room": room, "user": user})
+
+    async def room_join(self, room: int) -> int:
+        return parse_room(await self._request("room_join", "room", {"room": room}))
+
+    async def room_leave(self, room: int) -> None:
+        await self._request("room_leave", "ok", {"room": room})
+
+    async def room_members(self, room: int) -> list[str]:
+        return parse_members(await self._request("room_members", "members", {"room": room}))
+
+    async def rooms(self) -> list[tuple[int, str]]:
+        return parse_rooms(await self._request("rooms", "rooms", {}))
+
+    async def history(
+        self,
+        *,
+        with_user: str | None = None,
+        room: int | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> HistoryPage:
+        """Stored messages, newest first, with id below ``before``."""
+        _exactly_one("history", with_user, room)
+        fields = {"with": with_user, "room": room, "before": before, "limit": limit}
+        return HistoryPage.from_frame(await self._request("history", "history", fields))
+
+    async def typing(
+        self, *, to: str | None = None, room: int | None = None, active: bool = True
+    ) -> None:
+        _exactly_one("typing", to, room)
+        await self._request("typing", "ok", {"to": to, "room": room, "active": active})
+
+    async def read(self, msg_id: int) -> None:
+        """Durable read receipt for ``msg_id``; its author gets a `Receipt`."""
+        await self._request("read", "ok", {"msg_id": msg_id})
+
+    async def change_password(self, old: str, new: str) -> None:
+        await self._request("password", "ok", {"old": old, "new": new})
+
+    async def ping(self) -> None:
+        await self._request("ping", "pong", {})
+
+    async def close(self) -> None:
+        """Say ``bye`` if the connection is still up, then close it. Idempotent."""
+        if not self.closed and not self._closing:
+            self._closing = True
+            try:
+                await self._request("bye", "ok", {}, timeout=BYE_TIMEOUT_S)
+            except ClientError as exc:
+                log.debug("bye: %s", exc)
+        self._closing = True
+        self._reader_task.cancel()
+        await asyncio.wait([self._reader_task])
+        self._writer.close()
+        with contextlib.suppress(OSError):  # a reset connection is closed all the same
+            await self._writer.wait_closed()
+
+    async def _request(
+        self, op: str, expect: str, fields: dict[str, Any], *, timeout: float | None = None
+    ) -> Frame:
+        """Send one request and return its reply; fields set to None are left out."""
+        if self._close_reason is not None:
+            raise ConnectionLost(self._close_reason)
+        rid = next(self._rids)
+        frame = {"op": op, **{k: v for k, v in fields.items() if v is not None}, "rid": rid}
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        limit = self._timeout if timeout is None else timeout
+        try:
+            self._writer.write(orjson.dumps(frame) + b"\n")
+            async with asyncio.timeout(limit):
+                await self._writer.drain()
+                reply = await future
+        except ClientError:
+            raise
+        except TimeoutError:
+            raise Timeout(f"no reply to {op!r} within {limit:g} s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection error: {exc}") from exc
+        finally:
+            self._pending.pop(rid, None)
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # mark it retrieved: a failed drain may have won the race
+        if reply["op"] == "error":
+            raise ServerError(*error_fields(reply))
+        if reply["op"] != expect:
+            raise ProtocolError(f"expected {expect!r} in reply to {op!r}, got {reply['op']!r}")
+        return reply
+
+    # --- events --------------------------------------------------------------------
+
+    def events(self) -> AsyncIterator[Event]:
+        """Server-initiated frames in arrival order; ends when the connection is gone.
+
+        If the application did not call `close()`, the last event is `ServerClosed`.
+        """
+        return self._iter_events()
+
+    async def _iter_events(self) -> AsyncIterator[Event]:
+        while True:
+            try:
+                event = await self.next_event()
+            except ConnectionLost:
+                return
+            yield event
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """The next event; `Timeout` after ``timeout`` s, `ConnectionLost` once they ended."""
+        if not self._keep_events:
+            raise ClientError("this client was connected with keep_events=False")
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self._events.get()
+        except TimeoutError:
+            raise Timeout(f"no event within {timeout:g} s") from None
+        if isinstance(item, _End):
+            self._events.put_nowait(item)  # so every later call (or other reader) ends too
+            raise ConnectionLost(self._close_reason or "connection closed")
+        return item
+
+    # --- the reader task -----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        reason = "the server closed the connection"
+        try:
+            while True:
+                try:
+                    line = await self._reader.readline()
+                except ValueError:  # the stream's limit: a line over max_line_bytes
+                    reason = f"the server sent a line over {self._max_line_bytes} bytes"
+                    break
+                except OSError as exc:
+                    reason = f"connection error: {exc}"
+                    break
+                if not line.endswith(b"\n"):
+                    break  # EOF; a partial last line is not a frame
+                if not line.strip():
+                    continue
+                try:
+                    frame = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    reason = "the server sent a line that is not JSON"
+                    break
+                if not isinstance(frame, dict) or not isinstance(frame.get("op"), str):
+                    reason = "the server sent a frame that is not an object with an 'op'"
+                    break
+                overflow = self._dispatch(frame)
+                if overflow is not None:
+                    reason = overflow
+                    break
+        except Exception:  # a bug here must still fail the pending requests, not hang them
+            log.exception("client reader failed")
+            reason = "the client's reader failed"
+        finally:
+            self._shutdown(reason)
+
+    def _dispatch(self, frame: Frame) -> str | None:
+        """Route one frame; returns a reason to drop the connection, if any."""
+        op = frame["op"]
+        if op in REPLY_OPS:
+            rid = frame.get("rid")
+            future = None
+            if isinstance(rid, int) and not isinstance(rid, bool):
+                future = self._pending.get(rid)
+            if future is not None:
+                if not future.done():
+                    future.set_result(frame)
+                return None
+            if op != "error" or rid is not None:
+                # The request timed out or was cancelled; its late reply has no taker.
+                log.debug("dropping %r reply for rid %r that nobody awaits", op, rid)
+                return None
+        try:
+            event = parse_event(frame)
+        except ProtocolError as exc:
+            log.warning("unreadable %r frame, passed on as Unknown: %s", op, exc)
+            event = Unknown(frame)
+        if isinstance(event, ErrorEvent) and event.code in FATAL_CODES:
+            self._fatal_error = f"{event.code}: {event.message}"
+        if isinstance(event, Msg | Receipt):
+            if event.seq <= self.last_seq:
+                return None  # delivered again (at least once); already handed out
+            self.last_seq = event.seq
+        if not self._keep_events:
+            return None
+        if self._events.qsize() >= self._max_events:
+            return f"more than {self._max_events} events were not consumed"
+        self._events.put_nowait(event)
+        return None
+
+    def _shutdown(self, reason: str) -> None:
+        """The connection is gone: fail pending requests and end the event stream."""
+        if self._close_reason is not None:
+            return
+        if self._closing:
+            reason = "the client closed the connection"
+        elif self._fatal_error is not None:
+            reason = self._fatal_error
+        self._close_reason = reason
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(reason))
+        self._pending.clear()
+        if not self._closing and self._keep_events:
+            self._events.put_nowait(ServerClosed(reason))
+        self._events.put_nowait(_END)
+        self._writer.close()
