@@ -120,6 +120,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster
+
+    cluster = LocalCluster(_settings(args))
+    result = cluster.drain_worker(args.worker, undo=args.undo)
+    print(f"{args.worker}: {result.get('state')}")
+    return 0
+
+
+def cmd_restart_workers(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster
+
+    LocalCluster(_settings(args), say=_say).restart_workers()
+    print("every worker restarted")
+    return 0
+
+
 def cmd_user(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -179,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
     add("worker", cmd_worker, "run one socket worker in the foreground (SWITCHBOARD_WORKER_ID)")
+
+    p = add("drain", cmd_drain, "drain a worker: no new clients, connected ones move away")
+    p.add_argument("worker", help="worker id, e.g. w2")
+    p.add_argument("--undo", action="store_true", help="take clients again")
+
+    add(
+        "restart-workers",
+        cmd_restart_workers,
+        "rolling restart: each worker in turn drains, stops and starts again",
+    )
 
     p = add("user", cmd_user, "disable or re-enable a user account")
     p.add_argument("action", choices=["disable", "enable"])

@@ -36,6 +36,9 @@ class Settings:
     client_port: int = 5222
     worker_base_port: int = 7001
     worker_health_base_port: int = 7101
+    # HAProxy's agent check asks each worker "ready" or "drain" on this port.
+    worker_agent_base_port: int = 7201
+    agent_interval_s: float = 1.0
     haproxy_stats_port: int = 8404
     dashboard_port: int = 8080
 
@@ -66,8 +69,17 @@ class Settings:
     db_connect_timeout_s: float = 2.0
     db_command_timeout_s: float = 10.0
     shutdown_grace_s: float = 10.0
-    worker_lease_s: float = 5.0
+    # A worker renews its lease every interval; others declare it dead (and
+    # detach its sessions) once the lease has run out.
+    worker_lease_s: float = 3.0
     lease_renew_interval_s: float = 1.0
+    reaper_interval_s: float = 1.0
+    # How long a detached session stays resumable with its token.
+    resume_grace_s: float = 120.0
+    # Drain: clients are told to reconnect at random times within the spread,
+    # and stragglers are cut off after the timeout.
+    drain_spread_s: float = 3.0
+    drain_timeout_s: float = 10.0
     max_frame_bytes: int = 65536
     max_body_chars: int = 16384
     max_errors_per_connection: int = 20
@@ -87,6 +99,8 @@ class Settings:
     send_retry_budget_s: float = 60.0
     # Admission control: logins and resumes handled at once per worker.
     max_concurrent_auth: int = 16
+    # Logins and resumes waiting for a slot; past this, `overloaded` with retry_after.
+    max_auth_queue: int = 256
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
@@ -168,6 +182,9 @@ class Settings:
     def worker_health_port(self, worker_id: str) -> int:
         return self.worker_health_base_port + _index(worker_id) - 1
 
+    def worker_agent_port(self, worker_id: str) -> int:
+        return self.worker_agent_base_port + _index(worker_id) - 1
+
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.db_nodes + 1)]
 
@@ -193,6 +210,7 @@ class Settings:
         for wid in self.worker_ids():
             ports[f"worker {wid}"] = self.worker_port(wid)
             ports[f"worker {wid} health"] = self.worker_health_port(wid)
+            ports[f"worker {wid} agent"] = self.worker_agent_port(wid)
         return ports
 
 

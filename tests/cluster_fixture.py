@@ -14,7 +14,7 @@ from app.cluster.launcher import LocalCluster
 from app.cluster.layout import Layout
 from app.settings import Settings
 
-PORT_BLOCK = 40
+PORT_BLOCK = 60
 
 
 def _free(port: int) -> bool:
@@ -55,6 +55,7 @@ def make_settings(workers: int = 3, **overrides: object) -> Settings:
         "patroni_rest_base_port": base + 15,
         "worker_base_port": base + 20,
         "worker_health_base_port": base + 30,
+        "worker_agent_base_port": base + 40,
         # Real argon2id, cheaper parameters: tests log in hundreds of times.
         "argon2_memory_kib": 1024,
         "argon2_time_cost": 1,

@@ -19,7 +19,8 @@ def render(settings: Settings, layout: Layout) -> str:
     host = settings.host
     workers = "\n".join(
         f"    server {wid} {host}:{settings.worker_port(wid)} check port "
-        f"{settings.worker_health_port(wid)}"
+        f"{settings.worker_health_port(wid)} agent-check agent-port "
+        f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
         for wid in settings.worker_ids()
     )
     db = "\n".join(

@@ -287,6 +287,53 @@ class LocalCluster:
             alive=self._alive_check(wid),
         )
 
+    def drain_worker(self, wid: str, undo: bool = False) -> dict[str, object]:
+        """Ask a worker (over its admin endpoint) to drain, or to take clients again."""
+        import json
+        import urllib.request
+
+        from app.cluster.layout import read_secrets
+
+        s = self.settings
+        url = f"http://{s.host}:{s.worker_health_port(wid)}/admin/{'undrain' if undo else 'drain'}"
+        request = urllib.request.Request(
+            url, method="POST", headers={"X-Switchboard-Admin": read_secrets(s)["admin"]}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                result: dict[str, object] = json.load(response)
+                return result
+        except OSError as exc:
+            raise ClusterError(f"worker {wid} did not take the request: {exc}") from None
+
+    def restart_worker(self, wid: str) -> None:
+        """SIGTERM (the worker drains its clients to the others and exits), then start it again."""
+        s = self.settings
+        rec = self._record(wid)
+        if rec is not None and rec.alive():
+            stop_all([rec], signal.SIGTERM, timeout=s.drain_spread_s + s.drain_timeout_s + 10)
+        self.start_worker(wid)
+        self.wait_worker(wid)
+        wait_for(
+            f"haproxy sees {wid}",
+            lambda: self._worker_up_in_haproxy(wid),
+            timeout=15,
+            alive=self._alive_check(wid),
+        )
+
+    def restart_workers(self) -> None:
+        """A rolling restart: one worker at a time, each drained before it stops."""
+        for wid in self.settings.worker_ids():
+            self._step(f"restart {wid}", lambda wid=wid: self.restart_worker(wid))  # type: ignore[misc]
+
+    def _worker_up_in_haproxy(self, wid: str) -> tuple[bool, str]:
+        try:
+            states = haproxy.server_states(self.layout)
+        except OSError as exc:
+            return False, f"stats socket: {exc}"
+        status = next((x.status for x in states if x.backend == "workers" and x.server == wid), "?")
+        return status == "UP", f"{wid} is {status}"
+
     def _workers_up_in_haproxy(self) -> tuple[bool, str]:
         try:
             states = haproxy.server_states(self.layout)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.settings import Settings
 
-SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting")
+SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting", "admin")
 
 
 @dataclass(frozen=True, slots=True)

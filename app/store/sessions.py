@@ -44,12 +44,53 @@ async def register_worker(
     return int(result.split()[-1])
 
 
-async def renew_lease(pool: asyncpg.Pool, worker_id: str, lease_s: float) -> None:
-    await pool.execute(
-        "UPDATE workers SET lease_expires_at = now() + make_interval(secs => $2) WHERE id = $1",
+async def renew_lease(pool: asyncpg.Pool, worker_id: str, lease_s: float) -> bool:
+    """Extend this worker's lease; False when others have already declared it dead."""
+    renewed = await pool.fetchval(
+        "UPDATE workers SET lease_expires_at = now() + make_interval(secs => $2) "
+        "WHERE id = $1 AND state <> 'dead' RETURNING true",
         worker_id,
         lease_s,
     )
+    return bool(renewed)
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    dead_workers: list[str]
+    detached_users: list[int]
+    expired_sessions: int
+
+
+async def reap(pool: asyncpg.Pool, resume_grace_s: float) -> Reaped:
+    """Declare workers whose lease ran out dead, detach their sessions, expire old detached ones.
+
+    Any live worker may run this; row locks make each dead worker's sessions
+    be detached by exactly one reaper.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            """
+            WITH dead AS (
+                UPDATE workers SET state = 'dead'
+                WHERE state IN ('active', 'draining') AND lease_expires_at < now()
+                RETURNING id
+            ), detached AS (
+                UPDATE sessions SET state = 'detached', detached_at = now(),
+                                    close_reason = 'worker_died'
+                WHERE state = 'active' AND worker_id IN (SELECT id FROM dead)
+                RETURNING user_id
+            )
+            SELECT (SELECT coalesce(array_agg(id), '{}') FROM dead) AS dead_workers,
+                   (SELECT coalesce(array_agg(DISTINCT user_id), '{}') FROM detached) AS users
+            """
+        )
+        expired = await conn.execute(
+            "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = 'expired' "
+            "WHERE state = 'detached' AND detached_at < now() - make_interval(secs => $1)",
+            resume_grace_s,
+        )
+    return Reaped(list(row["dead_workers"]), list(row["users"]), int(expired.split()[-1]))
 
 
 async def set_worker_state(pool: asyncpg.Pool, worker_id: str, state: str) -> None:
@@ -97,19 +138,87 @@ async def open_session(
     )
 
 
-async def close_session(pool: asyncpg.Pool, session_id: int, reason: str) -> None:
-    await pool.execute(
-        "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = $2 "
-        "WHERE id = $1 AND state <> 'closed'",
+async def close_session(pool: asyncpg.Pool, session_id: int, epoch: int, reason: str) -> bool:
+    """Close a session this owner still holds (same epoch); False if someone took it over."""
+    result = await pool.execute(
+        "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = $3 "
+        "WHERE id = $1 AND epoch = $2 AND state <> 'closed'",
         session_id,
+        epoch,
         reason,
     )
+    return bool(result != "UPDATE 0")
 
 
-async def close_worker_sessions(pool: asyncpg.Pool, worker_id: str, reason: str) -> None:
-    await pool.execute(
-        "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = $2 "
-        "WHERE worker_id = $1 AND state <> 'closed'",
+async def detach_session(pool: asyncpg.Pool, session_id: int, epoch: int, reason: str) -> bool:
+    """The connection is gone but the session stays resumable for the grace period."""
+    result = await pool.execute(
+        "UPDATE sessions SET state = 'detached', detached_at = now(), close_reason = $3 "
+        "WHERE id = $1 AND epoch = $2 AND state = 'active'",
+        session_id,
+        epoch,
+        reason,
+    )
+    return bool(result != "UPDATE 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ResumedSession:
+    session_id: int
+    epoch: int
+    previous_worker_id: str
+    previous_state: str
+
+
+async def resume_session(
+    pool: asyncpg.Pool,
+    user_id: int,
+    device: str,
+    token_hash: bytes,
+    new_token_hash: bytes,
+    worker_id: str,
+    remote_addr: str,
+    resume_grace_s: float,
+) -> ResumedSession | None:
+    """Take over a session by its resume token: a new epoch fences the previous owner.
+
+    The token is rotated: the one presented stops working. None when the token
+    is unknown, already rotated, or the session expired.
+    """
+    row = await pool.fetchrow(
+        """
+        WITH old AS (
+            SELECT id, worker_id, state FROM sessions
+            WHERE user_id = $1 AND device = $2 AND resume_token_hash = $3
+              AND (state = 'active'
+                   OR (state = 'detached'
+                       AND detached_at > now() - make_interval(secs => $7)))
+            FOR UPDATE
+        )
+        UPDATE sessions s SET worker_id = $5, remote_addr = $6, state = 'active',
+            epoch = s.epoch + 1, resume_token_hash = $4, detached_at = NULL,
+            close_reason = NULL, last_seen_at = now()
+        FROM old WHERE s.id = old.id
+        RETURNING s.id AS session_id, s.epoch, old.worker_id AS previous_worker_id,
+                  old.state AS previous_state
+        """,
+        user_id,
+        device,
+        token_hash,
+        new_token_hash,
+        worker_id,
+        remote_addr,
+        resume_grace_s,
+    )
+    return ResumedSession(**dict(row)) if row else None
+
+
+async def detach_worker_sessions(pool: asyncpg.Pool, worker_id: str, reason: str) -> list[int]:
+    """A stopping worker leaves its sessions resumable; returns the users affected."""
+    rows = await pool.fetch(
+        "UPDATE sessions SET state = 'detached', detached_at = now(), close_reason = $2 "
+        "WHERE worker_id = $1 AND state = 'active' RETURNING user_id",
         worker_id,
         reason,
     )
+    return sorted({int(r["user_id"]) for r in rows})

@@ -139,7 +139,12 @@ class Delivery:
         try:
             event = orjson.loads(payload)
             if "replaced" in event:
-                self._close_replaced(int(event["user"]), int(event["replaced"]))
+                epoch = event.get("epoch")
+                self._close_replaced(
+                    int(event["user"]),
+                    int(event["replaced"]),
+                    None if epoch is None else int(epoch),
+                )
                 return
             data = encode(event["f"])
             targets = event["to"]
@@ -150,21 +155,28 @@ class Delivery:
             for target in self.worker.by_user.get(user_id, ()):
                 target.write(data)
 
-    def _close_replaced(self, user_id: int, session_id: int) -> None:
+    def _close_replaced(self, user_id: int, session_id: int, epoch: int | None) -> None:
         for conn in list(self.worker.by_user.get(user_id, ())):
-            if conn.session is not None and conn.session.session_id == session_id:
-                log.info("session_replaced", user=conn.session.username, session=session_id)
+            session = conn.session
+            if (
+                session is not None
+                and session.session_id == session_id
+                and (epoch is None or session.epoch < epoch)
+            ):
+                log.info("session_replaced", user=session.username, session=session_id)
                 self.worker.session_detached(conn)
                 conn.session = None  # its row is already closed by the new login
                 conn.fail(ErrorCode.SESSION_REPLACED, "this device logged in on another connection")
 
-    async def replace_session(self, user_id: int, session_id: int) -> None:
-        """Close an older connection of the same device, wherever it is."""
+    async def replace_session(self, user_id: int, session_id: int, epoch: int | None) -> None:
+        """Close, wherever it is, a connection holding this session below ``epoch``.
+
+        ``epoch`` None: the whole session was replaced by a new login of the device.
+        """
         from app.store.social import push
 
-        await push(
-            self.worker.pool, orjson.dumps({"user": user_id, "replaced": session_id}).decode()
-        )
+        event = {"user": user_id, "replaced": session_id, "epoch": epoch}
+        await push(self.worker.pool, orjson.dumps(event).decode())
 
     async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
         """Send an ephemeral frame to every session of these users, on any worker."""

@@ -1,7 +1,12 @@
-"""The socket worker process: TCP server, health endpoint, lease, graceful stop.
+"""The socket worker process: TCP server, health and agent endpoints, lease, drain, stop.
 
 A worker holds connections and nothing else that matters: every session,
 message and delivery position is in PostgreSQL, so any worker can take over.
+
+Worker states (transitions only here):
+
+    STARTING --> SERVING <--> DRAINING --> STOPPING
+                    ^  \\________ FENCED (declared dead by others) __/
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +24,7 @@ import asyncpg
 from aiohttp import web
 
 from app.logs import get_logger
-from app.protocol import ErrorCode, Limits, Request, error_frame
+from app.protocol import ErrorCode, Limits, Request, encode, error_frame
 from app.settings import Settings
 from app.store import sessions as session_store
 from app.store import social
@@ -26,8 +32,8 @@ from app.store.db import create_pool
 from app.worker.connection import ClientConnection
 from app.worker.delivery import Delivery
 from app.worker.passwords import Passwords
-from app.worker.session import SessionLogic
-from app.worker.writer import MessageWriter
+from app.worker.session import RequestError, SessionLogic
+from app.worker.writer import RETRYABLE, MessageWriter
 
 log = get_logger("worker")
 
@@ -55,16 +61,20 @@ class Worker:
         self.by_user: dict[int, set[ClientConnection]] = {}
         self.passwords = Passwords(settings)
         self.logic = SessionLogic(self)
+        self.delivery = Delivery(self)
         self._pool: asyncpg.Pool | None = None
         self._writer: MessageWriter | None = None
-        self.delivery = Delivery(self)
         # Usernames never change owner: a bounded cache spares a query per send.
         self._user_ids: dict[str, int] = {}
         self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
         self._auth_waiting = 0
         self._stop = asyncio.Event()
         self._lease_ok_at = 0.0
+        # Since when the DB answered without a break: reaping waits one full lease.
+        self._db_ok_since: float | None = None
         self.slow_readers = 0
+        self.resumes = 0
+        self.overloaded = 0
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -89,6 +99,11 @@ class Worker:
 
     # ---- connection bookkeeping --------------------------------------------
     def connection_opened(self, conn: ClientConnection) -> None:
+        if self.state is WorkerState.DRAINING:
+            # HAProxy has not heard of the drain yet: send the client elsewhere, soon.
+            conn.write(encode({"op": "reconnect", "after_ms": random.randint(0, 200)}))
+            conn.close()
+            return
         if self.state is not WorkerState.SERVING:
             conn.write(error_frame(ErrorCode.SHUTTING_DOWN, "this worker is not accepting clients"))
             conn.close()
@@ -99,7 +114,7 @@ class Worker:
         self.connections.discard(conn)
         if conn.session is not None and self.state is not WorkerState.STOPPING:
             task = asyncio.get_running_loop().create_task(
-                self.logic.end_session(conn, "disconnected")
+                self.logic.end_session(conn, "disconnected", resumable=True)
             )
             task.add_done_callback(_log_task_error)
 
@@ -124,9 +139,28 @@ class Worker:
 
     @contextlib.asynccontextmanager
     async def auth_slot(self) -> AsyncIterator[None]:
-        """Bounded concurrent logins: a reconnect storm queues instead of melting the CPU."""
-        async with self._auth_slots:
+        """Admission control: bounded concurrent logins and resumes, a bounded queue.
+
+        A reconnect storm queues instead of melting the CPU; past the queue,
+        clients are told to come back later, with jitter so they spread out.
+        """
+        s = self.settings
+        if self._auth_waiting >= s.max_auth_queue:
+            self.overloaded += 1
+            raise RequestError(
+                ErrorCode.OVERLOADED,
+                "too many logins in progress; retry later",
+                retry_after=round(random.uniform(0.5, 2.0), 2),
+            )
+        self._auth_waiting += 1
+        try:
+            await self._auth_slots.acquire()
+        finally:
+            self._auth_waiting -= 1
+        try:
             yield
+        finally:
+            self._auth_slots.release()
 
     # ---- lifecycle ---------------------------------------------------------
     async def run(self) -> None:
@@ -135,15 +169,7 @@ class Worker:
             loop.add_signal_handler(sig, self._stop.set)
         s = self.settings
         self._pool = await self._connect_db()
-        left = await session_store.register_worker(
-            self.pool,
-            self.worker_id,
-            os.getpid(),
-            f"{s.host}:{s.worker_port(self.worker_id)}",
-            s.worker_lease_s,
-        )
-        self._lease_ok_at = time.monotonic()
-        log.info("worker_registered", detached_sessions=left)
+        await self._register()
         self._writer = MessageWriter(
             self.pool,
             batch_max=s.batch_max,
@@ -159,62 +185,183 @@ class Worker:
             backlog=4096,
             reuse_address=True,
         )
-        health = await self._start_health()
-        lease = loop.create_task(self._lease_loop())
+        agent = await asyncio.start_server(
+            self._agent, s.host, s.worker_agent_port(self.worker_id), reuse_address=True
+        )
+        health = await self._start_http()
+        background = [loop.create_task(self._lease_loop()), loop.create_task(self._reaper_loop())]
         self.state = WorkerState.SERVING
         log.info(
             "worker_serving",
             port=s.worker_port(self.worker_id),
             health_port=s.worker_health_port(self.worker_id),
+            agent_port=s.worker_agent_port(self.worker_id),
         )
         await self._stop.wait()
-        await self._shutdown(server, health, lease)
+        # SIGTERM: drain first (clients move with a jittered reconnect), then stop.
+        await self.drain()
+        await self._shutdown(server, agent, health, background)
 
     async def _connect_db(self) -> asyncpg.Pool:
         deadline = time.monotonic() + 60
         while True:
             try:
                 return await create_pool(self.settings)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (*RETRYABLE, asyncpg.PostgresError) as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("db_connect_retry", error=type(exc).__name__)
                 await asyncio.sleep(0.5)
 
+    async def _register(self) -> None:
+        s = self.settings
+        left = await session_store.register_worker(
+            self.pool,
+            self.worker_id,
+            os.getpid(),
+            f"{s.host}:{s.worker_port(self.worker_id)}",
+            s.worker_lease_s,
+        )
+        now = time.monotonic()
+        self._lease_ok_at = now
+        self._db_ok_since = now
+        log.info("worker_registered", detached_sessions=left)
+
+    # ---- liveness ----------------------------------------------------------
     async def _lease_loop(self) -> None:
         s = self.settings
         while True:
             await asyncio.sleep(s.lease_renew_interval_s)
             try:
-                await session_store.renew_lease(self.pool, self.worker_id, s.worker_lease_s)
-                self._lease_ok_at = time.monotonic()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                renewed = await session_store.renew_lease(
+                    self.pool, self.worker_id, s.worker_lease_s
+                )
+            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                self._db_ok_since = None
                 log.warning("lease_renew_failed", error=type(exc).__name__)
+                continue
+            if self._db_ok_since is None:
+                self._db_ok_since = time.monotonic()
+            if renewed:
+                self._lease_ok_at = time.monotonic()
+                continue
+            # Others declared us dead and detached our sessions: our copies are stale.
+            await self._fence()
+
+    async def _fence(self) -> None:
+        log.warning("worker_fenced", connections=len(self.connections))
+        for conn in list(self.connections):
+            self.session_detached(conn)
+            conn.session = None  # its row now belongs to whoever resumes it
+            conn.write(encode({"op": "reconnect", "after_ms": random.randint(0, 1000)}))
+            conn.close()
+        try:
+            await self._register()
+        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            log.warning("reregister_failed", error=type(exc).__name__)
+
+    async def _reaper_loop(self) -> None:
+        """Any live worker detaches the sessions of workers whose lease ran out."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.reaper_interval_s)
+            ok_since = self._db_ok_since
+            # After an outage everyone's lease looks expired: wait until the others
+            # have had a full lease period to renew before judging them.
+            if ok_since is None or time.monotonic() - ok_since < s.worker_lease_s:
+                continue
+            try:
+                reaped = await session_store.reap(self.pool, s.resume_grace_s)
+            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                log.warning("reap_failed", error=type(exc).__name__)
+                continue
+            if reaped.dead_workers:
+                log.warning(
+                    "workers_declared_dead",
+                    workers=reaped.dead_workers,
+                    detached_users=len(reaped.detached_users),
+                )
+                for user_id in reaped.detached_users:
+                    with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+                        await self.logic.broadcast_presence(user_id)
+            if reaped.expired_sessions:
+                log.info("sessions_expired", count=reaped.expired_sessions)
 
     def healthy(self) -> bool:
         lease_fresh = time.monotonic() - self._lease_ok_at < self.settings.worker_lease_s
-        return self.state is WorkerState.SERVING and lease_fresh
+        return self.state in (WorkerState.SERVING, WorkerState.DRAINING) and lease_fresh
 
-    async def _start_health(self) -> web.AppRunner:
+    # ---- drain -------------------------------------------------------------
+    async def drain(self) -> None:
+        """Stop taking clients and move the connected ones, spread out over time."""
+        if self.state is not WorkerState.SERVING:
+            return
+        self.state = WorkerState.DRAINING
+        await self._drain_clients()
+
+    async def _drain_clients(self) -> None:
+        s = self.settings
+        with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+            await session_store.set_worker_state(self.pool, self.worker_id, "draining")
+        log.info("worker_draining", connections=len(self.connections))
+        # Let HAProxy's agent check see "drain" before clients start coming back.
+        low = int(s.agent_interval_s * 1000) + 200
+        high = max(low, int(s.drain_spread_s * 1000))
+        for conn in list(self.connections):
+            if conn.session is None:
+                conn.close()
+            else:
+                conn.write(encode({"op": "reconnect", "after_ms": random.randint(low, high)}))
+        deadline = time.monotonic() + s.drain_spread_s + s.drain_timeout_s
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            if self.state is not WorkerState.DRAINING:
+                return  # undrained meanwhile
+        left = list(self.connections)
+        for conn in left:
+            conn.fail(ErrorCode.SHUTTING_DOWN, "worker draining; reconnect")
+        log.info("worker_drained", forced=len(left))
+
+    def undrain(self) -> None:
+        if self.state is WorkerState.DRAINING:
+            self.state = WorkerState.SERVING
+            log.info("worker_undrained")
+
+    async def _agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """HAProxy's agent check: one word, "ready" or "drain" (weight 0, no new clients)."""
+        word = "drain" if self.state is WorkerState.DRAINING else "ready"
+        writer.write(f"{word}\n".encode())
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    # ---- HTTP: health for HAProxy and humans, admin for the CLI ------------
+    async def _start_http(self) -> web.AppRunner:
         async def health(_: web.Request) -> web.Response:
-            body = {
-                "worker": self.worker_id,
-                "state": self.state.value,
-                "healthy": self.healthy(),
-                "connections": len(self.connections),
-                "sessions": sum(len(c) for c in self.by_user.values()),
-                "users": len(self.by_user),
-                "lease_age_s": round(time.monotonic() - self._lease_ok_at, 3),
-                "listening": self.delivery.listening,
-                "messages_stored": self.writer.messages,
-                "batches": self.writer.batches,
-                "delivered": self.delivery.delivered,
-                "slow_readers": self.slow_readers,
-            }
+            body = self.health_report()
             return web.json_response(body, status=200 if body["healthy"] else 503)
+
+        async def admin(request: web.Request) -> web.Response:
+            from app.cluster.layout import read_secrets
+
+            token = read_secrets(self.settings).get("admin")
+            if not token or request.headers.get("X-Switchboard-Admin") != token:
+                return web.json_response({"error": "forbidden"}, status=403)
+            action = request.match_info["action"]
+            if action == "drain":
+                if self.state is WorkerState.SERVING:
+                    self.state = WorkerState.DRAINING
+                    task = asyncio.get_running_loop().create_task(self._drain_clients())
+                    task.add_done_callback(_log_task_error)
+            elif action == "undrain":
+                self.undrain()
+            else:
+                return web.json_response({"error": "unknown action"}, status=404)
+            return web.json_response({"worker": self.worker_id, "state": self.state.value})
 
         app = web.Application()
         app.router.add_get("/health", health)
+        app.router.add_post("/admin/{action}", admin)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(
@@ -226,22 +373,47 @@ class Worker:
         await site.start()
         return runner
 
+    def health_report(self) -> dict[str, object]:
+        return {
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "state": self.state.value,
+            "healthy": self.healthy(),
+            "connections": len(self.connections),
+            "sessions": sum(len(c) for c in self.by_user.values()),
+            "users": len(self.by_user),
+            "lease_age_s": round(time.monotonic() - self._lease_ok_at, 3),
+            "listening": self.delivery.listening,
+            "messages_stored": self.writer.messages if self._writer else 0,
+            "batches": self.writer.batches if self._writer else 0,
+            "delivered": self.delivery.delivered,
+            "resumes": self.resumes,
+            "slow_readers": self.slow_readers,
+            "overloaded": self.overloaded,
+        }
+
     async def _shutdown(
-        self, server: asyncio.Server, health: web.AppRunner, lease: asyncio.Task[None]
+        self,
+        server: asyncio.Server,
+        agent: asyncio.Server,
+        health: web.AppRunner,
+        background: list[asyncio.Task[None]],
     ) -> None:
         log.info("worker_stopping", connections=len(self.connections))
         self.state = WorkerState.STOPPING
         server.close()
         for conn in list(self.connections):
-            conn.write(error_frame(ErrorCode.SHUTTING_DOWN, "worker stopping; reconnect"))
-            conn.close()
+            conn.fail(ErrorCode.SHUTTING_DOWN, "worker stopping; reconnect")
         with contextlib.suppress(Exception):
+            # Whatever is still attached stays resumable on another worker.
             await asyncio.wait_for(
-                session_store.close_worker_sessions(self.pool, self.worker_id, "worker_stopped"),
+                session_store.detach_worker_sessions(self.pool, self.worker_id, "worker_stopped"),
                 self.settings.shutdown_grace_s,
             )
             await session_store.set_worker_state(self.pool, self.worker_id, "stopped")
-        lease.cancel()
+        for task in background:
+            task.cancel()
+        agent.close()
         await self.delivery.stop()
         await self.writer.stop()
         await health.cleanup()

@@ -37,6 +37,7 @@ from app.protocol import (
     Read,
     Register,
     Request,
+    Resume,
     RoomCreate,
     RoomInvite,
     RoomJoin,
@@ -103,6 +104,7 @@ class SessionLogic:
         self._handlers: dict[type, Handler] = {
             Hello: self.hello,
             Register: self.register,
+            Resume: self.resume,
             Ping: self.ping,
             Bye: self.bye,
             Send: self.send,
@@ -143,6 +145,10 @@ class SessionLogic:
             conn.write(_error(ErrorCode.FORBIDDEN, str(exc), rid))
         except StoreUnavailable:
             conn.write(_error(ErrorCode.INTERNAL, "the database is unavailable; retry", rid))
+        except Exception:
+            # A bug must cost one request, never the worker or the connection's order.
+            log.exception("request_crashed", op=req.op)
+            conn.write(_error(ErrorCode.INTERNAL, "internal server error", rid))
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("request_failed", op=req.op, error=type(exc).__name__)
             conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", rid))
@@ -207,32 +213,94 @@ class SessionLogic:
         session = Session(
             opened.session_id, account.id, account.username, req.device, opened.epoch, acked
         )
-        conn.session = session
         log.info(
             "session_opened", user=account.username, device=req.device, session=session.session_id
         )
-        conn.write(
-            encode(
-                {
-                    "op": "welcome",
-                    "v": PROTOCOL_VERSION,
-                    "user": account.username,
-                    "device": req.device,
-                    "session": str(session.session_id),
-                    "worker": self.worker.worker_id,
-                    "resume_token": token,
-                    "seq": last_seq,
-                    "acked": acked,
-                    **_rid(req.rid),
-                }
-            )
-        )
-        # After welcome: the replay of everything after `acked` follows, then live entries.
-        self.worker.session_attached(conn)
-        self.worker.delivery.mark_dirty([account.id])
+        await self._attach(conn, session, token, last_seq, acked, req.rid)
         if opened.replaced_session_id is not None:
-            await self.worker.delivery.replace_session(account.id, opened.replaced_session_id)
-        await self.broadcast_presence(account.id)
+            await self.worker.delivery.replace_session(account.id, opened.replaced_session_id, None)
+
+    async def resume(self, conn: ClientConnection, req: Resume) -> None:
+        """Take over a session on this worker with its resume token: no password hash needed."""
+        if conn.session is not None:
+            raise RequestError(ErrorCode.ALREADY_AUTHENTICATED, "already logged in")
+        pool = self.worker.pool
+        bad = RequestError(
+            ErrorCode.BAD_TOKEN, "unknown or expired resume token; log in with hello"
+        )
+        async with self.worker.auth_slot():
+            account = await accounts.find_user(pool, req.user)
+            if account is None:
+                raise bad
+            if account.disabled:
+                raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
+            token = secrets.token_urlsafe(24)  # rotated at every takeover
+            resumed = await session_store.resume_session(
+                pool,
+                account.id,
+                req.device,
+                token_hash(req.token),
+                token_hash(token),
+                self.worker.worker_id,
+                conn.peer,
+                self.settings.resume_grace_s,
+            )
+        if resumed is None:
+            raise bad
+        last_seq, acked = await message_store.inbox_position(pool, account.id, req.device)
+        session = Session(
+            resumed.session_id,
+            account.id,
+            account.username,
+            req.device,
+            resumed.epoch,
+            min(req.last_seq, last_seq),
+        )
+        log.info(
+            "session_resumed",
+            user=account.username,
+            device=req.device,
+            session=session.session_id,
+            previous_worker=resumed.previous_worker_id,
+            previous_state=resumed.previous_state,
+            last_seq=req.last_seq,
+        )
+        self.worker.resumes += 1
+        await self._attach(conn, session, token, last_seq, acked, req.rid)
+        if resumed.previous_state == "active":
+            # Its previous owner may still hold a connection: the new epoch fences it out.
+            await self.worker.delivery.replace_session(
+                account.id, resumed.session_id, resumed.epoch
+            )
+
+    async def _attach(
+        self,
+        conn: ClientConnection,
+        session: Session,
+        token: str,
+        last_seq: int,
+        acked: int,
+        rid: object,
+    ) -> None:
+        """Send welcome, then the replay after ``session.delivered_seq``, then live entries."""
+        conn.session = session
+        frame = {
+            "op": "welcome",
+            "v": PROTOCOL_VERSION,
+            "user": session.username,
+            "device": session.device,
+            "session": str(session.session_id),
+            "worker": self.worker.worker_id,
+            "resume_token": token,
+            "seq": last_seq,
+            "acked": acked,
+        }
+        if rid is not None:
+            frame["rid"] = rid
+        conn.write(encode(frame))
+        self.worker.session_attached(conn)
+        self.worker.delivery.mark_dirty([session.user_id])
+        await self.broadcast_presence(session.user_id)
 
     # ---- misc --------------------------------------------------------------
     async def ping(self, conn: ClientConnection, req: Ping) -> None:
@@ -240,18 +308,38 @@ class SessionLogic:
 
     async def bye(self, conn: ClientConnection, req: Bye) -> None:
         conn.write(_ok(req.rid))
-        await self.end_session(conn, "bye")
+        await self.end_session(conn, "bye", resumable=False)
         conn.close()
 
-    async def end_session(self, conn: ClientConnection, reason: str) -> None:
+    async def end_session(self, conn: ClientConnection, reason: str, resumable: bool) -> None:
+        """The connection ends: a dropped one stays resumable (detached), ``bye`` closes it.
+
+        Both writes are fenced by the epoch: a session another worker has taken
+        over is left alone.
+        """
         session = conn.session
         if session is None or session.state is SessionState.CLOSED:
             return
         session.state = SessionState.CLOSED
         self.worker.session_detached(conn)
-        await session_store.close_session(self.worker.pool, session.session_id, reason)
-        log.info("session_closed", user=session.username, device=session.device, reason=reason)
-        await self.broadcast_presence(session.user_id)
+        pool = self.worker.pool
+        if resumable:
+            changed = await session_store.detach_session(
+                pool, session.session_id, session.epoch, reason
+            )
+        else:
+            changed = await session_store.close_session(
+                pool, session.session_id, session.epoch, reason
+            )
+        log.info(
+            "session_detached" if resumable else "session_closed",
+            user=session.username,
+            device=session.device,
+            reason=reason,
+            fenced=not changed,
+        )
+        if changed:
+            await self.broadcast_presence(session.user_id)
 
     async def broadcast_presence(self, user_id: int) -> None:
         """Tell every accepted contact, on any worker, this user's effective presence."""
