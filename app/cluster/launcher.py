@@ -72,6 +72,30 @@ class LocalCluster:
             return None
         return PidRecord(pid, None) if Path(exe).name in ("postgres", "postmaster") else None
 
+    def pid_of(self, name: str) -> int | None:
+        """The live pid of a component (None if it is not running)."""
+        rec = self._record(name)
+        return rec.pid if rec is not None and rec.alive() else None
+
+    def postmaster_pid(self, node: str) -> int | None:
+        rec = self._postmaster(node)
+        return rec.pid if rec is not None and rec.alive() else None
+
+    def wait_db_healthy(self, timeout: float | None = None) -> None:
+        """Wait until every node streams again (e.g. after a node rejoined)."""
+        nodes = self.settings.node_names()
+
+        def ready() -> tuple[bool, str]:
+            view = patroni.cluster_view(self.settings)
+            return (
+                (False, "no Patroni REST API answers") if view is None else view.healthy(len(nodes))
+            )
+
+        wait_for(
+            "patroni cluster", ready, timeout or self.settings.startup_timeout_s, interval=0.25
+        )
+        wait_for("db primary port", self._primary_writable, 30, interval=0.2)
+
     def running_components(self) -> list[str]:
         names = []
         for name in self.component_names():
@@ -189,17 +213,23 @@ class LocalCluster:
 
     def _start_patroni(self, run_as: RunAs) -> None:
         for node in self.settings.node_names():
-            node_dir = self.layout.node_dir(node)
-            env = {"PATH": "/usr/bin:/bin", "HOME": str(node_dir), "LANG": "C.UTF-8"}
-            # env -C: start in the node dir, which the DB user can always enter.
-            argv = [
-                "env",
-                "-C",
-                str(node_dir),
-                str(self.venv_bin / "patroni"),
-                str(self.layout.patroni_cfg(node)),
-            ]
-            self._launch(node, run_as.wrap(argv), env)
+            self.start_node(node, run_as)
+
+    def start_node(self, node: str, run_as: RunAs | None = None) -> PidRecord:
+        """Start one Patroni node (after a crash it rejoins, with pg_rewind if needed)."""
+        if run_as is None:
+            run_as = RunAs.for_current_process(self.settings.run_as)
+        node_dir = self.layout.node_dir(node)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(node_dir), "LANG": "C.UTF-8"}
+        # env -C: start in the node dir, which the DB user can always enter.
+        argv = [
+            "env",
+            "-C",
+            str(node_dir),
+            str(self.venv_bin / "patroni"),
+            str(self.layout.patroni_cfg(node)),
+        ]
+        return self._launch(node, run_as.wrap(argv), env)
 
     def _start_haproxy(self) -> None:
         argv = [self.settings.haproxy_bin, "-db", "-f", str(self.layout.haproxy_cfg)]
