@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from app.cluster import patroni
 from app.cluster.launcher import LocalCluster
-from app.cluster.process import wait_gone, PidRecord
+from app.cluster.process import PidRecord, wait_gone
 
 Say = Callable[[str], None]
 
