@@ -1,13 +1,16 @@
 """Asyncio client SDK of the Switchboard v1 wire protocol, and the `chat`/`send` commands.
 
 It talks to the server only through the protocol (docs/protocol.md); it shares
-no internals with the worker.
+no internals with the worker. `Client` is one connection (app/client/sdk.py);
+`ResilientClient` is a session that reconnects, resumes and resends across
+worker restarts and failovers (app/client/resilient.py).
 """
 
 from app.client.errors import ClientError, ConnectionLost, ProtocolError, ServerError, Timeout
 from app.client.events import (
     Contact,
     ContactRequest,
+    Disconnected,
     ErrorEvent,
     Event,
     HistoryMessage,
@@ -16,12 +19,14 @@ from app.client.events import (
     Presence,
     Receipt,
     Reconnect,
+    Resumed,
     Sent,
     ServerClosed,
     Typing,
     Unknown,
     Welcome,
 )
+from app.client.resilient import LinkState, ReconnectPolicy, ResilienceStats, ResilientClient
 from app.client.sdk import Client, new_cmid
 
 __all__ = [
@@ -30,15 +35,21 @@ __all__ = [
     "ConnectionLost",
     "Contact",
     "ContactRequest",
+    "Disconnected",
     "ErrorEvent",
     "Event",
     "HistoryMessage",
     "HistoryPage",
+    "LinkState",
     "Msg",
     "Presence",
     "ProtocolError",
     "Receipt",
     "Reconnect",
+    "ReconnectPolicy",
+    "ResilienceStats",
+    "ResilientClient",
+    "Resumed",
     "Sent",
     "ServerClosed",
     "ServerError",

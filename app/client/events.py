@@ -183,6 +183,26 @@ class ServerClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class Disconnected:
+    """`ResilientClient` only: the connection was lost (``reason``); it is reconnecting."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """`ResilientClient` only: logged in again, on ``worker``, after a `Disconnected`.
+
+    Inbox entries continue after ``seq``. ``fallback_login`` is true when the resume
+    token was refused and the client logged in with the password instead.
+    """
+
+    worker: str
+    seq: int
+    fallback_login: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown:
     """A frame with an op this SDK does not know (or could not read); safe to ignore."""
 
@@ -198,6 +218,8 @@ Event: TypeAlias = (
     | Reconnect
     | ErrorEvent
     | ServerClosed
+    | Disconnected
+    | Resumed
     | Unknown
 )
 

@@ -19,6 +19,10 @@ When the connection ends, pending requests fail with `ConnectionLost` and the
 event stream ends: if the application did not call `close()`, its last event
 is `ServerClosed` with the reason (EOF, a fatal ``error`` such as
 ``session_replaced``, a frame the client could not read, ...).
+
+A `Client` is one connection and never reconnects; `app.client.resilient.ResilientClient`
+builds failover (reconnect, ``resume``, resends) on top of it, using ``on_event``,
+`Client.resume`, `Client.abort` and `Client.wait_closed`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -118,6 +122,7 @@ class Client:
         max_line_bytes: int,
         max_events: int,
         keep_events: bool,
+        on_event: Callable[[Event], str | None] | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -125,6 +130,7 @@ class Client:
         self._max_line_bytes = max_line_bytes
         self._max_events = max_events
         self._keep_events = keep_events
+        self._on_event = on_event
         # Session state, kept for resuming on another connection later.
         self.user: str | None = None
         self.device: str | None = None
@@ -149,11 +155,18 @@ class Client:
         max_line_bytes: int = MAX_LINE_BYTES,
         max_events: int = MAX_EVENTS,
         keep_events: bool = True,
+        on_event: Callable[[Event], str | None] | None = None,
     ) -> Client:
         """Open a connection. ``timeout`` bounds the connect and is each request's default.
 
         With ``keep_events=False`` server-initiated frames are discarded (``last_seq``
         is still tracked): for one-shot tools that never read `events()`.
+
+        With ``on_event``, every event is handed to that callback instead, synchronously
+        from the reader task and in arrival order, without deduplication (``last_seq``
+        is not tracked, `events()` is not available, and no `ServerClosed` is made:
+        use `wait_closed` and `close_reason`). A string it returns drops the
+        connection with that reason.
         """
         try:
             reader, writer = await asyncio.wait_for(
@@ -171,6 +184,7 @@ class Client:
             max_line_bytes=max_line_bytes,
             max_events=max_events,
             keep_events=keep_events,
+            on_event=on_event,
         )
 
     async def __aenter__(self) -> Client:
@@ -202,6 +216,21 @@ class Client:
         """Log in (``hello``); the server then replays the inbox after this device's ack."""
         fields = {"user": user, "password": password, "device": device, "v": PROTOCOL_VERSION}
         welcome = Welcome.from_frame(await self._request("hello", "welcome", fields))
+        self.user, self.device = welcome.user, welcome.device
+        self.session, self.resume_token = welcome.session, welcome.resume_token
+        return welcome
+
+    async def resume(
+        self, user: str, device: str, token: str, last_seq: int, *, timeout: float | None = None
+    ) -> Welcome:
+        """Take over a session with the ``resume_token`` of an earlier `Welcome`.
+
+        The server replays the inbox after ``last_seq``; ``bad_token`` (a `ServerError`)
+        means the token is unknown, expired or already rotated: log in instead.
+        """
+        fields = {"user": user, "device": device, "token": token, "last_seq": last_seq}
+        reply = await self._request("resume", "welcome", fields, timeout=timeout)
+        welcome = Welcome.from_frame(reply)
         self.user, self.device = welcome.user, welcome.device
         self.session, self.resume_token = welcome.session, welcome.resume_token
         return welcome
@@ -321,6 +350,18 @@ class Client:
         with contextlib.suppress(OSError):  # a reset connection is closed all the same
             await self._writer.wait_closed()
 
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, without ``bye`` (the session stays resumable).
+
+        Pending requests fail with `ConnectionLost` (``reason``); call `close()` later
+        to release the socket.
+        """
+        self._shutdown(reason)
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is gone (then `close_reason` says why)."""
+        await asyncio.wait([self._reader_task])
+
     async def _request(
         self, op: str, expect: str, fields: dict[str, Any], *, timeout: float | None = None
     ) -> Frame:
@@ -376,6 +417,8 @@ class Client:
         """The next event; `Timeout` after ``timeout`` s, `ConnectionLost` once they ended."""
         if not self._keep_events:
             raise ClientError("this client was connected with keep_events=False")
+        if self._on_event is not None:
+            raise ClientError("this client hands its events to on_event")
         try:
             async with asyncio.timeout(timeout):
                 item = await self._events.get()
@@ -424,6 +467,8 @@ class Client:
 
     def _dispatch(self, frame: Frame) -> str | None:
         """Route one frame; returns a reason to drop the connection, if any."""
+        if self._close_reason is not None:
+            return None  # read after abort(): the connection is already given up
         op = frame["op"]
         if op in REPLY_OPS:
             rid = frame.get("rid")
@@ -445,6 +490,8 @@ class Client:
             event = Unknown(frame)
         if isinstance(event, ErrorEvent) and event.code in FATAL_CODES:
             self._fatal_error = f"{event.code}: {event.message}"
+        if self._on_event is not None:
+            return self._on_event(event)
         if isinstance(event, Msg | Receipt):
             if event.seq <= self.last_seq:
                 return None  # delivered again (at least once); already handed out
@@ -469,7 +516,7 @@ class Client:
             if not future.done():
                 future.set_exception(ConnectionLost(reason))
         self._pending.clear()
-        if not self._closing and self._keep_events:
+        if not self._closing and self._keep_events and self._on_event is None:
             self._events.put_nowait(ServerClosed(reason))
         self._events.put_nowait(_END)
         self._writer.close()

@@ -24,6 +24,7 @@ from app.client import (
     Contact,
     ContactRequest,
     ErrorEvent,
+    Event,
     HistoryMessage,
     HistoryPage,
     Msg,
@@ -637,6 +638,71 @@ async def test_close_says_bye_and_ends_the_events_quietly(server: FakeServer) ->
     assert client.closed
     assert [event async for event in client.events()] == []  # no ServerClosed: we closed
     await client.close()  # idempotent
+
+
+# --- the building blocks of ResilientClient ---------------------------------------------
+
+
+async def test_resume_request_and_bad_token(conn: tuple[Client, Peer]) -> None:
+    client, peer = conn
+    task = asyncio.create_task(client.resume("alice", "laptop", "q8ZkP3m0vT1xLr6cYb2aWn4e", 5))
+    request = await peer.recv()
+    assert request == {
+        "op": "resume",
+        "user": "alice",
+        "device": "laptop",
+        "token": "q8ZkP3m0vT1xLr6cYb2aWn4e",
+        "last_seq": 5,
+        "rid": request["rid"],
+    }
+    await peer.reply(request, {**WELCOME, "resume_token": "rotated-token-0123456789"})
+    welcome = await task
+    assert (welcome.worker, client.resume_token, client.user) == (
+        "w1",
+        "rotated-token-0123456789",
+        "alice",
+    )
+    task2 = asyncio.create_task(client.resume("alice", "laptop", "q8ZkP3m0vT1xLr6cYb2aWn4e", 5))
+    await peer.reply(await peer.recv(), {"op": "error", "code": "bad_token", "message": "no"})
+    with pytest.raises(ServerError, match="bad_token"):
+        await task2
+
+
+async def test_on_event_gets_every_event_and_can_drop_the_connection(
+    server: FakeServer,
+) -> None:
+    seen: list[Event] = []
+
+    def on_event(event: Event) -> str | None:
+        seen.append(event)
+        return "seen enough" if isinstance(event, Msg) and event.seq == 2 else None
+
+    client = await Client.connect("127.0.0.1", server.port, on_event=on_event)
+    peer = await server.accept()
+    try:
+        await peer.send(msg(1), msg(1), {"op": "typing", "from": "bob", "active": True}, msg(2))
+        await peer.send(msg(3))
+        await asyncio.wait_for(client.wait_closed(), 2)
+        assert [getattr(e, "seq", None) for e in seen] == [1, 1, None, 2]  # no dedupe here
+        assert client.close_reason == "seen enough"
+        with pytest.raises(ClientError, match="on_event"):
+            await client.next_event()
+    finally:
+        await peer.close()
+        await client.close()
+
+
+async def test_abort_drops_the_connection_without_bye(conn: tuple[Client, Peer]) -> None:
+    client, peer = conn
+    task = asyncio.create_task(client.ping())
+    await peer.recv()
+    client.abort("giving up")
+    with pytest.raises(ConnectionLost, match="giving up"):
+        await task
+    await client.wait_closed()
+    assert client.close_reason == "giving up"
+    assert await peer.reader.readline() == b""  # EOF, and no bye before it
+    assert [event async for event in client.events()] == [ServerClosed("giving up")]
 
 
 # --- the commands -----------------------------------------------------------------------
