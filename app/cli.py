@@ -137,6 +137,30 @@ def cmd_restart_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.chaos.runner import ChaosConfig, run_scenario
+    from app.cluster.launcher import LocalCluster
+
+    cluster = LocalCluster(_settings(args), say=_say)
+    if not cluster.running_components():
+        print("switchboard: error: no cluster is running here (`switchboard up`)", file=sys.stderr)
+        return 1
+    config = ChaosConfig(
+        clients=args.clients, rate=args.rate, after_s=args.duration, seed=args.seed
+    )
+    scenarios = list(FAULT_NAMES) if args.scenario == "all" else [args.scenario]
+    ok = True
+    for scenario in scenarios:
+        verdict = asyncio.run(run_scenario(cluster, scenario, config, _say))
+        ok = ok and verdict.ok
+    return 0 if ok else 1
+
+
+FAULT_NAMES = ("kill-worker", "kill-leader", "rolling-restart", "drain")
+
+
 def cmd_user(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -206,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_restart_workers,
         "rolling restart: each worker in turn drains, stops and starts again",
     )
+
+    p = add(
+        "chaos",
+        cmd_chaos,
+        "inject a real fault under client load and check nothing was lost or duplicated",
+    )
+    p.add_argument("scenario", choices=[*FAULT_NAMES, "all"])
+    p.add_argument("--clients", type=int, default=1000, help="users online (default 1000)")
+    p.add_argument("--rate", type=float, default=0.5, help="messages/s per user (default 0.5)")
+    p.add_argument(
+        "--duration", type=float, default=6.0, help="seconds of traffic after the fault (6)"
+    )
+    p.add_argument("--seed", type=int, help="random seed for the traffic")
 
     p = add("user", cmd_user, "disable or re-enable a user account")
     p.add_argument("action", choices=["disable", "enable"])

@@ -18,6 +18,8 @@ class SessionLog:
     user: str
     device: str
     received: list[tuple[int, int]] = field(default_factory=list)  # (seq, message id)
+    # Seqs of this device's own sends: the server answers them with `sent`, not `msg`.
+    own_seqs: set[int] = field(default_factory=set)
     resumes: int = 0
     reconnects: int = 0
     worker: str = ""
@@ -95,7 +97,11 @@ def judge(
     seen_by_session: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
     for key, log in ledger.sessions.items():
         seqs = [seq for seq, _ in log.received]
-        out_of_order += sum(1 for a, b in itertools.pairwise(seqs) if b != a + 1)
+        out_of_order += sum(
+            1
+            for a, b in itertools.pairwise(seqs)
+            if b <= a or any(gap not in log.own_seqs for gap in range(a + 1, b))
+        )
         counts = seen_by_session[key]
         counts.update(message_id for _, message_id in log.received)
         duplicated += sum(n - 1 for n in counts.values() if n > 1)

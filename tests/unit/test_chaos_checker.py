@@ -53,3 +53,12 @@ def test_disconnected_sessions_and_presence_mismatches_fail() -> None:
     ledger.session("bob", "phone").received += [(1, 10), (2, 11)]
     assert not judge("x", ledger, {"bob": ["phone"]}, connected=0, presence_mismatches=0).ok
     assert not judge("x", ledger, {"bob": ["phone"]}, connected=1, presence_mismatches=1).ok
+
+
+def test_gaps_left_by_own_sends_are_in_order() -> None:
+    ledger = _ledger()
+    log = ledger.session("bob", "phone")
+    log.received += [(1, 10), (3, 11)]
+    log.own_seqs.add(2)  # bob's own message, answered with `sent`
+    verdict = judge("x", ledger, {"bob": ["phone"]}, connected=1, presence_mismatches=0)
+    assert verdict.out_of_order == 0 and verdict.ok
