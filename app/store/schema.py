@@ -198,3 +198,29 @@ receipts = Table(
     Column("read_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     PrimaryKeyConstraint("message_id", "reader_id"),
 )
+
+
+# ---- the admin dashboard ---------------------------------------------------
+
+admins = Table(
+    "admins",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("username", Text, nullable=False, unique=True),
+    Column("password_hash", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_login_at", DateTime(timezone=True)),
+)
+
+admin_sessions = Table(
+    "admin_sessions",
+    metadata,
+    # SHA-256 of the cookie value: a stolen table does not give usable cookies.
+    Column("token_hash", LargeBinary, primary_key=True),
+    Column("admin_id", BigInteger, ForeignKey("admins.id"), nullable=False),
+    Column("csrf_token", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("remote_addr", Text),
+)
