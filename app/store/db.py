@@ -27,18 +27,20 @@ def sqlalchemy_url(settings: Settings) -> str:
     return dsn(settings).replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
-async def create_pool(settings: Settings) -> asyncpg.Pool:
+async def create_pool(
+    settings: Settings, *, size: int | None = None, purpose: str = "", custom_plans: bool = False
+) -> asyncpg.Pool:
+    server_settings = {"application_name": f"switchboard-{settings.worker_id or 'cli'}{purpose}"}
+    if custom_plans:
+        # Batch statements unnest arrays whose size a generic plan guesses as 10 rows.
+        server_settings["plan_cache_mode"] = "force_custom_plan"
     pool = await asyncpg.create_pool(
         dsn(settings),
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
+        min_size=min(settings.db_pool_min, size or settings.db_pool_max),
+        max_size=size or settings.db_pool_max,
         timeout=settings.db_connect_timeout_s,
         command_timeout=settings.db_command_timeout_s,
-        server_settings={
-            "application_name": f"switchboard-{settings.worker_id or 'cli'}",
-            # Batch statements unnest arrays whose size a generic plan guesses as 10 rows.
-            "plan_cache_mode": "force_custom_plan",
-        },
+        server_settings=server_settings,
     )
     assert pool is not None
     return pool

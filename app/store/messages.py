@@ -3,8 +3,11 @@
 A batch of sends is stored by ONE statement (group commit): arrays in,
 ``unnest`` out; messages inserted idempotently on (sender, cmid); every
 recipient's inbox gets the next gap-free seqs under its counter row, locked in
-user-id order so concurrent batches cannot deadlock; one ``pg_notify`` per
-chunk of recipients tells the workers whose inboxes moved (ids, not bodies).
+user-id order so concurrent batches cannot deadlock; the new last seq of each
+recipient is reported back so the worker can tell the others whose inboxes
+moved (ids and seqs, never bodies) — outside this transaction: a NOTIFY inside
+it would hold PostgreSQL's notify lock through the synchronous commit and
+serialise every batch.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import asyncpg
 from app.store.schema import INBOX_KIND_MESSAGE, INBOX_KIND_RECEIPT
 
 INBOX_CHANNEL = "sb_inbox"
-# pg_notify payloads are limited to 8000 bytes: 400 ids of up to 19 digits fit.
-NOTIFY_CHUNK = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +70,9 @@ targets AS MATERIALIZED (
     JOIN room_members rm ON rm.room_id = ins.room_id AND rm.status = 'member'
 ),
 locked AS MATERIALIZED (
+    -- = ANY(ARRAY(...)) keeps this an index lookup however the planner guesses sizes.
     SELECT user_id, last_seq FROM inbox_counters
-    WHERE user_id IN (SELECT user_id FROM targets)
+    WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM targets))
     ORDER BY user_id
     FOR UPDATE
 ),
@@ -79,24 +81,21 @@ numbered AS MATERIALIZED (
            l.last_seq + row_number() OVER (PARTITION BY t.user_id ORDER BY t.message_id) AS seq
     FROM targets t JOIN locked l USING (user_id)
 ),
+maxes AS MATERIALIZED (
+    SELECT user_id, max(seq) AS max_seq FROM numbered GROUP BY user_id
+),
 bumped AS (
-    UPDATE inbox_counters c SET last_seq = n.max_seq
-    FROM (SELECT user_id, max(seq) AS max_seq FROM numbered GROUP BY user_id) n
-    WHERE c.user_id = n.user_id
+    UPDATE inbox_counters c SET last_seq = m.max_seq
+    FROM maxes m
+    WHERE c.user_id = ANY(ARRAY(SELECT user_id FROM maxes)) AND c.user_id = m.user_id
 ),
 delivered AS (
     INSERT INTO inbox (user_id, seq, kind, message_id)
     SELECT user_id, seq, {INBOX_KIND_MESSAGE}, message_id FROM numbered
-),
-notified AS MATERIALIZED (
-    SELECT count(pg_notify('{INBOX_CHANNEL}', users)::text) AS n FROM (
-        SELECT string_agg(user_id::text, ',') AS users FROM (
-            SELECT user_id, (row_number() OVER (ORDER BY user_id) - 1) / {NOTIFY_CHUNK} AS chunk
-            FROM (SELECT DISTINCT user_id FROM numbered) d
-        ) c GROUP BY chunk
-    ) chunks
 )
-SELECT i.ord, ins.id, ins.created_at, n.seq AS sender_seq, (SELECT n FROM notified) AS notified
+SELECT i.ord, ins.id, ins.created_at, n.seq AS sender_seq,
+       (SELECT array_agg(user_id) FROM maxes) AS moved_users,
+       (SELECT array_agg(max_seq) FROM maxes) AS moved_seqs
 FROM ins
 JOIN input i ON i.sender_id = ins.sender_id AND i.cmid = ins.cmid
 LEFT JOIN numbered n ON n.message_id = ins.id AND n.user_id = ins.sender_id
@@ -111,8 +110,11 @@ JOIN messages m ON m.sender_id = t.sender_id AND m.cmid = t.cmid
 """
 
 
-async def store_batch(conn: asyncpg.Connection, batch: Sequence[NewMessage]) -> list[Stored | None]:
-    """Store a batch in one statement; per input, what was stored (None: not allowed).
+async def store_batch(
+    conn: asyncpg.Connection, batch: Sequence[NewMessage]
+) -> tuple[list[Stored | None], dict[int, int]]:
+    """Store a batch in one statement: per input, what was stored (None: not allowed),
+    and the inboxes that moved (user id -> new last seq), for the notifier.
 
     Safe to retry after an unknown outcome: messages already committed are
     found again by (sender, cmid) and keep their id, timestamp and seq.
@@ -127,8 +129,11 @@ async def store_batch(conn: asyncpg.Connection, batch: Sequence[NewMessage]) -> 
         [m.body for m in batch],
     )
     result: list[Stored | None] = [None] * len(batch)
+    moved: dict[int, int] = {}
     for row in rows:
         result[row["ord"] - 1] = Stored(row["id"], row["created_at"], row["sender_seq"])
+    if rows:
+        moved = dict(zip(rows[0]["moved_users"], rows[0]["moved_seqs"], strict=True))
     missing = [i for i, r in enumerate(result) if r is None]
     if missing:
         # Resends (or retries of a batch that did commit): the earlier copy stands.
@@ -140,7 +145,7 @@ async def store_batch(conn: asyncpg.Connection, batch: Sequence[NewMessage]) -> 
         for row in found:
             index = missing[row["ord"] - 1]
             result[index] = Stored(row["id"], row["created_at"], row["sender_seq"])
-    return result
+    return result, moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,30 +154,27 @@ class InboxEntry:
     seq: int
     kind: int
     message_id: int
-    sender: str
+    sender_id: int
     sender_device: str
-    recipient: str | None
+    recipient_id: int | None
     room_id: int | None
     body: str
     cmid: str
     created_at: datetime
-    actor: str | None
+    actor_id: int | None
     read_at: datetime | None
 
 
+# Ids, not names: the worker maps ids to names from its cache, sparing three joins.
 _FETCH_INBOX = """
-SELECT i.user_id, i.seq, i.kind, m.id AS message_id, su.username AS sender, m.sender_device,
-       ru.username AS recipient, m.room_id, m.body, m.cmid, m.created_at,
-       au.username AS actor, r.read_at
+SELECT i.user_id, i.seq, i.kind, m.id AS message_id, m.sender_id, m.sender_device,
+       m.recipient_id, m.room_id, m.body, m.cmid, m.created_at, i.actor_id, r.read_at
 FROM unnest($1::bigint[], $2::bigint[]) AS w(user_id, after_seq)
 JOIN LATERAL (
     SELECT * FROM inbox x WHERE x.user_id = w.user_id AND x.seq > w.after_seq
     ORDER BY x.seq LIMIT $3
 ) i ON true
 JOIN messages m ON m.id = i.message_id
-JOIN users su ON su.id = m.sender_id
-LEFT JOIN users ru ON ru.id = m.recipient_id
-LEFT JOIN users au ON au.id = i.actor_id
 LEFT JOIN receipts r ON i.kind = 2 AND r.message_id = i.message_id AND r.reader_id = i.actor_id
 ORDER BY i.user_id, i.seq
 """
@@ -184,7 +186,25 @@ async def fetch_inboxes(
     """Each user's inbox entries after the given seq, in order, at most ``per_user`` each."""
     users = list(after)
     rows = await conn.fetch(_FETCH_INBOX, users, [after[u] for u in users], per_user)
-    return [InboxEntry(**dict(row)) for row in rows]
+    return [InboxEntry(*row) for row in rows]
+
+
+async def notify_inboxes(pool: asyncpg.Pool, payloads: list[str]) -> None:
+    """Tell every listening worker which inboxes moved ("user:seq,user:seq").
+
+    Its own transaction, not synchronously committed: see Delivery._notifier.
+    """
+    await pool.execute(
+        "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p) "
+        "FROM unnest($2::text[]) AS p",
+        INBOX_CHANNEL,
+        payloads,
+    )
+
+
+async def usernames(pool: asyncpg.Pool, ids: list[int]) -> dict[int, str]:
+    rows = await pool.fetch("SELECT id, username FROM users WHERE id = ANY($1::bigint[])", ids)
+    return {int(r["id"]): str(r["username"]) for r in rows}
 
 
 async def inbox_position(pool: asyncpg.Pool, user_id: int, device: str) -> tuple[int, int]:
@@ -215,11 +235,13 @@ async def ack(pool: asyncpg.Pool, user_id: int, device: str, seq: int) -> int:
     return int(value or 0)
 
 
-async def add_receipt(pool: asyncpg.Pool, reader_id: int, message_id: int) -> bool | None:
+async def add_receipt(
+    pool: asyncpg.Pool, reader_id: int, message_id: int
+) -> tuple[int, int] | bool | None:
     """Record that ``reader_id`` read a message; the author gets an inbox entry.
 
-    None: no such message visible to the reader. False: already recorded (or
-    the reader's own message), nothing new.
+    (author id, its new inbox seq) when recorded; None: no such message visible
+    to the reader; False: already recorded (or the reader's own message).
     """
     async with pool.acquire() as conn, conn.transaction():
         msg = await conn.fetchrow(
@@ -259,8 +281,7 @@ async def add_receipt(pool: asyncpg.Pool, reader_id: int, message_id: int) -> bo
             message_id,
             reader_id,
         )
-        await conn.execute("SELECT pg_notify($1, $2)", INBOX_CHANNEL, str(author))
-    return True
+    return author, int(seq)
 
 
 @dataclass(frozen=True, slots=True)

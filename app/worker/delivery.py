@@ -15,6 +15,7 @@ named users; they are written to local sessions and never stored.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,11 @@ import orjson
 from app.logs import get_logger
 from app.protocol import ErrorCode, encode
 from app.store import messages as message_store
+from app.store.events import primary_identity
 from app.store.messages import INBOX_CHANNEL, InboxEntry
 from app.store.schema import INBOX_KIND_MESSAGE
 from app.store.social import PUSH_CHANNEL
+from app.worker import metrics
 from app.worker.writer import RETRYABLE
 
 if TYPE_CHECKING:
@@ -46,25 +49,25 @@ def rfc3339(ts: Any) -> str:
     return str(ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z")
 
 
-def entry_frame(entry: InboxEntry) -> bytes:
+def entry_frame(entry: InboxEntry, names: dict[int, str]) -> bytes:
     if entry.kind == INBOX_KIND_MESSAGE:
         frame: dict[str, Any] = {
             "op": "msg",
             "seq": entry.seq,
             "id": entry.message_id,
-            "from": entry.sender,
+            "from": names.get(entry.sender_id, "?"),
         }
         if entry.room_id is not None:
             frame["room"] = entry.room_id
         else:
-            frame["to"] = entry.recipient
+            frame["to"] = names.get(entry.recipient_id or 0, "?")
         frame.update(body=entry.body, ts=rfc3339(entry.created_at), cmid=entry.cmid)
         return encode(frame)
     return encode(
         {
             "op": "receipt",
             "seq": entry.seq,
-            "by": entry.actor,
+            "by": names.get(entry.actor_id or 0, "?"),
             "msg_id": entry.message_id,
             "ts": rfc3339(entry.read_at or entry.created_at),
         }
@@ -76,13 +79,20 @@ class Delivery:
         self.worker = worker
         self._dirty: set[int] = set()
         self._wake = asyncio.Event()
+        # Inboxes moved by this worker's commits, not yet announced to the others.
+        self._to_notify: dict[int, int] = {}
+        self._notify_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False
         self.delivered = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._listen()), loop.create_task(self._pump())]
+        self._tasks = [
+            loop.create_task(self._listen()),
+            loop.create_task(self._pump()),
+            loop.create_task(self._notifier()),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -94,6 +104,46 @@ class Delivery:
         self._dirty.update(u for u in user_ids if u in local)
         if self._dirty:
             self._wake.set()
+
+    def mark_moved(self, moved: dict[int, int]) -> None:
+        """Inboxes reached these seqs: fetch for local sessions that are behind."""
+        local = self.worker.by_user
+        for user_id, seq in moved.items():
+            conns = local.get(user_id)
+            if conns and any(c.session and c.session.delivered_seq < seq for c in conns):
+                self._dirty.add(user_id)
+        if self._dirty:
+            self._wake.set()
+
+    def committed(self, moved: dict[int, int]) -> None:
+        """Our own commit moved these inboxes: deliver locally now, tell the others soon."""
+        self.mark_moved(moved)
+        pending = self._to_notify
+        for user_id, seq in moved.items():
+            if pending.get(user_id, 0) < seq:
+                pending[user_id] = seq
+        self._notify_wake.set()
+
+    async def _notifier(self) -> None:
+        """Announce moved inboxes to the other workers, coalescing while a NOTIFY is in flight.
+
+        NOTIFY runs in its own transaction with synchronous_commit off: it writes no
+        data worth waiting for, and PostgreSQL's notify lock is then held for
+        microseconds instead of through a synchronously replicated commit. A lost
+        notification costs latency only: listeners catch up from the tables.
+        """
+        while True:
+            await self._notify_wake.wait()
+            self._notify_wake.clear()
+            pending, self._to_notify = self._to_notify, {}
+            if not pending:
+                continue
+            payloads = _chunks([f"{u}:{q}" for u, q in pending.items()])
+            try:
+                await message_store.notify_inboxes(self.worker.pool, payloads)
+            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                log.warning("notify_failed", users=len(pending), error=type(exc).__name__)
+                await asyncio.sleep(0.2)
 
     # ---- the listener ------------------------------------------------------
     async def _listen(self) -> None:
@@ -110,6 +160,7 @@ class Delivery:
                 conn.add_termination_listener(lambda _, ev=lost: ev.set())
                 await conn.add_listener(INBOX_CHANNEL, self._on_inbox)
                 await conn.add_listener(PUSH_CHANNEL, self._on_push)
+                self.worker.events.primary_connected(*await primary_identity(conn))
                 self.listening = True
                 delay = 0.2
                 # Anything notified while we were not listening: catch up from the tables.
@@ -127,13 +178,19 @@ class Delivery:
                 log.warning("listener_lost", error=type(exc).__name__)
             finally:
                 self.listening = False
+                self.worker.events.primary_lost()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     def _on_inbox(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        self.mark_dirty(int(u) for u in payload.split(",") if u)
+        moved: dict[int, int] = {}
+        for item in payload.split(","):
+            user, _, seq = item.partition(":")
+            if user.isdigit() and seq.isdigit():
+                moved[int(user)] = int(seq)
+        self.mark_moved(moved)
 
     def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
@@ -212,18 +269,29 @@ class Delivery:
             return
         entries = await message_store.fetch_inboxes(self.worker.pool, after, PAGE)
         by_user: dict[int, list[InboxEntry]] = defaultdict(list)
+        ids: set[int] = set()
         for entry in entries:
             by_user[entry.user_id].append(entry)
+            ids.add(entry.sender_id)
+            if entry.recipient_id is not None:
+                ids.add(entry.recipient_id)
+            if entry.actor_id is not None:
+                ids.add(entry.actor_id)
+        names = await self.worker.usernames(ids)
         for user_id, items in by_user.items():
             for conn in list(self.worker.by_user.get(user_id, ())):
-                self._write_entries(conn, items)
+                self._write_entries(conn, items, names)
             if len(items) >= PAGE:
                 self._dirty.add(user_id)  # more pages to come
 
-    def _write_entries(self, conn: ClientConnection, items: list[InboxEntry]) -> None:
+    def _write_entries(
+        self, conn: ClientConnection, items: list[InboxEntry], names: dict[int, str]
+    ) -> None:
         session = conn.session
         if session is None or not conn.writable:
             return
+        now = time.time()
+        first_seq = session.delivered_seq
         for entry in items:
             if entry.seq <= session.delivered_seq:
                 continue
@@ -235,13 +303,37 @@ class Delivery:
                     expected=session.delivered_seq + 1,
                     got=entry.seq,
                 )
-                return
+                break
             own_copy = (
                 entry.kind == INBOX_KIND_MESSAGE
-                and entry.sender == session.username
+                and entry.sender_id == session.user_id
                 and entry.sender_device == session.device
             )
             if not own_copy:  # the sending device already has it, as `sent`
-                conn.write(entry_frame(entry))
+                conn.write(entry_frame(entry, names))
                 self.delivered += 1
+                metrics.observe_delivery(entry.created_at.timestamp(), now)
             session.delivered_seq = entry.seq
+        if session.delivered_seq > first_seq:
+            self.worker.events.delivered(
+                session.user_id, session.session_id, session.epoch, session.delivered_seq
+            )
+
+
+# NOTIFY payloads are limited to 8000 bytes.
+_PAYLOAD_MAX = 7900
+
+
+def _chunks(items: list[str]) -> list[str]:
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for item in items:
+        if current and size + len(item) + 1 > _PAYLOAD_MAX:
+            chunks.append(",".join(current))
+            current, size = [], 0
+        current.append(item)
+        size += len(item) + 1
+    if current:
+        chunks.append(",".join(current))
+    return chunks

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 import asyncpg
 
 from app.logs import get_logger
 from app.store.messages import NewMessage, Stored, store_batch
+from app.worker import metrics
 
 log = get_logger("writer")
 
@@ -42,9 +44,16 @@ class StoreUnavailable(Exception):
 
 class MessageWriter:
     def __init__(
-        self, pool: asyncpg.Pool, *, batch_max: int, writers: int, retry_budget_s: float
+        self,
+        pool: asyncpg.Pool,
+        *,
+        batch_max: int,
+        writers: int,
+        retry_budget_s: float,
+        on_commit: Callable[[dict[int, int]], None],
     ) -> None:
         self._pool = pool
+        self._on_commit = on_commit
         self._batch_max = batch_max
         self._retry_budget_s = retry_budget_s
         self._queue: deque[tuple[NewMessage, asyncio.Future[Stored | None]]] = deque()
@@ -89,14 +98,15 @@ class MessageWriter:
 
     async def _write(self, batch: list[tuple[NewMessage, asyncio.Future[Stored | None]]]) -> None:
         messages = [m for m, _ in batch]
-        deadline = time.monotonic() + self._retry_budget_s
+        started = time.monotonic()
+        deadline = started + self._retry_budget_s
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             try:
                 async with self._pool.acquire() as conn:
-                    results = await store_batch(conn, messages)
+                    results, moved = await store_batch(conn, messages)
                 break
             except RETRYABLE as exc:
                 if time.monotonic() + delay > deadline:
@@ -112,8 +122,10 @@ class MessageWriter:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
         self.batches += 1
         self.messages += len(batch)
+        self._on_commit(moved)
         for (_, fut), result in zip(batch, results, strict=True):
             if not fut.done():
                 fut.set_result(result)

@@ -185,13 +185,6 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "(recipient_id is null) <> (room_id is null)", name=op.f("ck_messages_one_target")
         ),
-        sa.ForeignKeyConstraint(
-            ["recipient_id"], ["users.id"], name=op.f("fk_messages_recipient_id_users")
-        ),
-        sa.ForeignKeyConstraint(["room_id"], ["rooms.id"], name=op.f("fk_messages_room_id_rooms")),
-        sa.ForeignKeyConstraint(
-            ["sender_id"], ["users.id"], name=op.f("fk_messages_sender_id_users")
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
         sa.UniqueConstraint("sender_id", "cmid", name=op.f("uq_messages_sender_id_cmid")),
     )
@@ -243,9 +236,6 @@ def upgrade() -> None:
             sa.DateTime(timezone=True),
             server_default=sa.text("now()"),
             nullable=False,
-        ),
-        sa.ForeignKeyConstraint(
-            ["message_id"], ["messages.id"], name=op.f("fk_inbox_message_id_messages")
         ),
         sa.PrimaryKeyConstraint("user_id", "seq", name=op.f("pk_inbox")),
     )
