@@ -1,0 +1,119 @@
+"""Resume on any worker with a rotated token; liveness leases detach a dead worker's sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from app.cluster.launcher import LocalCluster
+from tests.integration.helpers import db, login, new_user, only_worker
+from tests.linechat import LineClient
+
+
+async def _resume(
+    cluster: LocalCluster, user: str, token: str, last_seq: int, worker: str | None = None
+) -> tuple[LineClient, dict]:
+    s = cluster.settings
+    if worker:
+        with only_worker(cluster, worker):
+            client = await LineClient.connect(s.host, s.client_port)
+    else:
+        client = await LineClient.connect(s.host, s.client_port)
+    reply = await client.request(
+        {"op": "resume", "user": user, "device": "laptop", "token": token, "last_seq": last_seq}
+    )
+    return client, reply
+
+
+async def test_resume_on_another_worker_replays_after_last_seq(cluster: LocalCluster) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w3")
+    b, welcome = await login(cluster, bob, worker="w1")
+    for i in range(4):
+        await a.request({"op": "send", "to": bob, "cmid": f"r{i}", "body": f"m{i}"})
+    assert [(await b.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
+    await b.close()  # a dropped connection: the session is detached, not closed
+    b2, resumed = await _resume(cluster, bob, welcome["resume_token"], 2, worker="w2")
+    assert resumed["op"] == "welcome" and resumed["worker"] == "w2"
+    assert resumed["resume_token"] != welcome["resume_token"]  # rotated
+    assert resumed["session"] == welcome["session"]
+    assert [(await b2.recv())["seq"] for _ in range(2)] == [3, 4]
+    sent = await a.request({"op": "send", "to": bob, "cmid": "live", "body": "after"})
+    assert (await b2.recv())["id"] == sent["id"]
+    # The old token is spent; a wrong one is refused the same way.
+    stale, reply = await _resume(cluster, bob, welcome["resume_token"], 0)
+    assert reply["code"] == "bad_token"
+    wrong, reply2 = await _resume(cluster, bob, "x" * 32, 0)
+    assert reply2["code"] == "bad_token"
+    async with db(cluster) as conn:
+        row = await conn.fetchrow(
+            "SELECT worker_id, state, epoch FROM sessions WHERE id = $1", int(welcome["session"])
+        )
+    assert (row["worker_id"], row["state"], row["epoch"]) == ("w2", "active", 2)
+    for c in (a, b2, stale, wrong):
+        await c.close()
+
+
+async def test_resume_fences_out_a_connection_that_is_still_open(cluster: LocalCluster) -> None:
+    bob = new_user("bob")
+    old, welcome = await login(cluster, bob, worker="w1")
+    new, reply = await _resume(cluster, bob, welcome["resume_token"], 0, worker="w3")
+    assert reply["op"] == "welcome"
+    replaced = await old.recv_until("error")
+    assert replaced["code"] == "session_replaced"
+    assert await old.closed()
+    assert (await new.request({"op": "ping"}))["op"] == "pong"
+    await old.close()
+    await new.close()
+
+
+async def test_a_killed_workers_sessions_detach_and_presence_goes_offline(
+    cluster: LocalCluster,
+) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, welcome = await login(cluster, bob, worker="w2")
+    await a.request({"op": "contact_add", "user": bob})
+    await b.request({"op": "contact_accept", "user": alice})
+    assert (await a.recv_until("presence"))["state"] == "online"
+    pid = cluster.pid_of("w2")
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGKILL)
+        # Nobody is left to say goodbye: the lease runs out and another worker reaps.
+        offline = await a.recv_until("presence", timeout=cluster.settings.worker_lease_s + 10)
+        assert offline == {"op": "presence", "user": bob, "state": "offline", "text": None}
+        async with db(cluster) as conn:
+            row = await conn.fetchrow(
+                "SELECT state, close_reason FROM sessions WHERE id = $1", int(welcome["session"])
+            )
+            worker_state = await conn.fetchval("SELECT state FROM workers WHERE id = 'w2'")
+        assert (row["state"], row["close_reason"]) == ("detached", "worker_died")
+        assert worker_state == "dead"
+        # Its client resumes on a survivor and is online again.
+        b2, reply = await _resume(cluster, bob, welcome["resume_token"], 0)
+        assert reply["op"] == "welcome" and reply["worker"] != "w2"
+        assert (await a.recv_until("presence"))["state"] == "online"
+        await b2.close()
+    finally:
+        await asyncio.to_thread(cluster.restart_worker, "w2")
+    await a.close()
+    await b.close()
+
+
+async def test_drain_moves_clients_and_refuses_new_ones(cluster: LocalCluster) -> None:
+    bob = new_user("bob")
+    b, welcome = await login(cluster, bob, worker="w3")
+    await asyncio.to_thread(cluster.drain_worker, "w3")
+    try:
+        reconnect = await b.recv_until("reconnect")
+        s = cluster.settings
+        assert int(s.agent_interval_s * 1000) <= reconnect["after_ms"] <= s.drain_spread_s * 1000
+        await b.close()
+        await asyncio.sleep(s.agent_interval_s + 0.5)  # HAProxy's agent check sees "drain"
+        b2, reply = await _resume(cluster, bob, welcome["resume_token"], 0)
+        assert reply["op"] == "welcome" and reply["worker"] != "w3"
+        await b2.close()
+    finally:
+        await asyncio.to_thread(cluster.drain_worker, "w3", True)
