@@ -3,10 +3,14 @@ VENV ?= $(CURDIR)/.venv
 SB := $(VENV)/bin/switchboard
 export SWITCHBOARD_VENV := $(VENV)
 
-.PHONY: bootstrap up down status test lint unit integration chaos bench clean
+.PHONY: bootstrap bootstrap-tests up down status test lint unit integration chaos bench clean compose-test
 
 bootstrap:
 	@scripts/bootstrap.sh
+
+# Tests also need Debian's chromium (browser tests through Playwright).
+bootstrap-tests:
+	@scripts/bootstrap.sh --tests
 
 up: bootstrap
 	$(SB) up $(ARGS)
@@ -21,7 +25,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check app tests migrations bench
 	$(VENV)/bin/mypy
 
-test: bootstrap lint
+test: bootstrap-tests lint
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 unit: bootstrap
@@ -35,3 +39,7 @@ bench: bootstrap
 
 clean:
 	rm -rf .switchboard build *.egg-info
+
+# docker compose: build compose/compose.yaml against a real Docker engine and smoke-test it.
+compose-test: bootstrap
+	@scripts/compose-test.sh

@@ -36,6 +36,19 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The browser tests (tests/browser) drive Debian's Chromium through Playwright, whose own
+# browser download cannot work here. Only test runs need it: `bootstrap.sh --tests`, or CI.
+if { [ "${1:-}" = "--tests" ] || [ -n "${CI:-}" ]; } && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "switchboard: the browser tests need Debian's chromium; run as root or: apt-get install chromium" >&2
+        exit 2
+    fi
+    echo "==> installing Debian package: chromium (browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 chromium >/dev/null
+fi
+
 stamp="$VENV/.switchboard-installed"
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     echo "==> preparing the venv at $VENV"

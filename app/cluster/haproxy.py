@@ -37,6 +37,12 @@ def render(settings: Settings, layout: Layout) -> str:
         db_primary_port=settings.db_primary_port,
         db_replica_port=settings.db_replica_port,
         haproxy_stats_port=settings.haproxy_stats_port,
+        dashboard_port=settings.dashboard_port,
+        dashboard_app_port=settings.dashboard_app_port(),
+        # With a PEM (certificate + key), HAProxy serves the dashboard over TLS.
+        dashboard_tls=(
+            f" ssl crt {settings.dashboard_tls_pem}" if settings.dashboard_tls_pem else ""
+        ),
         worker_servers=workers,
         primary_servers=db,
         replica_servers=db,

@@ -56,7 +56,13 @@ class LocalCluster:
 
     # ---- names -------------------------------------------------------------
     def component_names(self) -> list[str]:
-        return ["etcd", *self.settings.node_names(), "haproxy", *self.settings.worker_ids()]
+        return [
+            "etcd",
+            *self.settings.node_names(),
+            "haproxy",
+            *self.settings.worker_ids(),
+            "dashboard",
+        ]
 
     def _record(self, name: str) -> PidRecord | None:
         return read_pidfile(self.layout.pidfile(name))
@@ -124,6 +130,7 @@ class LocalCluster:
             self._step("postgres cluster healthy", self._wait_db)
             self._step("database roles and migrations", self._migrate)
             self._step(f"{self.settings.workers} workers", self._start_workers)
+            self._step("dashboard", self._start_dashboard)
         except BaseException:
             self.say("start-up failed: stopping what was started")
             self.down(purge=False)
@@ -317,6 +324,29 @@ class LocalCluster:
             alive=self._alive_check(wid),
         )
 
+    def _start_dashboard(self) -> None:
+        """The admin dashboard: one process on its app port, behind HAProxy's dashboard_port."""
+        s = self.settings
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            **s.to_env(),
+            "SWITCHBOARD_STATE_DIR": str(self.layout.root),
+        }
+        self._launch("dashboard", [sys.executable, "-m", "app.dashboard"], env)
+        url = f"http://{s.host}:{s.dashboard_app_port()}/healthz"
+        alive = self._alive_check("dashboard")
+        wait_for("dashboard", lambda: (http_json(url)[0] == 200, "not answering"), 20, alive)
+        wait_for("haproxy sees the dashboard", self._dashboard_up_in_haproxy, 15, alive)
+
+    def _dashboard_up_in_haproxy(self) -> tuple[bool, str]:
+        try:
+            states = haproxy.server_states(self.layout)
+        except OSError as exc:
+            return False, f"stats socket: {exc}"
+        status = next((x.status for x in states if x.backend == "dashboard"), "?")
+        return status == "UP", f"dashboard is {status}"
+
     def drain_worker(self, wid: str, undo: bool = False) -> dict[str, object]:
         """Ask a worker (over its admin endpoint) to drain, or to take clients again."""
         import json
@@ -387,7 +417,9 @@ class LocalCluster:
             return [r for r in (self._record(n) for n in names) if r is not None]
 
         s = self.settings
-        stop_all(records(s.worker_ids()), signal.SIGTERM, timeout=s.shutdown_grace_s + 2)
+        stop_all(
+            records([*s.worker_ids(), "dashboard"]), signal.SIGTERM, timeout=s.shutdown_grace_s + 2
+        )
         # Together: one by one, each synchronous standby waits to be released (~20 s).
         postmasters = [p for p in (self._postmaster(n) for n in s.node_names()) if p]
         stop_all(records(s.node_names()), signal.SIGTERM, timeout=40)
@@ -426,6 +458,15 @@ class LocalCluster:
                 )
                 ok = running and self.layout.haproxy_socket.exists()
                 detail = "serving" if ok else "down"
+            elif name == "dashboard":
+                endpoint = f"http://{s.host}:{s.dashboard_port}/ (app :{s.dashboard_app_port()})"
+                code, body = http_json(f"http://{s.host}:{s.dashboard_app_port()}/healthz")
+                ok = running and code == 200
+                detail = (
+                    f"serving sessions={body.get('sessions', '?')}"
+                    if isinstance(body, dict)
+                    else "not answering"
+                )
             else:
                 endpoint = f"{s.host}:{s.worker_port(name)} (health :{s.worker_health_port(name)})"
                 code, body = http_json(f"http://{s.host}:{s.worker_health_port(name)}/health")

@@ -23,6 +23,14 @@ def dsn(settings: Settings, *, replica: bool = False, role: str = "app") -> str:
     return f"postgresql://{user}:{password}@{settings.host}:{port}/{database}"
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """On release to the pool. asyncpg's default runs a reset query (a round trip per
+    query); our code sets no session state, so only an unfinished transaction needs undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 def sqlalchemy_url(settings: Settings) -> str:
     return dsn(settings).replace("postgresql://", "postgresql+asyncpg://", 1)
 
@@ -41,6 +49,7 @@ async def create_pool(
         timeout=settings.db_connect_timeout_s,
         command_timeout=settings.db_command_timeout_s,
         server_settings=server_settings,
+        reset=_reset,
     )
     assert pool is not None
     return pool

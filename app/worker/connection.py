@@ -13,6 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from app.protocol import Decoder, ErrorCode, FrameError, Request, encode_error, error_frame
+from app.worker import metrics
 
 if TYPE_CHECKING:
     from app.worker.server import Worker
@@ -23,6 +24,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_bucket",
         "_bucket_at",
+        "_out",
         "_paused",
         "_pending",
         "_slow_timer",
@@ -46,6 +48,8 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self._slow_timer: asyncio.TimerHandle | None = None
+        # Frames written during one event-loop iteration leave in one syscall.
+        self._out: list[bytes] | None = None
         self._bucket = float(worker.settings.frame_burst)
         self._bucket_at = time.monotonic()
 
@@ -113,24 +117,34 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- used by the session -----------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-            # A hard cap on top of the slow-reader timer: memory per connection stays bounded.
-            if (
-                self.transport.get_write_buffer_size()
-                > 4 * self.worker.settings.max_write_buffer_bytes
-            ):
-                self.worker.metrics_slow_reader()
-                self.abort()
+        if self.closed or self.transport is None:
+            return
+        if self._out is None:
+            self._out = [data]
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        if not out or self.closed or self.transport is None:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        # A hard cap on top of the slow-reader timer: memory per connection stays bounded.
+        if self.transport.get_write_buffer_size() > 4 * self.worker.settings.max_write_buffer_bytes:
+            self.worker.metrics_slow_reader()
+            self.abort()
 
     def fail(self, code: ErrorCode, message: str, rid: str | int | None = None) -> None:
         """Send an error; fatal codes also close the connection."""
+        metrics.ERRORS.labels(code.value).inc()
         self.write(error_frame(code, message, rid))
         if code.fatal:
             self.close()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self._flush()  # what was written before close still goes out
             self.closed = True
             self._pending.clear()
             self.transport.close()
@@ -157,6 +171,7 @@ class ClientConnection(asyncio.Protocol):
             while self._pending and not self.closed:
                 item = self._pending.popleft()
                 if isinstance(item, FrameError):
+                    metrics.ERRORS.labels(item.code.value).inc()
                     self.write(encode_error(item))
                     if item.fatal:
                         self.close()

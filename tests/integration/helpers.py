@@ -55,11 +55,13 @@ async def login(
     s = cluster.settings
     if register_first:
         await register(cluster, user)
+    # HAProxy picks the server once the connection is established: keep the other
+    # workers in maintenance until the reply shows where the client landed.
     with only_worker(cluster, worker) if worker else contextlib.nullcontext():
         client = await LineClient.connect(s.host, s.client_port)
-    welcome = await client.request(
-        {"op": "hello", "user": user, "password": PASSWORD, "device": device}
-    )
+        welcome = await client.request(
+            {"op": "hello", "user": user, "password": PASSWORD, "device": device}
+        )
     assert welcome["op"] == "welcome", welcome
     if worker:
         assert welcome["worker"] == worker

@@ -15,15 +15,13 @@ async def _resume(
     cluster: LocalCluster, user: str, token: str, last_seq: int, worker: str | None = None
 ) -> tuple[LineClient, dict]:
     s = cluster.settings
+    frame = {"op": "resume", "user": user, "device": "laptop", "token": token, "last_seq": last_seq}
     if worker:
         with only_worker(cluster, worker):
             client = await LineClient.connect(s.host, s.client_port)
-    else:
-        client = await LineClient.connect(s.host, s.client_port)
-    reply = await client.request(
-        {"op": "resume", "user": user, "device": "laptop", "token": token, "last_seq": last_seq}
-    )
-    return client, reply
+            return client, await client.request(frame)
+    client = await LineClient.connect(s.host, s.client_port)
+    return client, await client.request(frame)
 
 
 async def test_resume_on_another_worker_replays_after_last_seq(cluster: LocalCluster) -> None:

@@ -1,0 +1,3 @@
+from app.dashboard.main import main
+
+main()

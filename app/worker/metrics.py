@@ -1,0 +1,152 @@
+"""Prometheus metrics of a worker process, served at ``/metrics`` on its health port.
+
+What the worker already counts for ``/health`` (connections, sessions, messages
+stored, frames delivered, resumes, slow readers, the DB pool) is read at scrape
+time by `WorkerCollector`, so the hot path pays nothing for it. Only what has
+no counter elsewhere is counted here, with module-level metrics the hooks in
+``session.py``, ``connection.py``, ``delivery.py`` and ``writer.py`` update:
+logins by result, error frames by code, delivery latency, group-commit time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from app.worker.server import Worker
+
+# One registry per process: a worker process runs one worker.
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+
+LOGINS = Counter(
+    "switchboard_logins",
+    "Password logins (hello) by result: ok or failed.",
+    ["result"],
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "switchboard_errors",
+    "Error frames sent to clients, by protocol error code.",
+    ["code"],
+    registry=REGISTRY,
+)
+DELIVERY_LATENCY = Histogram(
+    "switchboard_delivery_latency_seconds",
+    "From a message's commit to its write on a recipient's connection "
+    "(replays to a device that was offline count their whole wait).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0),
+    registry=REGISTRY,
+)
+BATCH_SECONDS = Histogram(
+    "switchboard_store_batch_seconds",
+    "Time to commit one group-commit batch, retries included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0),
+    registry=REGISTRY,
+)
+
+
+class WorkerCollector(Collector):
+    """Reads the worker's own counters and gauges at scrape time."""
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        worker = self.worker
+        if worker is None:
+            return
+        from app.worker.server import WorkerState
+
+        state = GaugeMetricFamily(
+            "switchboard_worker_state", "1 for the worker's current state.", labels=["state"]
+        )
+        for each in WorkerState:
+            state.add_metric([each.value], 1.0 if worker.state is each else 0.0)
+        yield state
+        yield GaugeMetricFamily(
+            "switchboard_worker_healthy", "1 while /health answers 200.", value=worker.healthy()
+        )
+        yield GaugeMetricFamily(
+            "switchboard_connections", "Open client TCP connections.", value=len(worker.connections)
+        )
+        yield GaugeMetricFamily(
+            "switchboard_sessions",
+            "Logged-in sessions on this worker.",
+            value=sum(len(c) for c in worker.by_user.values()),
+        )
+        yield GaugeMetricFamily(
+            "switchboard_users",
+            "Distinct users logged in on this worker.",
+            value=len(worker.by_user),
+        )
+        report = worker.health_report()
+        lease_age = report.get("lease_age_s")
+        yield GaugeMetricFamily(
+            "switchboard_lease_age_seconds",
+            "Time since the worker last renewed its lease in PostgreSQL.",
+            value=float(lease_age) if isinstance(lease_age, int | float) else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "switchboard_listener_up",
+            "1 while the LISTEN connection for inbox and push notifications is up.",
+            value=1.0 if worker.delivery.listening else 0.0,
+        )
+        counters = {
+            "switchboard_messages_in": ("Messages committed by this worker.", "messages_stored"),
+            "switchboard_messages_out": ("Inbox entries written to connections.", "delivered"),
+            "switchboard_store_batches": ("Group-commit statements committed.", "batches"),
+            "switchboard_resumes": ("Sessions taken over with a resume token.", "resumes"),
+            "switchboard_slow_readers": ("Connections dropped as slow readers.", "slow_readers"),
+            "switchboard_overloaded": ("Logins refused by admission control.", "overloaded"),
+        }
+        for name, (help_text, key) in counters.items():
+            value = report.get(key, 0)
+            yield CounterMetricFamily(
+                name, help_text, value=float(value) if isinstance(value, int | float) else 0.0
+            )
+        pool = worker._pool
+        if pool is not None:
+            size, idle = pool.get_size(), pool.get_idle_size()
+            conns = GaugeMetricFamily(
+                "switchboard_db_pool_connections",
+                "Connections of the worker's asyncpg pool, by state.",
+                labels=["state"],
+            )
+            conns.add_metric(["busy"], float(size - idle))
+            conns.add_metric(["idle"], float(idle))
+            yield conns
+            yield GaugeMetricFamily(
+                "switchboard_db_pool_max", "The pool's maximum size.", value=pool.get_max_size()
+            )
+
+
+COLLECTOR = WorkerCollector()
+REGISTRY.register(COLLECTOR)
+
+
+def attach(worker: Worker) -> None:
+    """Make /metrics describe this worker (the last one attached, in tests)."""
+    COLLECTOR.worker = worker
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def observe_delivery(created_at_epoch_s: float, now: float | None = None) -> None:
+    DELIVERY_LATENCY.observe(max(0.0, (time.time() if now is None else now) - created_at_epoch_s))
