@@ -257,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, state_dir_option)
 
+    from app.dashboard.cli import add_commands as add_dashboard_commands
+
+    add_dashboard_commands(sub, state_dir_option)
+
+    from app.reporting.cli import add_commands as add_report_commands
+
+    add_report_commands(sub, state_dir_option)
+
     p = add("migrate", cmd_migrate, "apply (or revert) database migrations")
     p.add_argument("revision", nargs="?", default="head")
     p.add_argument("--down", action="store_true", help="downgrade to REVISION")

@@ -76,6 +76,17 @@ class Settings:
     reaper_interval_s: float = 1.0
     # How long a detached session stays resumable with its token.
     resume_grace_s: float = 120.0
+    # The events log (docs/reporting.md): buffered in each worker, written in
+    # batches every flush interval (or at batch_max); past buffer_max (database
+    # away) new events are dropped. Daily partitions older than the retention
+    # are dropped by whichever worker runs the maintenance (at start, then hourly).
+    events_flush_interval_s: float = 1.0
+    events_batch_max: int = 5000
+    events_buffer_max: int = 200_000
+    events_retention_days: int = 14
+    events_maintenance_interval_s: float = 3600.0
+    # `switchboard report`: longest a report query may run on the replica.
+    report_timeout_s: float = 30.0
     # Drain: clients are told to reconnect at random times within the spread,
     # and stragglers are cut off after the timeout.
     drain_spread_s: float = 3.0
@@ -110,6 +121,24 @@ class Settings:
     max_login_failures_per_user: int = 10
     max_login_failures_per_addr: int = 50
     log_level: str = "INFO"
+
+    # Admin dashboard. HAProxy serves it on dashboard_port and forwards to the
+    # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
+    # every cluster that moves dashboard_port moves its app port along with it).
+    dashboard_app_port_offset: int = 1
+    # HAProxy terminates TLS for the dashboard with this PEM (certificate + key), if set.
+    dashboard_tls_pem: str = ""
+    # An admin session ends after this long without a request, and after the maximum age.
+    dashboard_idle_timeout_s: float = 1800.0
+    dashboard_session_max_age_s: float = 43200.0
+    # Failed admin logins per admin name and per address within login_failure_window_s.
+    dashboard_login_failures_per_admin: int = 5
+    dashboard_login_failures_per_addr: int = 20
+    # How often the live view samples the cluster, and how many samples the charts keep.
+    dashboard_refresh_s: float = 1.0
+    dashboard_history_points: int = 600
+    dashboard_page_size: int = 50
+    dashboard_db_pool_max: int = 4
     # Only the cluster launcher writes these for the processes it starts.
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -125,6 +154,8 @@ class Settings:
                 port = getattr(self, f.name)
                 if not 1 <= port <= 65535:
                     raise SettingsError(f"{f.name} must be a TCP port, got {port}")
+        if not 1 <= self.dashboard_app_port() <= 65535 or self.dashboard_app_port_offset == 0:
+            raise SettingsError("dashboard_port + dashboard_app_port_offset must be another port")
 
     @classmethod
     def load(
@@ -185,6 +216,10 @@ class Settings:
     def worker_agent_port(self, worker_id: str) -> int:
         return self.worker_agent_base_port + _index(worker_id) - 1
 
+    def dashboard_app_port(self) -> int:
+        """Where the dashboard process listens; HAProxy's dashboard_port forwards here."""
+        return self.dashboard_port + self.dashboard_app_port_offset
+
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.db_nodes + 1)]
 
@@ -199,6 +234,8 @@ class Settings:
         ports = {
             "client_port": self.client_port,
             "haproxy_stats_port": self.haproxy_stats_port,
+            "dashboard_port": self.dashboard_port,
+            "dashboard app": self.dashboard_app_port(),
             "db_primary_port": self.db_primary_port,
             "db_replica_port": self.db_replica_port,
             "etcd_client_port": self.etcd_client_port,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app.store.events import EventKind, log_dead_workers_cte, log_sessions_cte
+
 
 @dataclass(frozen=True, slots=True)
 class OpenedSession:
@@ -36,12 +38,15 @@ async def register_worker(
             address,
             lease_s,
         )
-        result: str = await conn.execute(
-            "UPDATE sessions SET state = 'detached', detached_at = now(), "
-            "close_reason = 'worker_restarted' WHERE worker_id = $1 AND state = 'active'",
+        left = await conn.fetchval(
+            "WITH detached AS (UPDATE sessions SET state = 'detached', detached_at = now(), "
+            "close_reason = 'worker_restarted' WHERE worker_id = $1 AND state = 'active' "
+            "RETURNING id, user_id, epoch, worker_id, close_reason), "
+            + log_sessions_cte("detached", EventKind.SESSION_DETACHED)
+            + " SELECT count(*) FROM detached",
             worker_id,
         )
-    return int(result.split()[-1])
+    return int(left)
 
 
 async def renew_lease(pool: asyncpg.Pool, worker_id: str, lease_s: float) -> bool:
@@ -62,7 +67,7 @@ class Reaped:
     expired_sessions: int
 
 
-async def reap(pool: asyncpg.Pool, resume_grace_s: float) -> Reaped:
+async def reap(pool: asyncpg.Pool, resume_grace_s: float, lease_s: float) -> Reaped:
     """Declare workers whose lease ran out dead, detach their sessions, expire old detached ones.
 
     Any live worker may run this; row locks make each dead worker's sessions
@@ -70,27 +75,33 @@ async def reap(pool: asyncpg.Pool, resume_grace_s: float) -> Reaped:
     """
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            """
+            f"""
             WITH dead AS (
                 UPDATE workers SET state = 'dead'
                 WHERE state IN ('active', 'draining') AND lease_expires_at < now()
-                RETURNING id
+                RETURNING id, lease_expires_at
             ), detached AS (
                 UPDATE sessions SET state = 'detached', detached_at = now(),
                                     close_reason = 'worker_died'
                 WHERE state = 'active' AND worker_id IN (SELECT id FROM dead)
-                RETURNING user_id
-            )
-            SELECT (SELECT coalesce(array_agg(id), '{}') FROM dead) AS dead_workers,
-                   (SELECT coalesce(array_agg(DISTINCT user_id), '{}') FROM detached) AS users
-            """
+                RETURNING id, user_id, epoch, worker_id, close_reason
+            ), {log_dead_workers_cte("dead", "$1")},
+            {log_sessions_cte("detached", EventKind.SESSION_DETACHED)}
+            SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM dead) AS dead_workers,
+                   (SELECT coalesce(array_agg(DISTINCT user_id), '{{}}') FROM detached) AS users
+            """,
+            lease_s,
         )
-        expired = await conn.execute(
-            "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = 'expired' "
-            "WHERE state = 'detached' AND detached_at < now() - make_interval(secs => $1)",
+        expired = await conn.fetchval(
+            "WITH expired AS (UPDATE sessions SET state = 'closed', closed_at = now(), "
+            "close_reason = 'expired' WHERE state = 'detached' "
+            "AND detached_at < now() - make_interval(secs => $1) "
+            "RETURNING id, user_id, epoch, worker_id, close_reason), "
+            + log_sessions_cte("expired", EventKind.SESSION_CLOSED)
+            + " SELECT count(*) FROM expired",
             resume_grace_s,
         )
-    return Reaped(list(row["dead_workers"]), list(row["users"]), int(expired.split()[-1]))
+    return Reaped(list(row["dead_workers"]), list(row["users"]), int(expired))
 
 
 async def set_worker_state(pool: asyncpg.Pool, worker_id: str, state: str) -> None:
@@ -216,8 +227,11 @@ async def resume_session(
 async def detach_worker_sessions(pool: asyncpg.Pool, worker_id: str, reason: str) -> list[int]:
     """A stopping worker leaves its sessions resumable; returns the users affected."""
     rows = await pool.fetch(
-        "UPDATE sessions SET state = 'detached', detached_at = now(), close_reason = $2 "
-        "WHERE worker_id = $1 AND state = 'active' RETURNING user_id",
+        "WITH detached AS (UPDATE sessions SET state = 'detached', detached_at = now(), "
+        "close_reason = $2 WHERE worker_id = $1 AND state = 'active' "
+        "RETURNING id, user_id, epoch, worker_id, close_reason), "
+        + log_sessions_cte("detached", EventKind.SESSION_DETACHED)
+        + " SELECT user_id FROM detached",
         worker_id,
         reason,
     )

@@ -46,7 +46,8 @@ PUSH_CHUNK = 300
 
 
 def rfc3339(ts: Any) -> str:
-    return str(ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z")
+    """UTC with milliseconds, 2026-11-26T14:46:12.185Z (PostgreSQL hands us UTC)."""
+    return str(ts.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
 
 
 def entry_frame(entry: InboxEntry, names: dict[int, str]) -> bytes:
@@ -292,6 +293,7 @@ class Delivery:
             return
         now = time.time()
         first_seq = session.delivered_seq
+        out: list[bytes] = []  # one write (one syscall) per round, not one per frame
         for entry in items:
             if entry.seq <= session.delivered_seq:
                 continue
@@ -310,10 +312,12 @@ class Delivery:
                 and entry.sender_device == session.device
             )
             if not own_copy:  # the sending device already has it, as `sent`
-                conn.write(entry_frame(entry, names))
+                out.append(entry_frame(entry, names))
                 self.delivered += 1
                 metrics.observe_delivery(entry.created_at.timestamp(), now)
             session.delivered_seq = entry.seq
+        if out:
+            conn.write(b"".join(out))
         if session.delivered_seq > first_seq:
             self.worker.events.delivered(
                 session.user_id, session.session_id, session.epoch, session.delivered_seq

@@ -26,9 +26,12 @@ from aiohttp import web
 from app.logs import get_logger
 from app.protocol import ErrorCode, Limits, Request, encode, error_frame
 from app.settings import Settings
+from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store import social
 from app.store.db import create_pool
+from app.store.events import EventLog
+from app.worker import metrics
 from app.worker.connection import ClientConnection
 from app.worker.delivery import Delivery
 from app.worker.passwords import Passwords
@@ -62,10 +65,17 @@ class Worker:
         self.passwords = Passwords(settings)
         self.logic = SessionLogic(self)
         self.delivery = Delivery(self)
+        self.events = EventLog(settings, settings.worker_id)
+        metrics.attach(self)
         self._pool: asyncpg.Pool | None = None
         self._writer: MessageWriter | None = None
         # Usernames never change owner: a bounded cache spares a query per send.
         self._user_ids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._writer_pool: asyncpg.Pool | None = None
+        # Leases get their own connections: a busy main pool must not make a live
+        # worker miss its renewal and be declared dead.
+        self._lease_pool: asyncpg.Pool | None = None
         self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
         self._auth_waiting = 0
         self._stop = asyncio.Event()
@@ -82,6 +92,10 @@ class Worker:
         return self._pool
 
     @property
+    def lease_pool(self) -> asyncpg.Pool:
+        return self._lease_pool or self.pool
+
+    @property
     def writer(self) -> MessageWriter:
         assert self._writer is not None, "the writer exists once the worker started"
         return self._writer
@@ -96,6 +110,16 @@ class Worker:
             self._user_ids.clear()
         self._user_ids[username] = user_id
         return user_id
+
+    async def usernames(self, ids: set[int]) -> dict[int, str]:
+        """Names for user ids, from a bounded cache (names never change owner)."""
+        names = self._names
+        missing = [i for i in ids if i not in names]
+        if missing:
+            if len(names) + len(missing) > 100_000:
+                names.clear()
+            names.update(await message_store.usernames(self.pool, missing))
+        return names
 
     # ---- connection bookkeeping --------------------------------------------
     def connection_opened(self, conn: ClientConnection) -> None:
@@ -169,12 +193,18 @@ class Worker:
             loop.add_signal_handler(sig, self._stop.set)
         s = self.settings
         self._pool = await self._connect_db()
+        self.events.start(self.pool)
         await self._register()
+        self._lease_pool = await create_pool(s, size=2, purpose="-lease")
+        self._writer_pool = await create_pool(
+            s, size=s.batch_writers, purpose="-writer", custom_plans=True
+        )
         self._writer = MessageWriter(
-            self.pool,
+            self._writer_pool,
             batch_max=s.batch_max,
             writers=s.batch_writers,
             retry_budget_s=s.send_retry_budget_s,
+            on_commit=self.delivery.committed,
         )
         self._writer.start()
         self.delivery.start()
@@ -226,6 +256,7 @@ class Worker:
         self._lease_ok_at = now
         self._db_ok_since = now
         log.info("worker_registered", detached_sessions=left)
+        self.events.worker_started(left)
 
     # ---- liveness ----------------------------------------------------------
     async def _lease_loop(self) -> None:
@@ -234,7 +265,7 @@ class Worker:
             await asyncio.sleep(s.lease_renew_interval_s)
             try:
                 renewed = await session_store.renew_lease(
-                    self.pool, self.worker_id, s.worker_lease_s
+                    self.lease_pool, self.worker_id, s.worker_lease_s
                 )
             except (*RETRYABLE, asyncpg.PostgresError) as exc:
                 self._db_ok_since = None
@@ -271,7 +302,9 @@ class Worker:
             if ok_since is None or time.monotonic() - ok_since < s.worker_lease_s:
                 continue
             try:
-                reaped = await session_store.reap(self.pool, s.resume_grace_s)
+                reaped = await session_store.reap(
+                    self.lease_pool, s.resume_grace_s, s.worker_lease_s
+                )
             except (*RETRYABLE, asyncpg.PostgresError) as exc:
                 log.warning("reap_failed", error=type(exc).__name__)
                 continue
@@ -304,6 +337,8 @@ class Worker:
         with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
             await session_store.set_worker_state(self.pool, self.worker_id, "draining")
         log.info("worker_draining", connections=len(self.connections))
+        self.events.worker_draining(len(self.connections))
+        drain_started = time.monotonic()
         # Let HAProxy's agent check see "drain" before clients start coming back.
         low = int(s.agent_interval_s * 1000) + 200
         high = max(low, int(s.drain_spread_s * 1000))
@@ -321,6 +356,7 @@ class Worker:
         for conn in left:
             conn.fail(ErrorCode.SHUTTING_DOWN, "worker draining; reconnect")
         log.info("worker_drained", forced=len(left))
+        self.events.worker_drained(len(left), time.monotonic() - drain_started)
 
     def undrain(self) -> None:
         if self.state is WorkerState.DRAINING:
@@ -362,6 +398,7 @@ class Worker:
         app = web.Application()
         app.router.add_get("/health", health)
         app.router.add_post("/admin/{action}", admin)
+        app.router.add_get("/metrics", _metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(
@@ -417,10 +454,21 @@ class Worker:
         await self.delivery.stop()
         await self.writer.stop()
         await health.cleanup()
+        self.events.worker_stopped()
+        await self.events.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.pool.close(), 5)
+        for extra in (self._writer_pool, self._lease_pool):
+            if extra is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(extra.close(), 5)
         self.passwords.close()
         log.info("worker_stopped")
+
+
+async def _metrics(_: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

@@ -54,6 +54,7 @@ from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.errors import Forbidden, NotFound, UserExists
 from app.store.messages import NewMessage
+from app.worker import metrics
 from app.worker.delivery import rfc3339
 from app.worker.writer import StoreUnavailable
 
@@ -200,6 +201,7 @@ class SessionLogic:
             if not ok or account is None:
                 await accounts.record_failure(pool, keys, s.login_failure_window_s)
                 log.info("login_failed", user=req.user, addr=addr)
+                metrics.LOGINS.labels("failed").inc()
                 raise RequestError(ErrorCode.AUTH_FAILED, "wrong username or password")
             if account.disabled:
                 raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
@@ -209,6 +211,12 @@ class SessionLogic:
         opened = await session_store.open_session(
             pool, account.id, req.device, self.worker.worker_id, conn.peer, token_hash(token)
         )
+        events = self.worker.events
+        if opened.replaced_session_id is not None:  # logged first: never two at once
+            events.session_replaced(
+                account.id, opened.replaced_session_id, opened.epoch - 1, opened.replaced_worker_id
+            )
+        events.session_opened(account.id, opened.session_id, opened.epoch)
         last_seq, acked = await message_store.inbox_position(pool, account.id, req.device)
         session = Session(
             opened.session_id, account.id, account.username, req.device, opened.epoch, acked
@@ -216,6 +224,7 @@ class SessionLogic:
         log.info(
             "session_opened", user=account.username, device=req.device, session=session.session_id
         )
+        metrics.LOGINS.labels("ok").inc()
         await self._attach(conn, session, token, last_seq, acked, req.rid)
         if opened.replaced_session_id is not None:
             await self.worker.delivery.replace_session(account.id, opened.replaced_session_id, None)
@@ -266,6 +275,13 @@ class SessionLogic:
             last_seq=req.last_seq,
         )
         self.worker.resumes += 1
+        self.worker.events.session_resumed(
+            account.id,
+            resumed.session_id,
+            resumed.epoch,
+            resumed.previous_worker_id,
+            resumed.previous_state,
+        )
         await self._attach(conn, session, token, last_seq, acked, req.rid)
         if resumed.previous_state == "active":
             # Its previous owner may still hold a connection: the new epoch fences it out.
@@ -339,6 +355,9 @@ class SessionLogic:
             fenced=not changed,
         )
         if changed:
+            self.worker.events.session_ended(
+                session.user_id, session.session_id, session.epoch, reason, resumable
+            )
             await self.broadcast_presence(session.user_id)
 
     async def broadcast_presence(self, user_id: int) -> None:
@@ -377,14 +396,18 @@ class SessionLogic:
 
     async def ack(self, conn: ClientConnection, req: Ack) -> None:
         session = _session(conn)
-        await message_store.ack(self.worker.pool, session.user_id, session.device, req.seq)
+        acked = await message_store.ack(self.worker.pool, session.user_id, session.device, req.seq)
         conn.write(_ok(req.rid))
+        self.worker.events.acked(session.user_id, session.session_id, session.epoch, acked)
 
     async def read(self, conn: ClientConnection, req: Read) -> None:
         session = _session(conn)
         result = await message_store.add_receipt(self.worker.pool, session.user_id, req.msg_id)
         if result is None:
             raise NotFound("no such message")
+        if isinstance(result, tuple):
+            author, seq = result
+            self.worker.delivery.committed({author: seq})
         conn.write(_ok(req.rid))
 
     async def history(self, conn: ClientConnection, req: History) -> None:
@@ -560,4 +583,5 @@ def _rid(rid: str | int | None) -> dict[str, str | int]:
 def _error(code: ErrorCode, message: str, rid: str | int | None, **extra: Any) -> bytes:
     from app.protocol import error_frame
 
+    metrics.ERRORS.labels(code.value).inc()
     return error_frame(code, message, rid, **extra)
