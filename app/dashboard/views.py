@@ -246,11 +246,18 @@ async def worker_action(request: web.Request) -> web.StreamResponse:
     return redirect(_with("/workers", done=action, worker=worker_id))
 
 
+def _push_key(request: web.Request) -> bytes:
+    from app.cluster.layout import read_secrets
+    from app.store.social import push_key
+
+    return push_key(read_secrets(request.app[keys.SETTINGS])["admin"])
+
+
 async def kick(request: web.Request) -> web.StreamResponse:
     session_id = _int(request.match_info["session"])
     form = await request.post()
     user_id = (
-        await dash_store.kick_session(request.app[keys.POOL], session_id)
+        await dash_store.kick_session(request.app[keys.POOL], session_id, _push_key(request))
         if session_id is not None
         else None
     )
@@ -265,7 +272,7 @@ async def user_action(request: web.Request) -> web.StreamResponse:
     action = request.match_info["action"]
     form = await request.post()
     kicked = await dash_store.set_user_disabled(
-        request.app[keys.POOL], username, action == "disable"
+        request.app[keys.POOL], username, action == "disable", _push_key(request)
     )
     if kicked is None:
         return render(

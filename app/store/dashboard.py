@@ -12,9 +12,8 @@ import datetime as dt
 from dataclasses import dataclass
 
 import asyncpg
-import orjson
 
-from app.store.social import PUSH_CHANNEL
+from app.store.social import push
 
 # ---- admin accounts and their dashboard sessions -----------------------------
 
@@ -260,7 +259,9 @@ async def session_page(
     return SessionPage(page, int(total), page[-1].id if len(rows) > limit else None)
 
 
-async def kick_session(pool: asyncpg.Pool, session_id: int, reason: str = "kicked") -> int | None:
+async def kick_session(
+    pool: asyncpg.Pool, session_id: int, key: bytes, reason: str = "kicked"
+) -> int | None:
     """Close a live session and tell whichever worker holds it to drop the connection.
 
     The same two steps as a new login of the device on a worker (``open_session``
@@ -280,7 +281,7 @@ async def kick_session(pool: asyncpg.Pool, session_id: int, reason: str = "kicke
         if user_id is None:
             return None
         event = {"user": int(user_id), "replaced": session_id, "epoch": None}
-        await conn.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, orjson.dumps(event).decode())
+        await push(conn, event, key)
     return int(user_id)
 
 
@@ -323,7 +324,9 @@ async def user_page(
     return UserPage(page, page[-1].username if len(rows) > limit else None)
 
 
-async def set_user_disabled(pool: asyncpg.Pool, username: str, disabled: bool) -> int | None:
+async def set_user_disabled(
+    pool: asyncpg.Pool, username: str, disabled: bool, key: bytes
+) -> int | None:
     """Disable or enable an account; disabling also kicks its live sessions.
 
     Returns how many sessions were kicked, or None when there is no such user.
@@ -343,9 +346,7 @@ async def set_user_disabled(pool: asyncpg.Pool, username: str, disabled: bool) -
         )
         for row in kicked:
             event = {"user": int(user_id), "replaced": int(row["id"]), "epoch": None}
-            await conn.execute(
-                "SELECT pg_notify($1, $2)", PUSH_CHANNEL, orjson.dumps(event).decode()
-            )
+            await push(conn, event, key)
     return len(kicked)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import orjson
 
 from app.store.errors import Forbidden, NotFound
 
@@ -67,9 +71,37 @@ async def accepted_contact_ids(pool: asyncpg.Pool, user_id: int) -> list[int]:
     return [int(r["contact_id"]) for r in rows]
 
 
-async def push(pool: asyncpg.Pool, payload: str) -> None:
-    """An ephemeral event for other workers (presence, typing, contact requests)."""
-    await pool.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, payload)
+def push_key(admin_secret: str) -> bytes:
+    """The key that signs ``sb_push`` payloads (derived from the cluster's admin secret)."""
+    return hashlib.sha256(b"switchboard sb_push v1:" + admin_secret.encode()).digest()
+
+
+def sign_push(event: dict[str, Any], key: bytes) -> str:
+    """``<mac>|<json>``. Any role that can connect may NOTIFY, PostgreSQL has no
+    permission against it: workers act only on payloads signed with the cluster key.
+    """
+    body = orjson.dumps(event)
+    mac = hmac.new(key, body, hashlib.sha256).hexdigest()[:32]
+    return f"{mac}|{body.decode()}"
+
+
+def verify_push(payload: str, key: bytes) -> dict[str, Any] | None:
+    mac, sep, body = payload.partition("|")
+    if not sep:
+        return None
+    expected = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()[:32]
+    if not hmac.compare_digest(mac, expected):
+        return None
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+async def push(conn: asyncpg.Pool | asyncpg.Connection, event: dict[str, Any], key: bytes) -> None:
+    """An ephemeral event for the workers (presence, typing, contact requests, kicks)."""
+    await conn.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, sign_push(event, key))
 
 
 # ---- contacts ----------------------------------------------------------------

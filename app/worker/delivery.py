@@ -20,7 +20,6 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import orjson
 
 from app.logs import get_logger
 from app.protocol import ErrorCode, encode
@@ -28,7 +27,7 @@ from app.store import messages as message_store
 from app.store.events import primary_identity
 from app.store.messages import INBOX_CHANNEL, InboxEntry
 from app.store.schema import INBOX_KIND_MESSAGE
-from app.store.social import PUSH_CHANNEL
+from app.store.social import PUSH_CHANNEL, push, verify_push
 from app.worker import metrics
 from app.worker.writer import RETRYABLE
 
@@ -194,8 +193,11 @@ class Delivery:
         self.mark_moved(moved)
 
     def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        event = verify_push(payload, self.worker.push_key)
+        if event is None:
+            log.warning("unsigned_push_dropped", sender_pid=pid)
+            return
         try:
-            event = orjson.loads(payload)
             if "replaced" in event:
                 epoch = event.get("epoch")
                 self._close_replaced(
@@ -206,7 +208,7 @@ class Delivery:
                 return
             data = encode(event["f"])
             targets = event["to"]
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             log.warning("bad_push_payload")
             return
         for user_id in targets:
@@ -231,18 +233,14 @@ class Delivery:
 
         ``epoch`` None: the whole session was replaced by a new login of the device.
         """
-        from app.store.social import push
-
         event = {"user": user_id, "replaced": session_id, "epoch": epoch}
-        await push(self.worker.pool, orjson.dumps(event).decode())
+        await push(self.worker.pool, event, self.worker.push_key)
 
     async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
         """Send an ephemeral frame to every session of these users, on any worker."""
-        from app.store.social import push
-
         for i in range(0, len(user_ids), PUSH_CHUNK):
-            payload = orjson.dumps({"to": user_ids[i : i + PUSH_CHUNK], "f": frame}).decode()
-            await push(self.worker.pool, payload)
+            event = {"to": user_ids[i : i + PUSH_CHUNK], "f": frame}
+            await push(self.worker.pool, event, self.worker.push_key)
 
     # ---- the pump ----------------------------------------------------------
     async def _pump(self) -> None:

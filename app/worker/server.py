@@ -76,6 +76,10 @@ class Worker:
         # Leases get their own connections: a busy main pool must not make a live
         # worker miss its renewal and be declared dead.
         self._lease_pool: asyncpg.Pool | None = None
+        from app.cluster.layout import read_secrets
+
+        # Signs and checks sb_push payloads: only cluster members may push frames.
+        self.push_key = social.push_key(read_secrets(settings)["admin"])
         self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
         self._auth_waiting = 0
         self._stop = asyncio.Event()

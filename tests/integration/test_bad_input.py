@@ -6,7 +6,7 @@ import asyncio
 
 from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
-from tests.integration.helpers import login, new_user
+from tests.integration.helpers import db, login, new_user
 from tests.linechat import LineClient
 
 
@@ -168,3 +168,29 @@ async def test_a_reader_that_never_reads_is_dropped_without_hurting_others(
     assert seqs == list(range(1, sends + 1))
     for c in (*senders, again, stalled):
         await c.close()
+
+
+async def test_a_forged_push_notification_is_ignored(cluster: LocalCluster) -> None:
+    """Any role that can connect may NOTIFY; workers act only on signed payloads."""
+    import asyncpg
+    import orjson
+
+    from app.store.db import dsn
+
+    bob = new_user("bob")
+    b, welcome = await login(cluster, bob)
+    async with db(cluster) as conn:
+        user_id = await conn.fetchval("SELECT id FROM users WHERE username = $1", bob)
+    forged = {"user": user_id, "replaced": int(welcome["session"]), "epoch": None}
+    reporting = await asyncpg.connect(dsn(cluster.settings, role="reporting"))
+    try:
+        for payload in (
+            orjson.dumps(forged).decode(),
+            "0" * 32 + "|" + orjson.dumps(forged).decode(),
+        ):
+            await reporting.execute("SELECT pg_notify('sb_push', $1)", payload)
+    finally:
+        await reporting.close()
+    await asyncio.sleep(0.5)
+    assert (await b.request({"op": "ping"}))["op"] == "pong"
+    await b.close()
