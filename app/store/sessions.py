@@ -176,14 +176,17 @@ async def detach_session(pool: asyncpg.Pool, session_id: int, epoch: int, reason
 @dataclass(frozen=True, slots=True)
 class ResumedSession:
     session_id: int
+    user_id: int
     epoch: int
     previous_worker_id: str
     previous_state: str
+    last_seq: int
+    acked: int | None
 
 
 async def resume_session(
     pool: asyncpg.Pool,
-    user_id: int,
+    username: str,
     device: str,
     token_hash: bytes,
     new_token_hash: bytes,
@@ -194,13 +197,16 @@ async def resume_session(
     """Take over a session by its resume token: a new epoch fences the previous owner.
 
     The token is rotated: the one presented stops working. None when the token
-    is unknown, already rotated, or the session expired.
+    is unknown, already rotated, the session expired or the account is disabled.
+    One statement, so a reconnect storm costs one round trip per resume; it also
+    returns the inbox position the welcome reports.
     """
     row = await pool.fetchrow(
         """
         WITH old AS (
             SELECT id, worker_id, state FROM sessions
-            WHERE user_id = $1 AND device = $2 AND resume_token_hash = $3
+            WHERE user_id = (SELECT id FROM users WHERE username = $1 AND NOT disabled)
+              AND device = $2 AND resume_token_hash = $3
               AND (state = 'active'
                    OR (state = 'detached'
                        AND detached_at > now() - make_interval(secs => $7)))
@@ -210,10 +216,14 @@ async def resume_session(
             epoch = s.epoch + 1, resume_token_hash = $4, detached_at = NULL,
             close_reason = NULL, last_seen_at = now()
         FROM old WHERE s.id = old.id
-        RETURNING s.id AS session_id, s.epoch, old.worker_id AS previous_worker_id,
-                  old.state AS previous_state
+        RETURNING s.id AS session_id, s.user_id, s.epoch,
+                  old.worker_id AS previous_worker_id, old.state AS previous_state,
+                  (SELECT last_seq FROM inbox_counters c WHERE c.user_id = s.user_id)
+                      AS last_seq,
+                  (SELECT acked_seq FROM devices d WHERE d.user_id = s.user_id
+                      AND d.device = $2) AS acked
         """,
-        user_id,
+        username,
         device,
         token_hash,
         new_token_hash,

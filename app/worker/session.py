@@ -238,15 +238,10 @@ class SessionLogic:
             ErrorCode.BAD_TOKEN, "unknown or expired resume token; log in with hello"
         )
         async with self.worker.auth_slot():
-            account = await accounts.find_user(pool, req.user)
-            if account is None:
-                raise bad
-            if account.disabled:
-                raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
             token = secrets.token_urlsafe(24)  # rotated at every takeover
             resumed = await session_store.resume_session(
                 pool,
-                account.id,
+                req.user,
                 req.device,
                 token_hash(req.token),
                 token_hash(token),
@@ -255,19 +250,22 @@ class SessionLogic:
                 self.settings.resume_grace_s,
             )
         if resumed is None:
+            account = await accounts.find_user(pool, req.user)
+            if account is not None and account.disabled:
+                raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
             raise bad
-        last_seq, acked = await message_store.inbox_position(pool, account.id, req.device)
+        last_seq, acked = resumed.last_seq, resumed.acked or 0
         session = Session(
             resumed.session_id,
-            account.id,
-            account.username,
+            resumed.user_id,
+            req.user,
             req.device,
             resumed.epoch,
             min(req.last_seq, last_seq),
         )
         log.info(
             "session_resumed",
-            user=account.username,
+            user=req.user,
             device=req.device,
             session=session.session_id,
             previous_worker=resumed.previous_worker_id,
@@ -276,7 +274,7 @@ class SessionLogic:
         )
         self.worker.resumes += 1
         self.worker.events.session_resumed(
-            account.id,
+            resumed.user_id,
             resumed.session_id,
             resumed.epoch,
             resumed.previous_worker_id,
@@ -286,7 +284,7 @@ class SessionLogic:
         if resumed.previous_state == "active":
             # Its previous owner may still hold a connection: the new epoch fences it out.
             await self.worker.delivery.replace_session(
-                account.id, resumed.session_id, resumed.epoch
+                resumed.user_id, resumed.session_id, resumed.epoch
             )
 
     async def _attach(
