@@ -68,6 +68,7 @@ class BenchClient:
         self.resumed_at: float | None = None
         self.online = asyncio.Event()
         self.stopping = False
+        self.reconnecting = False
         self.pending: dict[str, Frame] = {}  # cmid -> send frame awaiting `sent`
         self._sent_waiters: dict[str, asyncio.Future[Frame]] = {}
 
@@ -107,8 +108,10 @@ class BenchClient:
             self.wire.close()
 
     def _on_close(self, exc: Exception | None) -> None:
-        if self.stopping:
+        # Only the connection in use counts, and only one reconnect loop at a time.
+        if self.stopping or self.reconnecting:
             return
+        self.reconnecting = True
         self.online.clear()
         self.lost_at = time.monotonic()
         self.stats.dropped += 1
@@ -123,7 +126,6 @@ class BenchClient:
                 wire = await connect(self.host, self.port, self._on_frame)
             except OSError:
                 continue
-            wire.on_close = self._on_close
             frame = {
                 "op": "resume",
                 "user": self.user,
@@ -143,9 +145,12 @@ class BenchClient:
             if reply.get("op") == "welcome":
                 self.stats.resumes += 1
                 self.resumed_at = time.monotonic()
+                self.reconnecting = False
+                wire.on_close = self._on_close
                 self._welcomed(wire, reply)
+                if wire.closed:  # lost again before we started watching it
+                    self._on_close(None)
                 return
-            wire.on_close = None
             wire.close()
             await asyncio.sleep(float(reply.get("retry_after") or 0.2))
 

@@ -100,8 +100,21 @@ def verify_push(payload: str, key: bytes) -> dict[str, Any] | None:
 
 
 async def push(conn: asyncpg.Pool | asyncpg.Connection, event: dict[str, Any], key: bytes) -> None:
-    """An ephemeral event for the workers (presence, typing, contact requests, kicks)."""
-    await conn.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, sign_push(event, key))
+    """An ephemeral event for the workers (presence, typing, contact requests, kicks).
+
+    On a pool it is a transaction of its own, committed without waiting for the
+    synchronous standby: PostgreSQL holds its global notify lock until commit, so
+    a synchronously replicated NOTIFY would serialise every push behind the
+    replication round trip. Inside a caller's transaction it commits with it.
+    """
+    if isinstance(conn, asyncpg.Pool):
+        await conn.execute(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)",
+            PUSH_CHANNEL,
+            sign_push(event, key),
+        )
+    else:
+        await conn.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, sign_push(event, key))
 
 
 # ---- contacts ----------------------------------------------------------------
