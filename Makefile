@@ -25,8 +25,11 @@ lint: bootstrap
 	$(VENV)/bin/ruff check app tests migrations bench
 	$(VENV)/bin/mypy
 
+# The whole suite, then the docker compose smoke test (which says so and passes
+# only when no Docker engine can be had on this machine).
 test: bootstrap-tests lint
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+	@scripts/compose-test.sh
 
 unit: bootstrap
 	$(VENV)/bin/pytest -q tests/unit

@@ -1,0 +1,115 @@
+"""Render HAProxy's config for compose from the local cluster's template.
+
+The same ``haproxy/haproxy.cfg.tmpl`` as ``switchboard up`` uses, so timeouts, checks
+and listeners stay identical; only the server lines differ. Instead of fixed
+127.0.0.1 ports:
+
+- workers are discovered through Docker's DNS (``server-template`` over the
+  ``worker`` service name: every replica of ``docker compose up --scale worker=N``
+  gets a slot, up to WORKER_SLOTS);
+- the three Patroni nodes are addressed by service name (n1, n2, n3), resolved at
+  run time, so HAProxy starts before them and follows a node that comes back with
+  a new address.
+
+Every container listens on the fixed container-side ports below.
+Usage: python3 haproxy_render.py TEMPLATE > haproxy.cfg
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from string import Template
+
+WORKER_SLOTS = 32
+NODES = ("n1", "n2", "n3")
+WORKER_PORT, WORKER_HEALTH_PORT, WORKER_AGENT_PORT = 7001, 7101, 7201
+PG_PORT, PATRONI_REST_PORT = 5432, 8008
+DNS = "resolvers docker resolve-prefer ipv4"
+
+RESOLVERS = """
+# Docker's embedded DNS: service names resolve to the current containers' addresses.
+resolvers docker
+    nameserver docker 127.0.0.11:53
+    accepted_payload_size 8192
+    resolve_retries 3
+    timeout resolve 1s
+    timeout retry 1s
+    hold valid 1s
+    hold other 1s
+    hold refused 1s
+    hold nx 1s
+    hold timeout 1s
+    hold obsolete 1s
+"""
+
+
+# Every ${placeholder} of the template, as compose needs it. A placeholder missing here
+# fails the image build with its name: map it when the template grows one.
+VALUES = {
+    "generated_note": "rendered for docker compose by compose/images/haproxy_render.py",
+    "maxconn": 9000,  # two descriptors per proxied connection, 20k open files per process
+    "stats_socket": "/run/haproxy/admin.sock",
+    "host": "",  # bind every address of the container; see fix_servers for server lines
+    "client_port": 5222,
+    "db_primary_port": 5000,
+    "db_replica_port": 5001,
+    "haproxy_stats_port": 8404,
+    "dashboard_port": 8080,
+    "dashboard_app_port": 8081,
+    "dashboard_tls": "",
+}
+
+# The dashboard reads "show stat" through HAProxy's runtime API; in compose it reaches it
+# over the compose network (read-only level), relayed to a unix socket in its container.
+RUNTIME_API = "    stats socket ipv4@0.0.0.0:9999 level user\n"
+
+SERVER_WITHOUT_HOST = re.compile(r"^(\s*server\s+(\S+)\s+):(\d+)(.*)$", re.MULTILINE)
+
+
+def fix_servers(text: str) -> str:
+    """`server NAME :PORT ...` (the template's ${host} left empty): NAME is the service."""
+    return SERVER_WITHOUT_HOST.sub(
+        lambda m: f"{m.group(1)}{m.group(2)}:{m.group(3)}{m.group(4)} {DNS} init-addr none",
+        text,
+    )
+
+
+def render(template: str) -> str:
+    workers = (
+        f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_PORT} check port "
+        f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
+        f"{DNS} init-addr none"
+    )
+    db = "\n".join(
+        f"    server {node} {node}:{PG_PORT} check port {PATRONI_REST_PORT} {DNS} init-addr none"
+        for node in NODES
+    )
+    values = dict(VALUES, worker_servers=workers, primary_servers=db, replica_servers=db)
+    try:
+        text = Template(template).substitute(values)
+    except KeyError as exc:
+        raise SystemExit(
+            f"haproxy_render: the template has a new placeholder {exc}; "
+            "map it in compose/images/haproxy_render.py"
+        ) from None
+    text = fix_servers(text)
+    text = text.replace(
+        "# Switchboard local cluster: rendered by `switchboard up`",
+        "# Switchboard in docker compose: rendered at image build",
+        1,
+    )
+    # The runtime API on TCP, right after the unix-socket one.
+    text = re.sub(
+        r"(^\s*stats socket .*\n)",
+        lambda m: m.group(1) + RUNTIME_API,
+        text,
+        count=1,
+        flags=re.MULTILINE,
+    )
+    return text + RESOLVERS
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render(Path(sys.argv[1]).read_text()))
