@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 SB := $(VENV)/bin/switchboard
 export SWITCHBOARD_VENV := $(VENV)
 
-.PHONY: bootstrap bootstrap-tests up down status test lint unit integration chaos bench clean compose-test
+.PHONY: bootstrap bootstrap-tests up down status test lint unit integration chaos browser bench clean compose-test
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -37,8 +37,21 @@ unit: bootstrap
 integration: bootstrap
 	$(VENV)/bin/pytest -q tests/integration
 
+chaos: bootstrap
+	$(VENV)/bin/pytest -q -s tests/chaos
+
+browser: bootstrap-tests
+	$(VENV)/bin/pytest -q tests/browser
+
 bench: bootstrap
 	$(VENV)/bin/python -m bench.up_time
+	$(VENV)/bin/python -m bench.throughput --mode max
+	$(VENV)/bin/python -m bench.throughput --mode rate --rate 5000
+	$(VENV)/bin/python -m bench.session_memory
+	$(VENV)/bin/python -m bench.failover --scenario kill-worker --sessions 10000
+	$(VENV)/bin/python -m bench.failover --scenario kill-primary --sessions 2000 --after 25
+	$(VENV)/bin/python -m bench.failover --scenario switchover --sessions 2000
+	$(VENV)/bin/python -m bench.report_speed
 
 clean:
 	rm -rf .switchboard build *.egg-info
