@@ -182,6 +182,7 @@ class ResumedSession:
     previous_state: str
     last_seq: int
     acked: int | None
+    has_contacts: bool
 
 
 async def resume_session(
@@ -221,7 +222,9 @@ async def resume_session(
                   (SELECT last_seq FROM inbox_counters c WHERE c.user_id = s.user_id)
                       AS last_seq,
                   (SELECT acked_seq FROM devices d WHERE d.user_id = s.user_id
-                      AND d.device = $2) AS acked
+                      AND d.device = $2) AS acked,
+                  EXISTS (SELECT 1 FROM contacts c WHERE c.owner_id = s.user_id
+                      AND c.status = 'accepted') AS has_contacts
         """,
         username,
         device,

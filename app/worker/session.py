@@ -280,7 +280,7 @@ class SessionLogic:
             resumed.previous_worker_id,
             resumed.previous_state,
         )
-        await self._attach(conn, session, token, last_seq, acked, req.rid)
+        await self._attach(conn, session, token, last_seq, acked, req.rid, resumed.has_contacts)
         if resumed.previous_state == "active":
             # Its previous owner may still hold a connection: the new epoch fences it out.
             await self.worker.delivery.replace_session(
@@ -295,6 +295,7 @@ class SessionLogic:
         last_seq: int,
         acked: int,
         rid: object,
+        has_contacts: bool = True,
     ) -> None:
         """Send welcome, then the replay after ``session.delivered_seq``, then live entries."""
         conn.session = session
@@ -314,7 +315,8 @@ class SessionLogic:
         conn.write(encode(frame))
         self.worker.session_attached(conn)
         self.worker.delivery.mark_dirty([session.user_id])
-        await self.broadcast_presence(session.user_id)
+        if has_contacts:  # nobody to tell otherwise: spare the query in a resume storm
+            await self.broadcast_presence(session.user_id)
 
     # ---- misc --------------------------------------------------------------
     async def ping(self, conn: ClientConnection, req: Ping) -> None:
