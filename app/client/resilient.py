@@ -69,12 +69,10 @@ from typing import Any, Final
 
 from app.client.errors import ClientError, ConnectionLost, ProtocolError, ServerError, Timeout
 from app.client.events import (
-    Contact,
     Disconnected,
     ErrorEvent,
     Event,
     Frame,
-    HistoryPage,
     Msg,
     Receipt,
     Reconnect,
@@ -82,12 +80,9 @@ from app.client.events import (
     Sent,
     ServerClosed,
     Welcome,
-    parse_contacts,
-    parse_members,
-    parse_room,
-    parse_rooms,
 )
-from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, _exactly_one, new_cmid
+from app.client.requests import Requests, exactly_one
+from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid
 from app.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -198,7 +193,7 @@ def _settle(future: asyncio.Future[Sent], outcome: Sent | BaseException) -> None
         future.set_result(outcome)
 
 
-class ResilientClient:
+class ResilientClient(Requests):
     """A session that reconnects and resumes by itself. Create it with `connect`."""
 
     def __init__(
@@ -344,7 +339,7 @@ class ResilientClient:
         error, `Timeout` after ``timeout`` (default ``send_timeout_s``), and
         `ConnectionLost` when the session ends for good.
         """
-        _exactly_one("send", to, room)
+        exactly_one("send", to, room)
         cmid = new_cmid() if cmid is None else cmid
         limit = self._policy.send_timeout_s if timeout is None else timeout
         out = self._outbox.get(cmid)
@@ -393,69 +388,11 @@ class ResilientClient:
                 continue  # acked again on the next link
             self._acked = max(self._acked, wanted)
 
-    async def set_presence(self, state: str, text: str | None = None) -> None:
-        await self._call("presence", "ok", {"state": state, "text": text})
-
-    async def contact_add(self, user: str) -> None:
-        await self._call("contact_add", "ok", {"user": user})
-
-    async def contact_accept(self, user: str) -> None:
-        await self._call("contact_accept", "ok", {"user": user})
-
-    async def contact_remove(self, user: str) -> None:
-        await self._call("contact_remove", "ok", {"user": user})
-
-    async def contacts(self) -> list[Contact]:
-        return parse_contacts(await self._call("contacts", "contacts", {}))
-
-    async def room_create(self, name: str) -> int:
-        return parse_room(await self._call("room_create", "room", {"name": name}))
-
-    async def room_invite(self, room: int, user: str) -> None:
-        await self._call("room_invite", "ok", {"room": room, "user": user})
-
-    async def room_join(self, room: int) -> int:
-        return parse_room(await self._call("room_join", "room", {"room": room}))
-
-    async def room_leave(self, room: int) -> None:
-        await self._call("room_leave", "ok", {"room": room})
-
-    async def room_members(self, room: int) -> list[str]:
-        return parse_members(await self._call("room_members", "members", {"room": room}))
-
-    async def rooms(self) -> list[tuple[int, str]]:
-        return parse_rooms(await self._call("rooms", "rooms", {}))
-
-    async def history(
-        self,
-        *,
-        with_user: str | None = None,
-        room: int | None = None,
-        before: int | None = None,
-        limit: int = 50,
-    ) -> HistoryPage:
-        """Stored messages, newest first, with id below ``before``."""
-        _exactly_one("history", with_user, room)
-        fields = {"with": with_user, "room": room, "before": before, "limit": limit}
-        return HistoryPage.from_frame(await self._call("history", "history", fields))
-
-    async def typing(
-        self, *, to: str | None = None, room: int | None = None, active: bool = True
-    ) -> None:
-        _exactly_one("typing", to, room)
-        await self._call("typing", "ok", {"to": to, "room": room, "active": active})
-
-    async def read(self, msg_id: int) -> None:
-        await self._call("read", "ok", {"msg_id": msg_id})
-
     async def change_password(self, old: str, new: str) -> None:
         """Change the password; the new one is what a fallback login then uses."""
         await self._call("password", "ok", {"old": old, "new": new})
         if self._credentials is not None:
             self._credentials = replace(self._credentials, password=new)
-
-    async def ping(self) -> None:
-        await self._call("ping", "pong", {})
 
     async def close(self) -> None:
         """Stop reconnecting, say ``bye`` on a live link and close it. Idempotent.

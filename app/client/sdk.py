@@ -41,11 +41,9 @@ import orjson
 
 from app.client.errors import ClientError, ConnectionLost, ProtocolError, ServerError, Timeout
 from app.client.events import (
-    Contact,
     ErrorEvent,
     Event,
     Frame,
-    HistoryPage,
     Msg,
     Receipt,
     Sent,
@@ -53,12 +51,9 @@ from app.client.events import (
     Unknown,
     Welcome,
     error_fields,
-    parse_contacts,
     parse_event,
-    parse_members,
-    parse_room,
-    parse_rooms,
 )
+from app.client.requests import Requests, exactly_one
 from app.protocol import FATAL_CODES, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -105,12 +100,7 @@ def new_cmid() -> str:
     return uuid.uuid4().hex
 
 
-def _exactly_one(what: str, to: object, room: object) -> None:
-    if (to is None) == (room is None):
-        raise ValueError(f"{what}: give exactly one of to=/with_user= and room=")
-
-
-class Client:
+class Client(Requests):
     """One connection to a Switchboard server. Create it with `Client.connect`."""
 
     def __init__(
@@ -251,7 +241,7 @@ class Client:
         retried up to ``retries`` times with the same cmid, which the server
         deduplicates, so the message is stored at most once.
         """
-        _exactly_one("send", to, room)
+        exactly_one("send", to, room)
         cmid = new_cmid() if cmid is None else cmid
         fields = {"cmid": cmid, "body": body, "to": to, "room": room}
         attempt = 0
@@ -273,67 +263,8 @@ class Client:
         """This device has processed its inbox up to and including ``seq``."""
         await self._request("ack", "ok", {"seq": seq})
 
-    async def set_presence(self, state: str, text: str | None = None) -> None:
-        await self._request("presence", "ok", {"state": state, "text": text})
-
-    async def contact_add(self, user: str) -> None:
-        await self._request("contact_add", "ok", {"user": user})
-
-    async def contact_accept(self, user: str) -> None:
-        await self._request("contact_accept", "ok", {"user": user})
-
-    async def contact_remove(self, user: str) -> None:
-        await self._request("contact_remove", "ok", {"user": user})
-
-    async def contacts(self) -> list[Contact]:
-        return parse_contacts(await self._request("contacts", "contacts", {}))
-
-    async def room_create(self, name: str) -> int:
-        return parse_room(await self._request("room_create", "room", {"name": name}))
-
-    async def room_invite(self, room: int, user: str) -> None:
-        await self._request("room_invite", "ok", {"room": room, "user": user})
-
-    async def room_join(self, room: int) -> int:
-        return parse_room(await self._request("room_join", "room", {"room": room}))
-
-    async def room_leave(self, room: int) -> None:
-        await self._request("room_leave", "ok", {"room": room})
-
-    async def room_members(self, room: int) -> list[str]:
-        return parse_members(await self._request("room_members", "members", {"room": room}))
-
-    async def rooms(self) -> list[tuple[int, str]]:
-        return parse_rooms(await self._request("rooms", "rooms", {}))
-
-    async def history(
-        self,
-        *,
-        with_user: str | None = None,
-        room: int | None = None,
-        before: int | None = None,
-        limit: int = 50,
-    ) -> HistoryPage:
-        """Stored messages, newest first, with id below ``before``."""
-        _exactly_one("history", with_user, room)
-        fields = {"with": with_user, "room": room, "before": before, "limit": limit}
-        return HistoryPage.from_frame(await self._request("history", "history", fields))
-
-    async def typing(
-        self, *, to: str | None = None, room: int | None = None, active: bool = True
-    ) -> None:
-        _exactly_one("typing", to, room)
-        await self._request("typing", "ok", {"to": to, "room": room, "active": active})
-
-    async def read(self, msg_id: int) -> None:
-        """Durable read receipt for ``msg_id``; its author gets a `Receipt`."""
-        await self._request("read", "ok", {"msg_id": msg_id})
-
     async def change_password(self, old: str, new: str) -> None:
         await self._request("password", "ok", {"old": old, "new": new})
-
-    async def ping(self) -> None:
-        await self._request("ping", "pong", {})
 
     async def close(self) -> None:
         """Say ``bye`` if the connection is still up, then close it. Idempotent."""
@@ -361,6 +292,9 @@ class Client:
     async def wait_closed(self) -> None:
         """Wait until the connection is gone (then `close_reason` says why)."""
         await asyncio.wait([self._reader_task])
+
+    async def _call(self, op: str, expect: str, fields: dict[str, Any]) -> Frame:
+        return await self._request(op, expect, fields)
 
     async def _request(
         self, op: str, expect: str, fields: dict[str, Any], *, timeout: float | None = None
