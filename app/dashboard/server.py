@@ -76,23 +76,26 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[keys.SAMPLER] = sampler
     app[keys.PASSWORDS] = Passwords(settings)
     app[keys.METRICS].watch(sampler, pool)
-    task = asyncio.get_running_loop().create_task(_sample_forever(app, sampler))
+    stopping = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(_sample_forever(app, sampler, stopping))
     try:
         yield
     finally:
+        # Python 3.11's wait_for can swallow a cancellation that races its timeout,
+        # so the loop also watches a flag, and shutdown waits for it only so long.
+        stopping.set()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=10)
         await http.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pool.close(), 5)
         app[keys.PASSWORDS].close()
 
 
-async def _sample_forever(app: web.Application, sampler: Sampler) -> None:
+async def _sample_forever(app: web.Application, sampler: Sampler, stopping: asyncio.Event) -> None:
     histogram = app[keys.METRICS].sample_seconds
     interval = sampler.settings.dashboard_refresh_s
-    while True:
+    while not stopping.is_set():
         started = time.monotonic()
         try:
             snapshot = await sampler.sample()
