@@ -103,11 +103,17 @@ class Settings:
     # and it is dropped after slow_reader_timeout_s (or at 4x this much). It can resume.
     max_write_buffer_bytes: int = 1_048_576
     slow_reader_timeout_s: float = 30.0
-    # Group commit: messages per statement, statements in flight, and how long a
+    # Group commit: messages per statement, lanes (statements in flight; a sender
+    # always uses the same lane, so its messages commit in order), and how long a
     # send may stall (e.g. through a DB failover) before it fails with `internal`.
     batch_max: int = 500
     batch_writers: int = 4
+    # Under load a lane starts batches at most this often (an idle lane at once).
+    batch_interval_s: float = 0.01
     send_retry_budget_s: float = 60.0
+    # Sends one connection may pipeline before their `sent` replies; past this the
+    # connection's further requests wait.
+    max_inflight_sends: int = 32
     # Admission control: logins and resumes handled at once per worker.
     max_concurrent_auth: int = 16
     # Logins and resumes waiting for a slot; past this, `overloaded` with retry_after.

@@ -36,12 +36,15 @@ def sqlalchemy_url(settings: Settings) -> str:
 
 
 async def create_pool(
-    settings: Settings, *, size: int | None = None, purpose: str = "", custom_plans: bool = False
+    settings: Settings,
+    *,
+    size: int | None = None,
+    purpose: str = "",
+    plan_cache_mode: str | None = None,
 ) -> asyncpg.Pool:
     server_settings = {"application_name": f"switchboard-{settings.worker_id or 'cli'}{purpose}"}
-    if custom_plans:
-        # Batch statements unnest arrays whose size a generic plan guesses as 10 rows.
-        server_settings["plan_cache_mode"] = "force_custom_plan"
+    if plan_cache_mode is not None:
+        server_settings["plan_cache_mode"] = plan_cache_mode
     pool = await asyncpg.create_pool(
         dsn(settings),
         min_size=min(settings.db_pool_min, size or settings.db_pool_max),

@@ -35,11 +35,14 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A message as committed: id, server time, and its seq in the sender's inbox."""
+    """A message as committed: id, server time, its seq in the sender's inbox and,
+    for a 1:1 message stored by this very call, its seq in the recipient's inbox
+    (None for a resend found again: it was delivered when first stored)."""
 
     id: int
     created_at: datetime
     sender_seq: int | None
+    recipient_seq: int | None = None
 
 
 _STORE_BATCH = f"""
@@ -93,12 +96,16 @@ delivered AS (
     INSERT INTO inbox (user_id, seq, kind, message_id)
     SELECT user_id, seq, {INBOX_KIND_MESSAGE}, message_id FROM numbered
 )
-SELECT i.ord, ins.id, ins.created_at, n.seq AS sender_seq,
-       (SELECT array_agg(user_id) FROM maxes) AS moved_users,
-       (SELECT array_agg(max_seq) FROM maxes) AS moved_seqs
+SELECT i.ord, ins.id, ins.created_at, n.seq AS sender_seq, r.seq AS recipient_seq,
+       -- Once, on the first row: in every row they made the reply quadratic in the batch.
+       CASE WHEN row_number() OVER () = 1 THEN (SELECT array_agg(user_id) FROM maxes) END
+           AS moved_users,
+       CASE WHEN row_number() OVER () = 1 THEN (SELECT array_agg(max_seq) FROM maxes) END
+           AS moved_seqs
 FROM ins
 JOIN input i ON i.sender_id = ins.sender_id AND i.cmid = ins.cmid
 LEFT JOIN numbered n ON n.message_id = ins.id AND n.user_id = ins.sender_id
+LEFT JOIN numbered r ON r.message_id = ins.id AND r.user_id = ins.recipient_id
 """
 
 _FIND_EXISTING = """
@@ -131,9 +138,13 @@ async def store_batch(
     result: list[Stored | None] = [None] * len(batch)
     moved: dict[int, int] = {}
     for row in rows:
-        result[row["ord"] - 1] = Stored(row["id"], row["created_at"], row["sender_seq"])
-    if rows:
-        moved = dict(zip(rows[0]["moved_users"], rows[0]["moved_seqs"], strict=True))
+        result[row["ord"] - 1] = Stored(
+            row["id"], row["created_at"], row["sender_seq"], row["recipient_seq"]
+        )
+    for row in rows:
+        if row["moved_users"] is not None:
+            moved = dict(zip(row["moved_users"], row["moved_seqs"], strict=True))
+            break
     missing = [i for i, r in enumerate(result) if r is None]
     if missing:
         # Resends (or retries of a batch that did commit): the earlier copy stands.

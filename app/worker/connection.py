@@ -27,10 +27,12 @@ class ClientConnection(asyncio.Protocol):
         "_out",
         "_paused",
         "_pending",
+        "_send_waiter",
         "_slow_timer",
         "_task",
         "closed",
         "decoder",
+        "inflight_sends",
         "peer",
         "session",
         "transport",
@@ -52,6 +54,9 @@ class ClientConnection(asyncio.Protocol):
         self._out: list[bytes] | None = None
         self._bucket = float(worker.settings.frame_burst)
         self._bucket_at = time.monotonic()
+        # Sends queued for a group commit and not yet answered (see send_slot).
+        self.inflight_sends = 0
+        self._send_waiter: asyncio.Future[None] | None = None
 
     # ---- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,6 +159,21 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             self._pending.clear()
             self.transport.abort()
+
+    async def send_slot(self) -> None:
+        """Wait while this connection has ``max_inflight_sends`` uncommitted sends."""
+        limit = self.worker.settings.max_inflight_sends
+        while self.inflight_sends >= limit and not self.closed:
+            self._send_waiter = asyncio.get_running_loop().create_future()
+            await self._send_waiter
+
+    def send_done(self) -> None:
+        self.inflight_sends -= 1
+        waiter = self._send_waiter
+        if waiter is not None:
+            self._send_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     # ---- internals ---------------------------------------------------------
     def _take_tokens(self, n: int) -> bool:

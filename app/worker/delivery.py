@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -25,7 +26,7 @@ from app.logs import get_logger
 from app.protocol import ErrorCode, encode
 from app.store import messages as message_store
 from app.store.events import primary_identity
-from app.store.messages import INBOX_CHANNEL, InboxEntry
+from app.store.messages import INBOX_CHANNEL, InboxEntry, NewMessage, Stored
 from app.store.schema import INBOX_KIND_MESSAGE
 from app.store.social import PUSH_CHANNEL, push, verify_push
 from app.worker import metrics
@@ -44,9 +45,20 @@ USERS_PER_ROUND = 500
 PUSH_CHUNK = 300
 
 
+_last_ts: list[Any] = [None, ""]
+
+
 def rfc3339(ts: Any) -> str:
-    """UTC with milliseconds, 2026-11-26T14:46:12.185Z (PostgreSQL hands us UTC)."""
-    return str(ts.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
+    """UTC with milliseconds, 2026-11-26T14:46:12.185Z (PostgreSQL hands us UTC).
+
+    Every message of a batch has the same timestamp (its transaction's start),
+    so the last conversion is kept: most calls are answered from it.
+    """
+    if ts == _last_ts[0]:
+        return str(_last_ts[1])
+    text = str(ts.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
+    _last_ts[0], _last_ts[1] = ts, text
+    return text
 
 
 def entry_frame(entry: InboxEntry, names: dict[int, str]) -> bytes:
@@ -115,14 +127,87 @@ class Delivery:
         if self._dirty:
             self._wake.set()
 
-    def committed(self, moved: dict[int, int]) -> None:
-        """Our own commit moved these inboxes: deliver locally now, tell the others soon."""
+    def committed(
+        self,
+        batch: Sequence[NewMessage],
+        results: Sequence[Stored | None],
+        moved: dict[int, int],
+    ) -> None:
+        """Our own commit moved these inboxes: deliver locally now, tell the others soon.
+
+        A local session that has seen everything before a new entry gets the
+        entry straight from the batch, with no read back from the database: the
+        sending device only moves its position past its own copy (its `sent`
+        reply is already written), every other local session gets the ``msg``
+        frame. Sessions that are behind (room messages, gaps) are caught up by
+        the pump from the tables, in order.
+        """
+        if self.worker.by_user:
+            self._deliver_direct(batch, results)
+        self.inbox_moved(moved)
+
+    def inbox_moved(self, moved: dict[int, int]) -> None:
+        """Entries up to these seqs exist (stored here): catch up locally, tell the others."""
         self.mark_moved(moved)
         pending = self._to_notify
         for user_id, seq in moved.items():
             if pending.get(user_id, 0) < seq:
                 pending[user_id] = seq
         self._notify_wake.set()
+
+    def _deliver_direct(
+        self, batch: Sequence[NewMessage], results: Sequence[Stored | None]
+    ) -> None:
+        local = self.worker.by_user
+        now = time.time()
+        for message, stored in zip(batch, results, strict=True):
+            if stored is None or stored.recipient_seq is None or stored.sender_seq is None:
+                continue  # refused, resent, or a room message: the pump's job
+            targets = [(message.sender_id, stored.sender_seq)]
+            if message.recipient_id != message.sender_id:
+                targets.append((message.recipient_id or 0, stored.recipient_seq))
+            for user_id, seq in targets:
+                conns = local.get(user_id)
+                if not conns:
+                    continue
+                frame = b""
+                for conn in conns:
+                    session = conn.session
+                    if session is None or session.delivered_seq != seq - 1 or not conn.writable:
+                        continue  # behind or paused: mark_moved hands it to the pump
+                    if user_id == message.sender_id and session.device == message.sender_device:
+                        session.delivered_seq = seq  # the sending device has it as `sent`
+                        continue
+                    if not frame:
+                        frame = self._direct_frame(message, stored, seq)
+                        if not frame:
+                            break  # a name not cached: the pump reads it
+                    conn.write(frame)
+                    session.delivered_seq = seq
+                    self.delivered += 1
+                    metrics.observe_delivery(stored.created_at.timestamp(), now)
+                    self.worker.events.delivered(
+                        session.user_id, session.session_id, session.epoch, seq
+                    )
+
+    def _direct_frame(self, message: NewMessage, stored: Stored, seq: int) -> bytes:
+        names = self.worker.cached_names
+        sender = names.get(message.sender_id)
+        recipient = names.get(message.recipient_id or 0)
+        if sender is None or recipient is None:
+            return b""
+        return encode(
+            {
+                "op": "msg",
+                "seq": seq,
+                "id": stored.id,
+                "from": sender,
+                "to": recipient,
+                "body": message.body,
+                "ts": rfc3339(stored.created_at),
+                "cmid": message.cmid,
+            }
+        )
 
     async def _notifier(self) -> None:
         """Announce moved inboxes to the other workers, coalescing while a NOTIFY is in flight.

@@ -11,6 +11,7 @@ logins by result, error frames by code, delivery latency, group-commit time.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,8 +23,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from app.worker.server import Worker
@@ -44,13 +46,46 @@ ERRORS = Counter(
     ["code"],
     registry=REGISTRY,
 )
-DELIVERY_LATENCY = Histogram(
+
+
+class LeanHistogram(Collector):
+    """A histogram for the per-message hot path: a bisect and two additions.
+
+    prometheus_client's Histogram takes a lock and walks every bucket on each
+    observation, which showed up in worker profiles at thousands of deliveries
+    per second. A worker is one thread on one event loop, so plain counters
+    suffice; cumulative buckets are built only at scrape time.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append((floatToGoString(bound), float(running)))  # type: ignore[no-untyped-call]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, sum_value=self.total)
+        yield family
+
+
+DELIVERY_LATENCY = LeanHistogram(
     "switchboard_delivery_latency_seconds",
     "From a message's commit to its write on a recipient's connection "
     "(replays to a device that was offline count their whole wait).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0),
-    registry=REGISTRY,
 )
+REGISTRY.register(DELIVERY_LATENCY)
 BATCH_SECONDS = Histogram(
     "switchboard_store_batch_seconds",
     "Time to commit one group-commit batch, retries included.",

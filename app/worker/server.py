@@ -71,6 +71,7 @@ class Worker:
         self._writer: MessageWriter | None = None
         # Usernames never change owner: a bounded cache spares a query per send.
         self._user_ids: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._names: dict[int, str] = {}
         self._writer_pool: asyncpg.Pool | None = None
         # Leases get their own connections: a busy main pool must not make a live
@@ -110,10 +111,21 @@ class Worker:
         if cached is not None:
             return cached
         user_id = await social.require_user(self.pool, username)
+        self.remember_name(user_id, username)
+        return user_id
+
+    def remember_name(self, user_id: int, username: str) -> None:
         if len(self._user_ids) >= 100_000:
             self._user_ids.clear()
+        if len(self._names) >= 100_000:
+            self._names.clear()
         self._user_ids[username] = user_id
-        return user_id
+        self._names[user_id] = username
+
+    @property
+    def cached_names(self) -> dict[int, str]:
+        """Names already known (for the hot path; `usernames` fetches the rest)."""
+        return self._names
 
     async def usernames(self, ids: set[int]) -> dict[int, str]:
         """Names for user ids, from a bounded cache (names never change owner)."""
@@ -146,9 +158,18 @@ class Worker:
             )
             task.add_done_callback(_log_task_error)
 
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """Hold a fire-and-forget task until it ends, and log it if it fails."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_task_error)
+
     def session_attached(self, conn: ClientConnection) -> None:
-        assert conn.session is not None
-        self.by_user.setdefault(conn.session.user_id, set()).add(conn)
+        session = conn.session
+        assert session is not None
+        self.by_user.setdefault(session.user_id, set()).add(conn)
+        if session.user_id not in self._names:
+            self.remember_name(session.user_id, session.username)
 
     def session_detached(self, conn: ClientConnection) -> None:
         if conn.session is None:
@@ -201,12 +222,19 @@ class Worker:
         await self._register()
         self._lease_pool = await create_pool(s, size=2, purpose="-lease")
         self._writer_pool = await create_pool(
-            s, size=s.batch_writers, purpose="-writer", custom_plans=True
+            s,
+            size=s.batch_writers,
+            purpose="-writer",
+            # The batch statement's plan does not depend on the batch size (its
+            # CTEs are materialized and its lookups are = ANY(ARRAY(...)) index
+            # scans); planning it afresh cost ~1 ms per batch.
+            plan_cache_mode="force_generic_plan",
         )
         self._writer = MessageWriter(
             self._writer_pool,
             batch_max=s.batch_max,
             writers=s.batch_writers,
+            interval_s=s.batch_interval_s,
             retry_budget_s=s.send_retry_budget_s,
             on_commit=self.delivery.committed,
         )

@@ -10,11 +10,13 @@ the connection is AUTHENTICATED.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -53,7 +55,7 @@ from app.store import accounts, social
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.errors import Forbidden, NotFound, UserExists
-from app.store.messages import NewMessage
+from app.store.messages import NewMessage, Stored
 from app.worker import metrics
 from app.worker.delivery import rfc3339
 from app.worker.writer import StoreUnavailable
@@ -376,23 +378,55 @@ class SessionLogic:
         return await self.worker.user_id(username)
 
     async def send(self, conn: ClientConnection, req: Send) -> None:
+        """Queue the message for the next group commit and return at once.
+
+        Sends pipelined on one connection join the same batches; the `sent`
+        reply is written when the batch commits (`_sent`). A connection may have
+        ``max_inflight_sends`` uncommitted sends; past that, it reads no further
+        requests until the oldest commits.
+        """
         session = _session(conn)
         recipient_id = await self._user_id(req.to) if req.to is not None else None
-        stored = await self.worker.writer.submit(
-            NewMessage(session.user_id, session.device, req.cmid, recipient_id, req.room, req.body)
+        await conn.send_slot()
+        message = NewMessage(
+            session.user_id, session.device, req.cmid, recipient_id, req.room, req.body
         )
-        if stored is None:
-            await social.require_member(self.worker.pool, req.room or 0, session.user_id)
-            raise RequestError(ErrorCode.FORBIDDEN, "you are not a member of that room")
-        frame: dict[str, Any] = {
-            "op": "sent",
-            "cmid": req.cmid,
-            "id": stored.id,
-            "ts": rfc3339(stored.created_at),
-        }
-        if stored.sender_seq is not None:
-            frame["seq"] = stored.sender_seq
-        conn.write(encode({**frame, **_rid(req.rid)}))
+        conn.inflight_sends += 1
+        self.worker.writer.enqueue(message, partial(self._sent, conn, req))
+
+    def _sent(self, conn: ClientConnection, req: Send, result: Stored | Exception | None) -> None:
+        conn.send_done()
+        if isinstance(result, Stored):
+            frame: dict[str, Any] = {
+                "op": "sent",
+                "cmid": req.cmid,
+                "id": result.id,
+                "ts": rfc3339(result.created_at),
+            }
+            if result.sender_seq is not None:
+                frame["seq"] = result.sender_seq
+            if req.rid is not None:
+                frame["rid"] = req.rid
+            conn.write(encode(frame))
+        elif isinstance(result, Exception):
+            conn.write(_error(ErrorCode.INTERNAL, "the database is unavailable; retry", req.rid))
+        else:
+            task = asyncio.get_running_loop().create_task(self._refused(conn, req))
+            self.worker.keep(task)
+
+    async def _refused(self, conn: ClientConnection, req: Send) -> None:
+        """The store refused a room message: say why (no such room, or not a member)."""
+        user_id = conn.session.user_id if conn.session is not None else 0
+        try:
+            await social.require_member(self.worker.pool, req.room or 0, user_id)
+            conn.write(_error(ErrorCode.FORBIDDEN, "you are not a member of that room", req.rid))
+        except NotFound as exc:
+            conn.write(_error(ErrorCode.NOT_FOUND, str(exc), req.rid))
+        except Forbidden as exc:
+            conn.write(_error(ErrorCode.FORBIDDEN, str(exc), req.rid))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("request_failed", op=req.op, error=type(exc).__name__)
+            conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", req.rid))
 
     async def ack(self, conn: ClientConnection, req: Ack) -> None:
         session = _session(conn)
@@ -407,7 +441,7 @@ class SessionLogic:
             raise NotFound("no such message")
         if isinstance(result, tuple):
             author, seq = result
-            self.worker.delivery.committed({author: seq})
+            self.worker.delivery.inbox_moved({author: seq})
         conn.write(_ok(req.rid))
 
     async def history(self, conn: ClientConnection, req: History) -> None:
