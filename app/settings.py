@@ -116,6 +116,8 @@ class Settings:
     max_inflight_sends: int = 32
     # Admission control: logins and resumes handled at once per worker.
     max_concurrent_auth: int = 16
+    # Resumes hash no password and share batched statements: many more at once.
+    max_concurrent_resumes: int = 256
     # Logins and resumes waiting for a slot; past this, `overloaded` with retry_after.
     max_auth_queue: int = 256
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).

@@ -280,7 +280,7 @@ async def kick_session(
         )
         if user_id is None:
             return None
-        event = {"user": int(user_id), "replaced": session_id, "epoch": None}
+        event = {"replaced": [[int(user_id), session_id, None]]}
         await push(conn, event, key)
     return int(user_id)
 
@@ -345,7 +345,7 @@ async def set_user_disabled(
             user_id,
         )
         for row in kicked:
-            event = {"user": int(user_id), "replaced": int(row["id"]), "epoch": None}
+            event = {"replaced": [[int(user_id), int(row["id"]), None]]}
             await push(conn, event, key)
     return len(kicked)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -56,3 +58,8 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+def columns(rows: Sequence[object], *fields: str) -> list[list[Any]]:
+    """One array parameter per field, for set-based statements that ``unnest`` them."""
+    return [[getattr(row, field) for row in rows] for field in fields]

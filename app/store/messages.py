@@ -18,6 +18,7 @@ from datetime import datetime
 
 import asyncpg
 
+from app.store.db import columns
 from app.store.schema import INBOX_KIND_MESSAGE, INBOX_KIND_RECEIPT
 
 INBOX_CHANNEL = "sb_inbox"
@@ -128,12 +129,7 @@ async def store_batch(
     """
     rows = await conn.fetch(
         _STORE_BATCH,
-        [m.sender_id for m in batch],
-        [m.sender_device for m in batch],
-        [m.cmid for m in batch],
-        [m.recipient_id for m in batch],
-        [m.room_id for m in batch],
-        [m.body for m in batch],
+        *columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body"),
     )
     result: list[Stored | None] = [None] * len(batch)
     moved: dict[int, int] = {}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app.store.db import columns
 from app.store.events import EventKind, log_dead_workers_cte, log_sessions_cte
 
 
@@ -185,56 +186,73 @@ class ResumedSession:
     has_contacts: bool
 
 
-async def resume_session(
-    pool: asyncpg.Pool,
-    username: str,
-    device: str,
-    token_hash: bytes,
-    new_token_hash: bytes,
-    worker_id: str,
-    remote_addr: str,
-    resume_grace_s: float,
-) -> ResumedSession | None:
-    """Take over a session by its resume token: a new epoch fences the previous owner.
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    username: str
+    device: str
+    token_hash: bytes
+    new_token_hash: bytes
+    remote_addr: str
 
-    The token is rotated: the one presented stops working. None when the token
-    is unknown, already rotated, the session expired or the account is disabled.
-    One statement, so a reconnect storm costs one round trip per resume; it also
-    returns the inbox position the welcome reports.
+
+_RESUME_BATCH = """
+WITH input AS MATERIALIZED (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[])
+        WITH ORDINALITY AS t(username, device, token_hash, new_token_hash, remote_addr, ord)
+),
+old AS MATERIALIZED (
+    SELECT s.id, s.worker_id, s.state, i.ord, i.device, i.new_token_hash, i.remote_addr
+    FROM input i
+    JOIN users u ON u.username = i.username AND NOT u.disabled
+    JOIN sessions s ON s.user_id = u.id AND s.device = i.device
+                   AND s.resume_token_hash = i.token_hash
+    WHERE s.state = 'active'
+       OR (s.state = 'detached' AND s.detached_at > now() - make_interval(secs => $7))
+    -- One lock order for every batch of every worker: no deadlocks.
+    ORDER BY s.id
+    FOR UPDATE OF s
+)
+UPDATE sessions s SET worker_id = $6, remote_addr = old.remote_addr, state = 'active',
+    epoch = s.epoch + 1, resume_token_hash = old.new_token_hash, detached_at = NULL,
+    close_reason = NULL, last_seen_at = now()
+FROM old WHERE s.id = old.id
+RETURNING old.ord, s.id AS session_id, s.user_id, s.epoch,
+          old.worker_id AS previous_worker_id, old.state AS previous_state,
+          (SELECT last_seq FROM inbox_counters c WHERE c.user_id = s.user_id) AS last_seq,
+          (SELECT acked_seq FROM devices d WHERE d.user_id = s.user_id
+              AND d.device = old.device) AS acked,
+          EXISTS (SELECT 1 FROM contacts c WHERE c.owner_id = s.user_id
+              AND c.status = 'accepted') AS has_contacts
+"""
+
+
+async def resume_sessions(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    requests: list[ResumeRequest],
+    worker_id: str,
+    resume_grace_s: float,
+) -> list[ResumedSession | None]:
+    """Take over sessions by their resume tokens: a new epoch fences each previous owner.
+
+    Each token is rotated: the one presented stops working. None for a token
+    that is unknown, already rotated (also by an earlier request of the same
+    batch), of an expired session or of a disabled account. One statement for
+    the whole batch, so a reconnect storm costs one round trip and one
+    synchronous commit per batch; it also returns the inbox positions the
+    welcomes report.
     """
-    row = await pool.fetchrow(
-        """
-        WITH old AS (
-            SELECT id, worker_id, state FROM sessions
-            WHERE user_id = (SELECT id FROM users WHERE username = $1 AND NOT disabled)
-              AND device = $2 AND resume_token_hash = $3
-              AND (state = 'active'
-                   OR (state = 'detached'
-                       AND detached_at > now() - make_interval(secs => $7)))
-            FOR UPDATE
-        )
-        UPDATE sessions s SET worker_id = $5, remote_addr = $6, state = 'active',
-            epoch = s.epoch + 1, resume_token_hash = $4, detached_at = NULL,
-            close_reason = NULL, last_seen_at = now()
-        FROM old WHERE s.id = old.id
-        RETURNING s.id AS session_id, s.user_id, s.epoch,
-                  old.worker_id AS previous_worker_id, old.state AS previous_state,
-                  (SELECT last_seq FROM inbox_counters c WHERE c.user_id = s.user_id)
-                      AS last_seq,
-                  (SELECT acked_seq FROM devices d WHERE d.user_id = s.user_id
-                      AND d.device = $2) AS acked,
-                  EXISTS (SELECT 1 FROM contacts c WHERE c.owner_id = s.user_id
-                      AND c.status = 'accepted') AS has_contacts
-        """,
-        username,
-        device,
-        token_hash,
-        new_token_hash,
+    rows = await conn.fetch(
+        _RESUME_BATCH,
+        *columns(requests, "username", "device", "token_hash", "new_token_hash", "remote_addr"),
         worker_id,
-        remote_addr,
         resume_grace_s,
     )
-    return ResumedSession(**dict(row)) if row else None
+    result: list[ResumedSession | None] = [None] * len(requests)
+    for row in rows:
+        values = dict(row)
+        index = values.pop("ord") - 1
+        result[index] = ResumedSession(**values)
+    return result
 
 
 async def detach_worker_sessions(pool: asyncpg.Pool, worker_id: str, reason: str) -> list[int]:

@@ -43,6 +43,8 @@ PAGE = 500
 # Users handled per pump round (one query).
 USERS_PER_ROUND = 500
 PUSH_CHUNK = 300
+# (user, session, epoch) triples per signed push: well under NOTIFY's 8000 bytes.
+REPLACED_CHUNK = 150
 
 
 _last_ts: list[Any] = [None, ""]
@@ -93,6 +95,8 @@ class Delivery:
         self._wake = asyncio.Event()
         # Inboxes moved by this worker's commits, not yet announced to the others.
         self._to_notify: dict[int, int] = {}
+        # Sessions taken over here whose previous connection must be closed.
+        self._to_replace: list[tuple[int, int, int | None]] = []
         self._notify_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False
@@ -221,13 +225,20 @@ class Delivery:
             await self._notify_wake.wait()
             self._notify_wake.clear()
             pending, self._to_notify = self._to_notify, {}
-            if not pending:
-                continue
-            payloads = _chunks([f"{u}:{q}" for u, q in pending.items()])
+            replaced, self._to_replace = self._to_replace, []
             try:
-                await message_store.notify_inboxes(self.worker.pool, payloads)
+                if pending:
+                    payloads = _chunks([f"{u}:{q}" for u, q in pending.items()])
+                    await message_store.notify_inboxes(self.worker.pool, payloads)
+                for i in range(0, len(replaced), REPLACED_CHUNK):
+                    event = {"replaced": replaced[i : i + REPLACED_CHUNK]}
+                    await push(self.worker.pool, event, self.worker.push_key)
             except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                # Inbox pointers are only a hint (listeners catch up from the tables);
+                # a replacement must reach the old owner: keep it for the next round.
                 log.warning("notify_failed", users=len(pending), error=type(exc).__name__)
+                self._to_replace[:0] = replaced
+                self._notify_wake.set()
                 await asyncio.sleep(0.2)
 
     # ---- the listener ------------------------------------------------------
@@ -284,12 +295,10 @@ class Delivery:
             return
         try:
             if "replaced" in event:
-                epoch = event.get("epoch")
-                self._close_replaced(
-                    int(event["user"]),
-                    int(event["replaced"]),
-                    None if epoch is None else int(epoch),
-                )
+                for user_id, session_id, epoch in event["replaced"]:
+                    self._close_replaced(
+                        int(user_id), int(session_id), None if epoch is None else int(epoch)
+                    )
                 return
             data = encode(event["f"])
             targets = event["to"]
@@ -313,13 +322,15 @@ class Delivery:
                 conn.session = None  # its row is already closed by the new login
                 conn.fail(ErrorCode.SESSION_REPLACED, "this device logged in on another connection")
 
-    async def replace_session(self, user_id: int, session_id: int, epoch: int | None) -> None:
+    def replace_session(self, user_id: int, session_id: int, epoch: int | None) -> None:
         """Close, wherever it is, a connection holding this session below ``epoch``.
 
         ``epoch`` None: the whole session was replaced by a new login of the device.
+        The notifier announces replacements in signed batches: a resume storm
+        after a worker died costs a few NOTIFYs, not one per session.
         """
-        event = {"user": user_id, "replaced": session_id, "epoch": epoch}
-        await push(self.worker.pool, event, self.worker.push_key)
+        self._to_replace.append((user_id, session_id, epoch))
+        self._notify_wake.set()
 
     async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
         """Send an ephemeral frame to every session of these users, on any worker."""

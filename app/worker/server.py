@@ -31,14 +31,19 @@ from app.store import sessions as session_store
 from app.store import social
 from app.store.db import create_pool
 from app.store.events import EventLog
+from app.store.sessions import ResumedSession, ResumeRequest
 from app.worker import metrics
 from app.worker.connection import ClientConnection
 from app.worker.delivery import Delivery
 from app.worker.passwords import Passwords
 from app.worker.session import RequestError, SessionLogic
-from app.worker.writer import RETRYABLE, MessageWriter
+from app.worker.writer import RETRYABLE, Batcher, MessageWriter
 
 log = get_logger("worker")
+
+# A resume waiting for the database longer than this fails with `internal`;
+# the client backs off and tries again (unlike a send, nothing is lost).
+RESUME_RETRY_BUDGET_S = 10.0
 
 
 class WorkerState(Enum):
@@ -69,6 +74,7 @@ class Worker:
         metrics.attach(self)
         self._pool: asyncpg.Pool | None = None
         self._writer: MessageWriter | None = None
+        self._resumer: Batcher[ResumeRequest, ResumedSession | None] | None = None
         # Usernames never change owner: a bounded cache spares a query per send.
         self._user_ids: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -82,6 +88,7 @@ class Worker:
         # Signs and checks sb_push payloads: only cluster members may push frames.
         self.push_key = social.push_key(read_secrets(settings)["admin"])
         self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
+        self._resume_slots = asyncio.Semaphore(settings.max_concurrent_resumes)
         self._auth_waiting = 0
         self._stop = asyncio.Event()
         self._lease_ok_at = 0.0
@@ -187,11 +194,13 @@ class Worker:
         await self.logic.handle(conn, req)
 
     @contextlib.asynccontextmanager
-    async def auth_slot(self) -> AsyncIterator[None]:
+    async def auth_slot(self, resume: bool = False) -> AsyncIterator[None]:
         """Admission control: bounded concurrent logins and resumes, a bounded queue.
 
         A reconnect storm queues instead of melting the CPU; past the queue,
         clients are told to come back later, with jitter so they spread out.
+        Resumes hash no password and are committed in batches, so they have
+        slots of their own (``max_concurrent_resumes``), many more than logins.
         """
         s = self.settings
         if self._auth_waiting >= s.max_auth_queue:
@@ -201,15 +210,29 @@ class Worker:
                 "too many logins in progress; retry later",
                 retry_after=round(random.uniform(0.5, 2.0), 2),
             )
+        slots = self._resume_slots if resume else self._auth_slots
         self._auth_waiting += 1
         try:
-            await self._auth_slots.acquire()
+            await slots.acquire()
         finally:
             self._auth_waiting -= 1
         try:
             yield
         finally:
-            self._auth_slots.release()
+            slots.release()
+
+    async def take_over(self, request: ResumeRequest) -> ResumedSession | None:
+        """Resume a session here; concurrent resumes share one statement (a batch)."""
+        assert self._resumer is not None, "the resumer exists once the worker started"
+        return await self._resumer.submit(request)
+
+    async def _resume_batch(
+        self, conn: asyncpg.Connection, requests: list[ResumeRequest]
+    ) -> tuple[list[ResumedSession | None], None]:
+        resumed = await session_store.resume_sessions(
+            conn, requests, self.worker_id, self.settings.resume_grace_s
+        )
+        return resumed, None
 
     # ---- lifecycle ---------------------------------------------------------
     async def run(self) -> None:
@@ -239,6 +262,14 @@ class Worker:
             on_commit=self.delivery.committed,
         )
         self._writer.start()
+        self._resumer = Batcher(
+            self.pool,
+            self._resume_batch,
+            name="resumes",
+            batch_max=s.max_concurrent_resumes,
+            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        )
+        self._resumer.start()
         self.delivery.start()
         server = await loop.create_server(
             lambda: ClientConnection(self),
@@ -485,6 +516,8 @@ class Worker:
         agent.close()
         await self.delivery.stop()
         await self.writer.stop()
+        if self._resumer is not None:
+            await self._resumer.stop()
         await health.cleanup()
         self.events.worker_stopped()
         await self.events.close()

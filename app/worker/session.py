@@ -56,6 +56,7 @@ from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.errors import Forbidden, NotFound, UserExists
 from app.store.messages import NewMessage, Stored
+from app.store.sessions import ResumeRequest
 from app.worker import metrics
 from app.worker.delivery import rfc3339
 from app.worker.writer import StoreUnavailable
@@ -229,7 +230,7 @@ class SessionLogic:
         metrics.LOGINS.labels("ok").inc()
         await self._attach(conn, session, token, last_seq, acked, req.rid)
         if opened.replaced_session_id is not None:
-            await self.worker.delivery.replace_session(account.id, opened.replaced_session_id, None)
+            self.worker.delivery.replace_session(account.id, opened.replaced_session_id, None)
 
     async def resume(self, conn: ClientConnection, req: Resume) -> None:
         """Take over a session on this worker with its resume token: no password hash needed."""
@@ -239,17 +240,12 @@ class SessionLogic:
         bad = RequestError(
             ErrorCode.BAD_TOKEN, "unknown or expired resume token; log in with hello"
         )
-        async with self.worker.auth_slot():
+        async with self.worker.auth_slot(resume=True):
             token = secrets.token_urlsafe(24)  # rotated at every takeover
-            resumed = await session_store.resume_session(
-                pool,
-                req.user,
-                req.device,
-                token_hash(req.token),
-                token_hash(token),
-                self.worker.worker_id,
-                conn.peer,
-                self.settings.resume_grace_s,
+            resumed = await self.worker.take_over(
+                ResumeRequest(
+                    req.user, req.device, token_hash(req.token), token_hash(token), conn.peer
+                )
             )
         if resumed is None:
             account = await accounts.find_user(pool, req.user)
@@ -285,9 +281,7 @@ class SessionLogic:
         await self._attach(conn, session, token, last_seq, acked, req.rid, resumed.has_contacts)
         if resumed.previous_state == "active":
             # Its previous owner may still hold a connection: the new epoch fences it out.
-            await self.worker.delivery.replace_session(
-                resumed.user_id, resumed.session_id, resumed.epoch
-            )
+            self.worker.delivery.replace_session(resumed.user_id, resumed.session_id, resumed.epoch)
 
     async def _attach(
         self,
@@ -392,7 +386,7 @@ class SessionLogic:
             session.user_id, session.device, req.cmid, recipient_id, req.room, req.body
         )
         conn.inflight_sends += 1
-        self.worker.writer.enqueue(message, partial(self._sent, conn, req))
+        self.worker.writer.send(message, partial(self._sent, conn, req))
 
     def _sent(self, conn: ClientConnection, req: Send, result: Stored | Exception | None) -> None:
         conn.send_done()

@@ -1,11 +1,16 @@
-"""Group commit: sends from every connection of a worker share batched statements.
+"""Group commit: requests from every connection of a worker share batched statements.
 
-There is no timer: a batch leaves as soon as its lane is free, so an idle
-system commits each message alone (lowest latency) and a busy one accumulates
-up to ``batch_max`` messages per statement while the lane's previous batch is in
-flight (highest throughput). A batch whose outcome is unknown (connection cut during
-commit, failover) is retried as a whole: the store is idempotent on
-(sender, cmid), so a retry can neither duplicate nor lose a message.
+`Batcher` is the machinery: items queue per lane, and each lane has one batch
+in flight at a time. There is no timer at idle: a batch leaves as soon as its
+lane is free, so an idle system commits each item alone (lowest latency) and a
+busy one accumulates up to ``batch_max`` items per statement while the lane's
+previous batch is in flight (highest throughput). A batch whose outcome is
+unknown (connection cut during commit, failover) is retried as a whole, so
+the statements must be idempotent.
+
+Two batchers run in a worker: `MessageWriter` stores sends (idempotent on
+(sender, cmid)) and the resume batcher in `server.py` takes over sessions
+(a retried takeover fails its token check harmlessly; the client logs in).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -37,43 +43,50 @@ RETRYABLE = (
     asyncpg.DeadlockDetectedError,
 )
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 class StoreUnavailable(Exception):
     """The database did not take the batch within the retry budget."""
 
 
-Done = Callable[[Stored | Exception | None], None]
+class Batcher(Generic[T, R]):
+    """Run queued items in batches, ``lanes`` batches in flight at most.
 
-
-class MessageWriter:
-    """Group commit in ``lanes`` independent lanes, one batch in flight per lane.
-
-    A sender's messages always take the same lane (by user id), and a lane
-    commits its batches one after the other in arrival order, so messages a
-    client pipelines on one connection are stored, acknowledged and numbered
-    in the order it sent them. Lanes run concurrently; their batches lock inbox
-    counters in user-id order, so they cannot deadlock.
+    ``run(conn, items)`` executes one batch on a pool connection and returns
+    one result per item plus anything for ``after``. Items enqueued with the
+    same key take the same lane, and a lane runs its batches one after the
+    other in arrival order. Each item's ``done`` callback is called exactly
+    once, synchronously after its batch, with its result or `StoreUnavailable`;
+    ``after(items, results, extra)`` is called after all of them.
     """
 
     def __init__(
         self,
         pool: asyncpg.Pool,
+        run: Callable[[asyncpg.Connection, list[T]], Awaitable[tuple[list[R], Any]]],
         *,
+        name: str,
         batch_max: int,
-        writers: int,
-        retry_budget_s: float,
+        lanes: int = 1,
         interval_s: float = 0.0,
-        on_commit: Callable[[list[NewMessage], list[Stored | None], dict[int, int]], None],
+        retry_budget_s: float,
+        after: Callable[[list[T], list[R], Any], None] | None = None,
+        observe: Callable[[float], None] | None = None,
     ) -> None:
         self._pool = pool
-        self._on_commit = on_commit
+        self._run_batch = run
+        self._name = name
         self._batch_max = batch_max
         self._interval = interval_s
         self._retry_budget_s = retry_budget_s
-        self._lanes = [_Lane() for _ in range(max(1, writers))]
+        self._after = after
+        self._observe = observe
+        self._lanes = [_Lane[T, R]() for _ in range(max(1, lanes))]
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
-        self.messages = 0
+        self.items = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,24 +100,17 @@ class MessageWriter:
                 _call(done, StoreUnavailable("worker stopping"))
             lane.queue.clear()
 
-    def enqueue(self, message: NewMessage, done: Done) -> None:
-        """Store ``message``; ``done`` is called once with its `Stored` (None: the
-        sender may not post there) or a `StoreUnavailable`.
-
-        ``done`` runs synchronously right after the commit and before the commit
-        hook delivers anything, so a reply it writes precedes every frame the
-        batch causes.
-        """
-        lane = self._lanes[message.sender_id % len(self._lanes)]
-        lane.queue.append((message, done))
+    def enqueue(self, item: T, done: Callable[[R | Exception], None], key: int = 0) -> None:
+        lane = self._lanes[key % len(self._lanes)]
+        lane.queue.append((item, done))
         if not lane.wake.is_set():
             lane.wake.set()
 
-    async def submit(self, message: NewMessage) -> Stored | None:
-        """Resolve once the message is durably committed (or refused: None)."""
-        fut: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+    async def submit(self, item: T, key: int = 0) -> R:
+        """Resolve with the item's result once its batch is committed."""
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
 
-        def done(result: Stored | Exception | None) -> None:
+        def done(result: R | Exception) -> None:
             if fut.done():
                 return
             if isinstance(result, Exception):
@@ -112,10 +118,10 @@ class MessageWriter:
             else:
                 fut.set_result(result)
 
-        self.enqueue(message, done)
+        self.enqueue(item, done, key)
         return await fut
 
-    async def _run(self, lane: _Lane) -> None:
+    async def _run(self, lane: _Lane[T, R]) -> None:
         queue = lane.queue
         loop = asyncio.get_running_loop()
         started = -1e9
@@ -123,10 +129,9 @@ class MessageWriter:
             await lane.wake.wait()
             lane.wake.clear()
             while queue:
-                # Under load, space batches at least batch_interval_s apart: each
-                # statement has a fixed cost (~1 ms of database CPU across the three
-                # nodes, plus a NOTIFY and the others' fetches), so a few larger
-                # batches beat many small ones. An idle lane starts at once.
+                # Under load, space batches at least interval_s apart: each statement
+                # has a fixed cost, so a few larger batches beat many small ones.
+                # An idle lane starts at once.
                 wait = started + self._interval - loop.time()
                 if wait > 0 and len(queue) < self._batch_max:
                     await asyncio.sleep(wait)
@@ -134,8 +139,8 @@ class MessageWriter:
                 n = min(self._batch_max, len(queue))
                 await self._write([queue.popleft() for _ in range(n)])
 
-    async def _write(self, batch: list[tuple[NewMessage, Done]]) -> None:
-        messages = [m for m, _ in batch]
+    async def _write(self, batch: list[tuple[T, Callable[[R | Exception], None]]]) -> None:
+        items = [item for item, _ in batch]
         started = time.monotonic()
         deadline = started + self._retry_budget_s
         delay = 0.05
@@ -144,41 +149,107 @@ class MessageWriter:
             attempt += 1
             try:
                 async with self._pool.acquire() as conn:
-                    results, moved = await store_batch(conn, messages)
+                    results, extra = await self._run_batch(conn, items)
                 break
             except RETRYABLE as exc:
                 if time.monotonic() + delay > deadline:
                     log.error(
-                        "batch_failed", size=len(batch), attempts=attempt, error=type(exc).__name__
+                        "batch_failed",
+                        batcher=self._name,
+                        size=len(batch),
+                        attempts=attempt,
+                        error=type(exc).__name__,
                     )
                     failure = StoreUnavailable(type(exc).__name__)
                     for _, done in batch:
                         _call(done, failure)
                     return
                 log.warning(
-                    "batch_retry", size=len(batch), attempt=attempt, error=type(exc).__name__
+                    "batch_retry",
+                    batcher=self._name,
+                    size=len(batch),
+                    attempt=attempt,
+                    error=type(exc).__name__,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+            except Exception as exc:
+                # A bug or a constraint no retry can fix: fail this batch, keep the lane.
+                log.exception("batch_error", batcher=self._name, size=len(batch))
+                failure = StoreUnavailable(type(exc).__name__)
+                for _, done in batch:
+                    _call(done, failure)
+                return
+        if self._observe is not None:
+            self._observe(time.monotonic() - started)
         self.batches += 1
-        self.messages += len(batch)
+        self.items += len(batch)
         for (_, done), result in zip(batch, results, strict=True):
             _call(done, result)
-        self._on_commit(messages, results, moved)
+        if self._after is not None:
+            self._after(items, results, extra)
 
 
-class _Lane:
+class _Lane(Generic[T, R]):
     __slots__ = ("queue", "wake")
 
     def __init__(self) -> None:
-        self.queue: deque[tuple[NewMessage, Done]] = deque()
+        self.queue: deque[tuple[T, Callable[[R | Exception], None]]] = deque()
         self.wake = asyncio.Event()
 
 
-def _call(done: Done, result: Stored | Exception | None) -> None:
+def _call(done: Callable[[Any], None], result: object) -> None:
     try:
         done(result)
     except Exception:
         # A reply that cannot be written must not cost the rest of the batch.
-        log.exception("send_callback_failed")
+        log.exception("batch_callback_failed")
+
+
+async def _store(
+    conn: asyncpg.Connection, messages: list[NewMessage]
+) -> tuple[list[Stored | None], dict[int, int]]:
+    return await store_batch(conn, messages)
+
+
+class MessageWriter(Batcher[NewMessage, "Stored | None"]):
+    """Sends, stored in group commits (``app.store.messages.store_batch``).
+
+    A sender's messages always take the same lane (by user id), so messages a
+    client pipelines on one connection are stored, acknowledged and numbered
+    in the order it sent them. Lanes run concurrently; their batches lock inbox
+    counters in user-id order, so they cannot deadlock. ``on_commit`` gets
+    each batch's messages, results and moved inboxes after the `sent` replies
+    are written, so a reply precedes every frame its batch causes.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        batch_max: int,
+        writers: int,
+        retry_budget_s: float,
+        interval_s: float = 0.0,
+        on_commit: Callable[[list[NewMessage], list[Stored | None], dict[int, int]], None],
+    ) -> None:
+        super().__init__(
+            pool,
+            _store,
+            name="messages",
+            batch_max=batch_max,
+            lanes=writers,
+            interval_s=interval_s,
+            retry_budget_s=retry_budget_s,
+            after=on_commit,
+            observe=metrics.BATCH_SECONDS.observe,
+        )
+
+    @property
+    def messages(self) -> int:
+        return self.items
+
+    def send(self, message: NewMessage, done: Callable[[Stored | Exception | None], None]) -> None:
+        """Store ``message``; ``done`` gets its `Stored` (None: the sender may not
+        post there) or a `StoreUnavailable`."""
+        self.enqueue(message, done, message.sender_id)
