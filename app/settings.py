@@ -107,9 +107,11 @@ class Settings:
     # always uses the same lane, so its messages commit in order), and how long a
     # send may stall (e.g. through a DB failover) before it fails with `internal`.
     batch_max: int = 500
-    batch_writers: int = 4
-    # Under load a lane starts batches at most this often (an idle lane at once).
-    batch_interval_s: float = 0.01
+    batch_writers: int = 1
+    # Under load a lane starts batches at most this often (an idle lane at once),
+    # and a worker reads moved inboxes of its users at most this often.
+    batch_interval_s: float = 0.02
+    delivery_interval_s: float = 0.01
     send_retry_budget_s: float = 60.0
     # Sends one connection may pipeline before their `sent` replies; past this the
     # connection's further requests wait.

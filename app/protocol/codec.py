@@ -373,8 +373,12 @@ def _bad_json_message(line: bytes | bytearray) -> str:
 
 def parse_frame(line: bytes | bytearray, limits: Limits = DEFAULT_LIMITS) -> Request | FrameError:
     """Parse one frame (without its line terminator). Never raises."""
+    return _parse_safely(line, _limit_specs(limits))
+
+
+def _parse_safely(line: bytes | bytearray, specs: _LimitSpecs) -> Request | FrameError:
     try:
-        return _parse(line, _limit_specs(limits))
+        return _parse(line, specs)
     except Exception:
         # Safety net: a decoder bug must not take the connection down or leak text.
         return FrameError(ErrorCode.INTERNAL, "internal error while decoding the frame")
@@ -463,7 +467,7 @@ class Decoder:
                 line = line[:-1]
             if not line.strip():
                 continue  # blank line: a human pressed Enter
-            self._handle(out, parse_frame(line, self._limits))
+            self._handle(out, _parse_safely(line, self._specs))
             if self._closed:
                 return out
         del buf[:start]

@@ -12,7 +12,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-from app.protocol import Decoder, ErrorCode, FrameError, Request, encode_error, error_frame
+from app.protocol import (
+    Decoder,
+    ErrorCode,
+    FrameError,
+    Request,
+    Send,
+    encode_error,
+    error_frame,
+)
 from app.worker import metrics
 
 if TYPE_CHECKING:
@@ -76,6 +84,10 @@ class ClientConnection(asyncio.Protocol):
             self.fail(ErrorCode.FLOOD, "too many frames too fast")
             return
         self._pending.extend(items)
+        if self._task is None:
+            self._send_now()
+            if not self._pending:
+                return
         if len(self._pending) >= self.worker.settings.max_pending_requests and not self._paused:
             # Backpressure: stop reading until the backlog is handled.
             self._paused = True
@@ -176,6 +188,24 @@ class ClientConnection(asyncio.Protocol):
                 waiter.set_result(None)
 
     # ---- internals ---------------------------------------------------------
+    def _send_now(self) -> None:
+        """Queue leading `send`s for the group commit here, without a task.
+
+        Only from the head of the queue and only while nothing else is being
+        handled, so requests still take effect in the order they arrived.
+        """
+        pending, logic = self._pending, self.worker.logic
+        while pending and not self.closed:
+            item = pending[0]
+            if type(item) is not Send:
+                return
+            try:
+                if not logic.send_now(self, item):
+                    return
+            except Exception:
+                return  # the task's handler reports whatever this was
+            pending.popleft()
+
     def _take_tokens(self, n: int) -> bool:
         now = time.monotonic()
         s = self.worker.settings

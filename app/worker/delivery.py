@@ -340,10 +340,19 @@ class Delivery:
 
     # ---- the pump ----------------------------------------------------------
     async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.worker.settings.delivery_interval_s
+        started = -1e9
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._dirty:
+                # Under load, one read per interval serves every inbox that moved
+                # meanwhile (each read has a fixed cost); an idle pump reads at once.
+                wait = started + interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                started = loop.time()
                 users = [self._dirty.pop() for _ in range(min(USERS_PER_ROUND, len(self._dirty)))]
                 try:
                     await self._deliver(users)

@@ -382,6 +382,25 @@ class SessionLogic:
         session = _session(conn)
         recipient_id = await self._user_id(req.to) if req.to is not None else None
         await conn.send_slot()
+        self._queue_send(conn, req, session, recipient_id)
+
+    def send_now(self, conn: ClientConnection, req: Send) -> bool:
+        """The common case without a task: logged in, recipient's id cached, a free
+        slot. False: nothing was done, `send` (awaiting what is missing) must run."""
+        session = conn.session
+        if session is None or conn.inflight_sends >= self.settings.max_inflight_sends:
+            return False
+        recipient_id = None
+        if req.to is not None:
+            recipient_id = self.worker.cached_user_id(req.to)
+            if recipient_id is None:
+                return False
+        self._queue_send(conn, req, session, recipient_id)
+        return True
+
+    def _queue_send(
+        self, conn: ClientConnection, req: Send, session: Session, recipient_id: int | None
+    ) -> None:
         message = NewMessage(
             session.user_id, session.device, req.cmid, recipient_id, req.room, req.body
         )
