@@ -172,7 +172,9 @@ class Batcher(Generic[T, R]):
                     error=type(exc).__name__,
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                # Short: the retry is one connection attempt through HAProxy, and a
+                # long pause would add up to its length to every failover's stall.
+                delay = min(delay * 2, 0.25)
             except Exception as exc:
                 # A bug or a constraint no retry can fix: fail this batch, keep the lane.
                 log.exception("batch_error", batcher=self._name, size=len(batch))
