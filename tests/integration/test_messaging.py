@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+
 from app.cluster.launcher import LocalCluster
 from tests.integration.helpers import PASSWORD, db, login, new_user, register
 from tests.linechat import LineClient
@@ -245,3 +247,43 @@ async def test_accounts_password_change_and_rate_limited_logins(cluster: LocalCl
     reply = await unknown.request({**hello, "user": new_user("ghost"), "password": PASSWORD})
     assert reply["code"] == "auth_failed"
     await unknown.close()
+
+
+async def test_pipelined_sends_keep_their_order_on_and_across_workers(
+    cluster: LocalCluster,
+) -> None:
+    """Sends written back to back share commits, yet are stored, acknowledged and
+    delivered in the order sent: to bob on the same worker (straight from the batch)
+    and to carol on another (through the pump), and alice's second device sees both."""
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    a, _ = await login(cluster, alice, worker="w1")
+    a2, _ = await login(cluster, alice, device="tablet", worker="w1", register_first=False)
+    b, _ = await login(cluster, bob, worker="w1")
+    c, _ = await login(cluster, carol, worker="w2")
+    n = 40
+    # One write (more than max_inflight_sends of them): the worker decodes them together.
+    await a.send(
+        b"".join(
+            orjson.dumps(
+                {"op": "send", "to": bob if i % 2 else carol, "cmid": f"p{i}", "body": f"{i}"}
+                | {"rid": i}
+            )
+            + b"\n"
+            for i in range(n)
+        )
+    )
+    sent = [await a.recv_until("sent") for _ in range(n)]
+    assert [s["rid"] for s in sent] == list(range(n))
+    assert [s["seq"] for s in sent] == list(range(1, n + 1))  # alice's own inbox, in order
+    ids = [s["id"] for s in sent]
+    assert ids == sorted(ids)
+    to_bob = [await b.recv() for _ in range(n // 2)]
+    to_carol = [await c.recv() for _ in range(n // 2)]
+    assert [m["body"] for m in to_bob] == [str(i) for i in range(1, n, 2)]
+    assert [m["seq"] for m in to_bob] == list(range(1, n // 2 + 1))
+    assert [m["body"] for m in to_carol] == [str(i) for i in range(0, n, 2)]
+    assert [m["seq"] for m in to_carol] == list(range(1, n // 2 + 1))
+    mirrored = [await a2.recv() for _ in range(n)]
+    assert [m["cmid"] for m in mirrored] == [f"p{i}" for i in range(n)]
+    for client in (a, a2, b, c):
+        await client.close()
