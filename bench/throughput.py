@@ -79,6 +79,7 @@ class Stats:
         self.recv_bins = [0] * n_bins
         self.ack_bins = [0] * n_bins
         self.latency: list[float] = []  # send call -> msg received, sends inside the window
+        self.latency_at: list[float] = []  # ... and when each of those was sent (s after t0)
         self.sent_latency: list[float] = []  # send call -> `sent`, sends inside the window
         self.issued = 0
         self.issued_in_window = 0
@@ -110,6 +111,7 @@ class Stats:
         self.recv_bins[self._bin(now)] += 1
         if self.win_start <= t_send < self.win_end:
             self.latency.append(now - t_send)
+            self.latency_at.append(t_send - self.t0)
 
     def result(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -400,11 +402,26 @@ def _lat_line(xs: list[float]) -> str:
     )
 
 
+def _print_timeline(at: list[float], latency: list[float]) -> None:
+    """p50/p99/max per second of send time: a stall shows as one bad second, a
+    saturated box as every second bad."""
+    by_second: dict[int, list[float]] = {}
+    for t, x in zip(at, latency, strict=True):
+        by_second.setdefault(int(t), []).append(x)
+    print("latency by second of send time (s after start: n, p50 / p99 / max ms):")
+    for second in sorted(by_second):
+        xs = sorted(by_second[second])
+        print(
+            f"  {second:4d}: {len(xs):6,}  {_pct(xs, 0.5) * 1e3:7.1f} / "
+            f"{_pct(xs, 0.99) * 1e3:7.1f} / {xs[-1] * 1e3:7.1f}"
+        )
+
+
 def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in ("recv_bins", "ack_bins"):
         merged[key] = [sum(col) for col in zip(*(r[key] for r in results), strict=True)]
-    for key in ("latency", "sent_latency"):
+    for key in ("latency", "latency_at", "sent_latency"):
         merged[key] = [x for r in results for x in r[key]]
     for key in (
         "issued",
@@ -439,6 +456,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--procs", type=int, default=1, help="generator processes")
     parser.add_argument("--body-bytes", type=int, default=64, help="message body size")
     parser.add_argument("--ack-every", type=int, default=100, help="receiver ack interval")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also print latency per second of send time (where the tail comes from)",
+    )
     parser.add_argument(
         "--frames-per-s",
         type=float,
@@ -634,6 +656,8 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]], cpu: dict[s
         print(f"sends acknowledged (`sent`):          {acked / d:,.0f} msgs/s ({acked:,})")
         print(f"latency send call -> msg received: {_lat_line(m['latency'])}")
         print(f"latency send call -> sent:         {_lat_line(m['sent_latency'])}")
+    if args.timeline:
+        _print_timeline(m["latency_at"], m["latency"])
     errors = ", ".join(f"{k} {v}" for k, v in m["errors"].items()) or "none"
     print(
         f"errors: {errors}; connections closed by the server: {m['closed']}; inbox gaps "
