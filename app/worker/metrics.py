@@ -86,6 +86,22 @@ DELIVERY_LATENCY = LeanHistogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0),
 )
 REGISTRY.register(DELIVERY_LATENCY)
+# How late the worker's event loop ran a timer due every LOOP_PROBE_S: whatever
+# blocks the loop (a GC pass, a long callback, the process waiting for a CPU)
+# delays every client of the worker by as much.
+LOOP_PROBE_S = 0.05
+LOOP_LAG = LeanHistogram(
+    "switchboard_event_loop_lag_seconds",
+    f"How late the event loop ran a timer due every {LOOP_PROBE_S} s.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+REGISTRY.register(LOOP_LAG)
+GC_PAUSE = LeanHistogram(
+    "switchboard_gc_pause_seconds",
+    "Cyclic garbage-collector passes (they stop the event loop), by duration.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+REGISTRY.register(GC_PAUSE)
 BATCH_SECONDS = Histogram(
     "switchboard_store_batch_seconds",
     "Time to commit one group-commit batch, retries included.",
@@ -181,6 +197,20 @@ def attach(worker: Worker) -> None:
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class GcTimer:
+    """A ``gc.callbacks`` hook that times each collection into GC_PAUSE."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started:
+            GC_PAUSE.observe(time.perf_counter() - self._started)
+            self._started = 0.0
 
 
 def observe_delivery(created_at_epoch_s: float, now: float | None = None) -> None:

@@ -286,12 +286,18 @@ class Worker:
             self._agent, s.host, s.worker_agent_port(self.worker_id), reuse_address=True
         )
         health = await self._start_http()
-        background = [loop.create_task(self._lease_loop()), loop.create_task(self._reaper_loop())]
+        background = [
+            loop.create_task(self._lease_loop()),
+            loop.create_task(self._reaper_loop()),
+            loop.create_task(self._loop_lag_probe()),
+        ]
         # What start-up made (modules, pools, the app) lives as long as the process:
         # move it out of the cyclic GC's reach. A full collection over it paused the
         # event loop for 30-60 ms under load, which clients saw as latency.
         gc.collect()
         gc.freeze()
+        if not any(isinstance(cb, metrics.GcTimer) for cb in gc.callbacks):
+            gc.callbacks.append(metrics.GcTimer())
         self.state = WorkerState.SERVING
         log.info(
             "worker_serving",
@@ -303,6 +309,18 @@ class Worker:
         # SIGTERM: drain first (clients move with a jittered reconnect), then stop.
         await self.drain()
         await self._shutdown(server, agent, health, background)
+
+    async def _loop_lag_probe(self) -> None:
+        """Measure how late the event loop runs a periodic timer (see metrics.LOOP_LAG)."""
+        loop = asyncio.get_running_loop()
+        interval = metrics.LOOP_PROBE_S
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - due)
+            metrics.LOOP_LAG.observe(lag)
+            if lag > 0.25:
+                log.warning("event_loop_stalled", lag_ms=round(lag * 1000))
 
     async def _connect_db(self) -> asyncpg.Pool:
         deadline = time.monotonic() + 60

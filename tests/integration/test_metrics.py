@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cluster.launcher import LocalCluster
+from app.worker.metrics import LOOP_PROBE_S
 from tests.integration.helpers import login, new_user
 
 Metrics = dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]
@@ -54,6 +55,8 @@ async def test_worker_metrics_parse_and_count(cluster: LocalCluster) -> None:
         "switchboard_errors",
         "switchboard_worker_state",
         "switchboard_lease_age_seconds",
+        "switchboard_event_loop_lag_seconds",
+        "switchboard_gc_pause_seconds",
         "process_resident_memory_bytes",
     ):
         assert all(family in m for m in before), family
@@ -69,6 +72,7 @@ async def test_worker_metrics_parse_and_count(cluster: LocalCluster) -> None:
         await b.recv_until("msg")
         bad = await a.request({"op": "history", "with": "nobody-" + alice})
         assert bad["code"] == "not_found"
+        await asyncio.sleep(2 * LOOP_PROBE_S)  # every worker's loop probe fires meanwhile
         after = await asyncio.gather(*(scrape(url) for url in urls))
     finally:
         await a.close()
@@ -88,6 +92,11 @@ async def test_worker_metrics_parse_and_count(cluster: LocalCluster) -> None:
     grew("switchboard_errors", "switchboard_errors_total", code="not_found")
     grew("switchboard_delivery_latency_seconds", "switchboard_delivery_latency_seconds_count")
     grew("switchboard_store_batch_seconds", "switchboard_store_batch_seconds_count")
+    grew(
+        "switchboard_event_loop_lag_seconds",
+        "switchboard_event_loop_lag_seconds_count",
+        by=len(urls),
+    )
     assert total(after, "switchboard_sessions", "switchboard_sessions") >= 2
     assert total(after, "switchboard_connections", "switchboard_connections") >= 2
 
