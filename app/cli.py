@@ -164,22 +164,31 @@ FAULT_NAMES = ("kill-worker", "kill-leader", "rolling-restart", "drain")
 def cmd_user(args: argparse.Namespace) -> int:
     import asyncio
 
-    from app.store import accounts
+    from app.cluster.layout import read_secrets
+    from app.store import dashboard as dash_store
     from app.store.db import dsn
+    from app.store.social import push_key
 
-    async def run() -> bool:
+    settings = _settings(args)
+
+    async def run() -> int | None:
         import asyncpg
 
-        pool = await asyncpg.create_pool(dsn(_settings(args)), min_size=1, max_size=1)
+        key = push_key(read_secrets(settings)["admin"])
+        pool = await asyncpg.create_pool(dsn(settings), min_size=1, max_size=1)
         try:
-            return await accounts.set_disabled(pool, args.name, args.action == "disable")
+            # The dashboard's own action: disabling also kicks the live sessions.
+            return await dash_store.set_user_disabled(
+                pool, args.name, args.action == "disable", key
+            )
         finally:
             await pool.close()
 
-    if not asyncio.run(run()):
+    kicked = asyncio.run(run())
+    if kicked is None:
         print(f"switchboard: error: no user {args.name!r}", file=sys.stderr)
         return 1
-    print(f"{args.name}: {args.action}d")
+    print(f"{args.name}: {args.action}d" + (f"; {kicked} live session(s) kicked" if kicked else ""))
     return 0
 
 

@@ -16,7 +16,7 @@ It has the request methods of `Client` and uses one `Client` per TCP connection
 (a *link*). Its lifecycle, `LinkState`, changes only in `_set_state`::
 
     CONNECTED --login()--> ONLINE --lost--> CONNECTING --resume or hello--> ONLINE
-    any state --close(), session_replaced, a failed login--> CLOSED
+    any state --close(), session_replaced, kicked, a failed login--> CLOSED
 
 **Lost** means: EOF or a reset (worker killed, DB failover), the fatal
 ``shutting_down``, a ``reconnect`` frame (the link is closed at once, without
@@ -27,7 +27,8 @@ the first try after 0-100 ms, at most 2 s apart; a server's ``retry_after`` inst
 when it answers ``overloaded``/``rate_limited``), sends ``resume`` with the rotated
 token and `last_seq`, and falls back to ``hello`` with the remembered password on
 ``bad_token``. It stops for good after `close()`, ``session_replaced`` (another
-connection of this device took over), the fatal codes a client bug causes (``flood``,
+connection of this device took over), ``kicked`` (an administrator closed the
+session or disabled the account), the fatal codes a client bug causes (``flood``,
 ``frame_too_large``, ``too_many_errors``) and a refused fallback login
 (``auth_failed``, ...): pending calls then fail with `ConnectionLost` and the event
 stream ends with `ServerClosed`.
@@ -92,6 +93,7 @@ log = logging.getLogger(__name__)
 TERMINAL_CODES: Final = frozenset(
     {
         ErrorCode.SESSION_REPLACED,
+        ErrorCode.KICKED,
         ErrorCode.FLOOD,
         ErrorCode.FRAME_TOO_LARGE,
         ErrorCode.TOO_MANY_ERRORS,

@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"  # a server fault; the request may be retried
     FLOOD = "flood"  # the client sent far too much too fast (fatal)
     SESSION_REPLACED = "session_replaced"  # the same device logged in elsewhere (fatal)
+    KICKED = "kicked"  # an administrator closed the session or disabled the account (fatal)
     SHUTTING_DOWN = "shutting_down"  # the worker is stopping (fatal)
 
     @property
@@ -45,6 +46,7 @@ FATAL_CODES: Final = frozenset(
         ErrorCode.TOO_MANY_ERRORS,
         ErrorCode.FLOOD,
         ErrorCode.SESSION_REPLACED,
+        ErrorCode.KICKED,
         ErrorCode.SHUTTING_DOWN,
     }
 )

@@ -42,13 +42,6 @@ async def set_password(pool: asyncpg.Pool, user_id: int, password_hash: str) -> 
     await pool.execute("UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash)
 
 
-async def set_disabled(pool: asyncpg.Pool, username: str, disabled: bool) -> bool:
-    result = await pool.execute(
-        "UPDATE users SET disabled = $2 WHERE username = $1", username, disabled
-    )
-    return bool(result != "UPDATE 0")
-
-
 async def failure_counts(pool: asyncpg.Pool, keys: list[str], window_s: float) -> dict[str, int]:
     """Failed logins per key within the current window (absent keys count 0)."""
     rows = await pool.fetch(

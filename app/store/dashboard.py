@@ -259,6 +259,16 @@ async def session_page(
     return SessionPage(page, int(total), page[-1].id if len(rows) > limit else None)
 
 
+# (user, session) pairs per signed push: well under NOTIFY's 8000 bytes.
+KICKED_CHUNK = 150
+
+
+def kicked_event(sessions: list[tuple[int, int]], reason: str) -> dict[str, object]:
+    """The ``sb_push`` event that makes the workers holding these sessions close
+    them with ``kicked`` (``Delivery._on_push``)."""
+    return {"kicked": [list(pair) for pair in sessions], "reason": reason}
+
+
 async def kick_session(
     pool: asyncpg.Pool, session_id: int, key: bytes, reason: str = "kicked"
 ) -> int | None:
@@ -267,7 +277,7 @@ async def kick_session(
     The same two steps as a new login of the device on a worker (``open_session``
     then ``Delivery.replace_session``): the row is closed first, so a resume
     cannot take it back, then ``sb_push`` reaches every worker, and the one
-    holding the connection closes it with ``session_replaced``. The notification
+    holding the connection closes it with ``kicked``. The notification
     leaves on commit, after the row is closed. Returns the user id, or None
     when the session was not live.
     """
@@ -280,8 +290,7 @@ async def kick_session(
         )
         if user_id is None:
             return None
-        event = {"replaced": [[int(user_id), session_id, None]]}
-        await push(conn, event, key)
+        await push(conn, kicked_event([(int(user_id), session_id)], reason), key)
     return int(user_id)
 
 
@@ -344,9 +353,9 @@ async def set_user_disabled(
             "WHERE user_id = $1 AND state <> 'closed' RETURNING id",
             user_id,
         )
-        for row in kicked:
-            event = {"replaced": [[int(user_id), int(row["id"]), None]]}
-            await push(conn, event, key)
+        sessions = [(int(user_id), int(row["id"])) for row in kicked]
+        for i in range(0, len(sessions), KICKED_CHUNK):
+            await push(conn, kicked_event(sessions[i : i + KICKED_CHUNK], "disabled"), key)
     return len(kicked)
 
 

@@ -9,7 +9,9 @@ failover) costs latency, never a message: on every (re)connect of the listener
 all local users are marked dirty and caught up.
 
 ``sb_push`` carries ephemeral frames (presence, typing, contact requests) for
-named users; they are written to local sessions and never stored.
+named users; they are written to local sessions and never stored. It also
+carries session replacements (a new login of the device) and kicks (the
+dashboard), which close the connection holding the session.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ USERS_PER_ROUND = 500
 PUSH_CHUNK = 300
 # (user, session, epoch) triples per signed push: well under NOTIFY's 8000 bytes.
 REPLACED_CHUNK = 150
+# The `kicked` error's message, by the reason the dashboard gave.
+KICKED_MESSAGES = {
+    "kicked": "an administrator closed this session",
+    "disabled": "this account was disabled",
+}
 
 
 _last_ts: list[Any] = [None, ""]
@@ -300,6 +307,11 @@ class Delivery:
                         int(user_id), int(session_id), None if epoch is None else int(epoch)
                     )
                 return
+            if "kicked" in event:
+                reason = str(event.get("reason", "kicked"))
+                for user_id, session_id in event["kicked"]:
+                    self._close_kicked(int(user_id), int(session_id), reason)
+                return
             data = encode(event["f"])
             targets = event["to"]
         except (KeyError, TypeError, ValueError):
@@ -321,6 +333,27 @@ class Delivery:
                 self.worker.session_detached(conn)
                 conn.session = None  # its row is already closed by the new login
                 conn.fail(ErrorCode.SESSION_REPLACED, "this device logged in on another connection")
+
+    def _close_kicked(self, user_id: int, session_id: int, reason: str) -> None:
+        """An administrator closed this session (``reason``: kicked, or disabled for
+        a disabled account). Its row is closed already, so it cannot be resumed;
+        the contacts learn the presence that leaves."""
+        for conn in list(self.worker.by_user.get(user_id, ())):
+            session = conn.session
+            if session is None or session.session_id != session_id:
+                continue
+            log.info("session_kicked", user=session.username, session=session_id, reason=reason)
+            self.worker.session_detached(conn)
+            conn.session = None
+            conn.fail(ErrorCode.KICKED, KICKED_MESSAGES.get(reason, KICKED_MESSAGES["kicked"]))
+            self.worker.events.session_ended(
+                user_id, session_id, session.epoch, reason, resumable=False
+            )
+            self.worker.keep(
+                asyncio.get_running_loop().create_task(
+                    self.worker.logic.broadcast_presence(user_id)
+                )
+            )
 
     def replace_session(self, user_id: int, session_id: int, epoch: int | None) -> None:
         """Close, wherever it is, a connection holding this session below ``epoch``.

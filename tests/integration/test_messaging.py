@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import orjson
 
 from app.cluster.launcher import LocalCluster
+from app.cluster.layout import read_secrets
+from app.store import dashboard as dash_store
+from app.store.db import create_pool
+from app.store.social import push_key
 from tests.integration.helpers import PASSWORD, db, login, new_user, register
 from tests.linechat import LineClient
 
@@ -140,6 +147,64 @@ async def test_presence_change_reaches_a_contact_on_another_worker(cluster: Loca
     assert listing["contacts"][0]["state"] == "offline"
     await a.close()
     await b.close()
+
+
+async def test_a_kick_closes_the_session_on_its_worker_and_contacts_see_it_leave(
+    cluster: LocalCluster,
+) -> None:
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, welcome = await login(cluster, bob, worker="w2")
+    assert (await a.request({"op": "contact_add", "user": bob}))["op"] == "ok"
+    await b.recv_until("contact_request")
+    assert (await b.request({"op": "contact_accept", "user": alice}))["op"] == "ok"
+    assert (await a.recv_until("presence"))["state"] == "online"
+    # What the dashboard's Kick button does (app/dashboard/views.py).
+    key = push_key(read_secrets(cluster.settings)["admin"])
+    pool = await create_pool(cluster.settings, size=1)
+    try:
+        kicked = await dash_store.kick_session(pool, int(welcome["session"]), key)
+    finally:
+        await pool.close()
+    assert kicked is not None
+    frame = await b.recv_until("error")
+    assert (frame["code"], frame["message"]) == ("kicked", "an administrator closed this session")
+    assert await asyncio.wait_for(b.reader.read(), 10) == b""
+    gone = await a.recv_until("presence")
+    assert (gone["user"], gone["state"]) == (bob, "offline")
+    await a.close()
+    await b.close()
+
+
+async def test_cli_user_disable_kicks_live_sessions(cluster: LocalCluster) -> None:
+    s = cluster.settings
+    carol = new_user("carol")
+    c, _ = await login(cluster, carol)
+    env = {
+        **os.environ,
+        "SWITCHBOARD_HOST": s.host,
+        "SWITCHBOARD_DB_PRIMARY_PORT": str(s.db_primary_port),
+    }
+    cli = [sys.executable, "-m", "app", "user", "disable", carol, "--state-dir", str(s.state_dir)]
+    result = await asyncio.to_thread(
+        subprocess.run, cli, capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{carol}: disabled; 1 live session(s) kicked"
+    frame = await c.recv_until("error")
+    assert (frame["code"], frame["message"]) == ("kicked", "this account was disabled")
+    await c.close()
+    probe = await LineClient.connect(s.host, s.client_port)
+    reply = await probe.request({"op": "hello", "user": carol, "password": PASSWORD, "device": "d"})
+    assert reply["code"] == "account_disabled"
+    await probe.close()
+    enable = [*cli[:4], "enable", *cli[5:]]
+    result = await asyncio.to_thread(
+        subprocess.run, enable, capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, f"{carol}: enabled")
+    again, _ = await login(cluster, carol, register_first=False)
+    await again.close()
 
 
 async def test_seqs_are_gap_free_and_in_order_under_concurrent_senders(

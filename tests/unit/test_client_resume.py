@@ -669,27 +669,34 @@ async def test_first_login_starts_after_the_devices_acked_position(
 # --- the end --------------------------------------------------------------------------------
 
 
-async def test_session_replaced_ends_the_session_without_reconnecting(
-    server: FakeSwitchboard,
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("session_replaced", "logged in elsewhere"),
+        ("kicked", "an administrator closed this session"),
+    ],
+)
+async def test_replaced_or_kicked_ends_the_session_without_reconnecting(
+    server: FakeSwitchboard, code: str, message: str
 ) -> None:
     async with logged_in(server) as client:
         server.mute.add("send")
         sending = asyncio.create_task(client.send("hi", to="bob"))
         await server.wait_for(lambda: len(server.frames("send")) == 1)
-        server.live.write(error("session_replaced", "logged in elsewhere"))
+        server.live.write(error(code, message))
         server.live.drop()
         assert [event async for event in client.events()] == [
-            ErrorEvent("session_replaced", "logged in elsewhere", None),
-            ServerClosed("session_replaced: logged in elsewhere"),
+            ErrorEvent(code, message, None),
+            ServerClosed(f"{code}: {message}"),
         ]
-        with pytest.raises(ConnectionLost, match="session_replaced"):
+        with pytest.raises(ConnectionLost, match=code):
             await sending
-        with pytest.raises(ConnectionLost, match="session_replaced"):
+        with pytest.raises(ConnectionLost, match=code):
             await client.ping()
         await asyncio.sleep(0.2)
         assert len(server.conns) == 1
         assert client.closed
-        assert client.close_reason == "session_replaced: logged in elsewhere"
+        assert client.close_reason == f"{code}: {message}"
 
 
 async def test_a_refused_fallback_login_ends_the_session(server: FakeSwitchboard) -> None:

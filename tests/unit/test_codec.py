@@ -343,6 +343,7 @@ def test_decoder_codes_are_documented_subset() -> None:
         ErrorCode.TOO_MANY_ERRORS,
         ErrorCode.FLOOD,
         ErrorCode.SESSION_REPLACED,
+        ErrorCode.KICKED,
         ErrorCode.SHUTTING_DOWN,
     } == FATAL_CODES
 
