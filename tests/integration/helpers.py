@@ -68,6 +68,21 @@ async def login(
     return client, welcome
 
 
+async def contacts_on_two_workers(
+    cluster: LocalCluster,
+) -> tuple[str, str, LineClient, LineClient, dict[str, Any]]:
+    """alice on w1 and bob on w2, accepted contacts, with alice seeing bob online:
+    (alice, bob, her client, his client, his welcome)."""
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, welcome = await login(cluster, bob, worker="w2")
+    assert (await a.request({"op": "contact_add", "user": bob}))["op"] == "ok"
+    await b.recv_until("contact_request")
+    assert (await b.request({"op": "contact_accept", "user": alice}))["op"] == "ok"
+    assert (await a.recv_until("presence"))["state"] == "online"
+    return alice, bob, a, b, welcome
+
+
 @contextlib.asynccontextmanager
 async def db(cluster: LocalCluster) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn(cluster.settings))

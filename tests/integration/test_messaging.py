@@ -14,7 +14,14 @@ from app.cluster.layout import read_secrets
 from app.store import dashboard as dash_store
 from app.store.db import create_pool
 from app.store.social import push_key
-from tests.integration.helpers import PASSWORD, db, login, new_user, register
+from tests.integration.helpers import (
+    PASSWORD,
+    contacts_on_two_workers,
+    db,
+    login,
+    new_user,
+    register,
+)
 from tests.linechat import LineClient
 
 
@@ -152,13 +159,7 @@ async def test_presence_change_reaches_a_contact_on_another_worker(cluster: Loca
 async def test_a_kick_closes_the_session_on_its_worker_and_contacts_see_it_leave(
     cluster: LocalCluster,
 ) -> None:
-    alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w1")
-    b, welcome = await login(cluster, bob, worker="w2")
-    assert (await a.request({"op": "contact_add", "user": bob}))["op"] == "ok"
-    await b.recv_until("contact_request")
-    assert (await b.request({"op": "contact_accept", "user": alice}))["op"] == "ok"
-    assert (await a.recv_until("presence"))["state"] == "online"
+    _, bob, a, b, welcome = await contacts_on_two_workers(cluster)
     # What the dashboard's Kick button does (app/dashboard/views.py).
     key = push_key(read_secrets(cluster.settings)["admin"])
     pool = await create_pool(cluster.settings, size=1)

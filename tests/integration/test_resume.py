@@ -7,7 +7,7 @@ import os
 import signal
 
 from app.cluster.launcher import LocalCluster
-from tests.integration.helpers import db, login, new_user, only_worker
+from tests.integration.helpers import contacts_on_two_workers, db, login, new_user, only_worker
 from tests.linechat import LineClient
 
 
@@ -69,12 +69,7 @@ async def test_resume_fences_out_a_connection_that_is_still_open(cluster: LocalC
 async def test_a_killed_workers_sessions_detach_and_presence_goes_offline(
     cluster: LocalCluster,
 ) -> None:
-    alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w1")
-    b, welcome = await login(cluster, bob, worker="w2")
-    await a.request({"op": "contact_add", "user": bob})
-    await b.request({"op": "contact_accept", "user": alice})
-    assert (await a.recv_until("presence"))["state"] == "online"
+    _, bob, a, b, welcome = await contacts_on_two_workers(cluster)
     pid = cluster.pid_of("w2")
     assert pid is not None
     try:
