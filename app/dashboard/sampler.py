@@ -45,6 +45,7 @@ class WorkerView:
     haproxy: str  # UP, DOWN, DRAIN, MAINT, ? (HAProxy's word)
     pid: int | None
     messages_per_s: float  # stored plus delivered through this worker
+    loop_lag_ms: float | None = None  # the worst event-loop lag of the last 10-20 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +204,7 @@ class Sampler:
             record = records.get(wid)
             backend = by_haproxy.get(("workers", wid))
             lease_age = body.get("lease_age_s")
+            lag = body.get("loop_lag_ms")
             workers.append(
                 WorkerView(
                     id=wid,
@@ -219,6 +221,7 @@ class Sampler:
                     messages_per_s=(
                         _rate(through, counters.per_worker.get(wid), elapsed) if status else 0.0
                     ),
+                    loop_lag_ms=float(lag) if isinstance(lag, int | float) else None,
                 )
             )
         msg_in = _rate(totals.last_message_id, counters.last_message_id, elapsed) if totals else 0.0

@@ -83,6 +83,7 @@ def live_fields(snap: Snapshot) -> dict[str, str]:
         fields[prefix + "db_detached"] = _n(w.db_detached)
         fields[prefix + "lease"] = "-" if w.lease_age_s is None else f"{w.lease_age_s:.1f} s"
         fields[prefix + "rate"] = _n(w.messages_per_s, 1)
+        fields[prefix + "loop_lag"] = "-" if w.loop_lag_ms is None else f"{w.loop_lag_ms:.0f} ms"
         fields[prefix + "pid"] = _n(w.pid).replace(",", "")
     for m in snap.members:
         prefix = f"members.{m.name}."

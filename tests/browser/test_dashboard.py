@@ -127,6 +127,10 @@ async def test_every_page_renders(
         assert response is not None and response.status == 200, path
         assert await page.inner_text("h1") == heading
         await page.wait_for_selector("#live-status[data-state=live]")
+        if path == "/workers":
+            # Each worker's /health reports its worst event-loop lag; the page shows it.
+            lag = await page.inner_text('[data-field="workers.w1.loop_lag"]')
+            assert lag.endswith(" ms") and lag[:-3].isdigit(), lag
         await shot(page, screenshots, name)
     # Earlier tests logged in: the events page lists them.
     assert await page.locator("#events tbody tr td.when").count() >= 1

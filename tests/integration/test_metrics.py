@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
 from app.worker.metrics import LOOP_PROBE_S
 from tests.integration.helpers import login, new_user
@@ -61,6 +62,12 @@ async def test_worker_metrics_parse_and_count(cluster: LocalCluster) -> None:
     ):
         assert all(family in m for m in before), family
     assert all(value(m, "switchboard_worker_state", state="serving") == 1.0 for m in before)
+    for worker in s.worker_ids():
+        code, health = await asyncio.to_thread(
+            http_json, f"http://{s.host}:{s.worker_health_port(worker)}/health"
+        )
+        assert code == 200 and isinstance(health["loop_lag_ms"], int | float), health
+        assert 0 <= health["loop_lag_ms"] < 60_000
     assert all(value(m, "switchboard_db_pool_max") == s.db_pool_max for m in before)
 
     alice, bob = new_user("ma"), new_user("mb")
