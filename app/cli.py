@@ -17,6 +17,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "state_dir": getattr(args, "state_dir", None),
         "workers": getattr(args, "workers", None),
         "client_port": getattr(args, "client_port", None),
+        "haproxy_processes": getattr(args, "haproxy_processes", None),
     }
     return Settings.load(config_file=args.config, **overrides)
 
@@ -214,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("up", cmd_up, "start etcd, 3 Patroni PostgreSQL nodes, HAProxy and the workers")
     p.add_argument("--workers", type=int, help="number of socket workers (default 3)")
     p.add_argument("--client-port", type=int, help="the client TCP port (default 5222)")
+    p.add_argument(
+        "--haproxy-processes",
+        type=int,
+        help="HAProxy processes sharing the client port, ~9,000 clients each (default 2)",
+    )
     p.add_argument(
         "--foreground", action="store_true", help="stay attached; Ctrl-C stops everything"
     )

@@ -40,6 +40,11 @@ class Settings:
     worker_agent_base_port: int = 7201
     agent_interval_s: float = 1.0
     haproxy_stats_port: int = 8404
+    # HAProxy processes binding the client port together (SO_REUSEPORT). One
+    # process holds ~9,000 client connections under a 20,000 open-files limit
+    # (two descriptors each); the first one also serves the database ports, the
+    # dashboard and the stats page.
+    haproxy_processes: int = 2
     dashboard_port: int = 8080
 
     # Database tier.
@@ -157,6 +162,8 @@ class Settings:
             raise SettingsError("workers must be at least 1")
         if self.db_nodes < 1:
             raise SettingsError("db_nodes must be at least 1")
+        if self.haproxy_processes < 1:
+            raise SettingsError("haproxy_processes must be at least 1")
         if self.max_frame_bytes < 1024:
             raise SettingsError("max_frame_bytes must be at least 1024")
         for f in fields(self):
@@ -229,6 +236,10 @@ class Settings:
     def dashboard_app_port(self) -> int:
         """Where the dashboard process listens; HAProxy's dashboard_port forwards here."""
         return self.dashboard_port + self.dashboard_app_port_offset
+
+    def haproxy_names(self) -> list[str]:
+        """haproxy (the full config), then haproxy2, haproxy3, ... (client port only)."""
+        return ["haproxy", *(f"haproxy{i}" for i in range(2, self.haproxy_processes + 1))]
 
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.db_nodes + 1)]

@@ -136,7 +136,7 @@ def cluster_pids(state_dir: Path) -> dict[str, list[int]]:
         name = pidfile.stem
         if re.fullmatch(r"w\d+", name):
             groups["workers"].append(pid)
-        elif name == "haproxy":
+        elif re.fullmatch(r"haproxy\d*", name):
             groups["haproxy"].append(pid)
         else:
             groups["patroni+etcd"].append(pid)

@@ -13,9 +13,9 @@ cmid. A background flow of 1:1 messages runs throughout, and at the end every
 acknowledged message is checked: received exactly once by its recipient.
 
 One HAProxy process holds at most ~9,000 client connections under this
-machine's 20,000 open-files limit (two descriptors per proxied connection), so
-for more sessions a second HAProxy process with the same configuration binds
-the same ports (SO_REUSEPORT), as a production balancer would run more threads.
+machine's 20,000 open-files limit (two descriptors per proxied connection): the
+cluster it starts runs one HAProxy process per 8,000 sessions (at least two, the
+default), which share the client port (``haproxy_processes``).
 """
 
 from __future__ import annotations
@@ -183,23 +183,6 @@ async def _gather_bounded(n: int, coros: list[Any]) -> None:
     await asyncio.gather(*(one(c) for c in coros))
 
 
-def _start_extra_haproxy(cluster: Any) -> int:
-    """A second HAProxy with the same config (its own stats socket) on the same ports."""
-    from app.cluster.process import spawn
-
-    cfg = cluster.layout.haproxy_cfg.read_text()
-    extra = cluster.layout.root / "haproxy-bench.cfg"
-    extra.write_text(
-        cfg.replace(str(cluster.layout.haproxy_socket), str(cluster.layout.run / "haproxy2.sock"))
-    )
-    pid = spawn(
-        ["haproxy", "-db", "-f", str(extra)],
-        cluster.layout.logs / "haproxy-bench.log",
-        {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-    )
-    return pid
-
-
 async def _switchover(cluster: Any) -> str:
     from app.cluster import patroni
 
@@ -220,15 +203,17 @@ async def run(args: argparse.Namespace) -> None:
     from app.cluster.launcher import LocalCluster
     from tests.cluster_fixture import make_settings
 
-    settings = make_settings(workers=3, max_auth_queue=4096, max_concurrent_auth=64)
+    settings = make_settings(
+        workers=3,
+        max_auth_queue=4096,
+        max_concurrent_auth=64,
+        # Each HAProxy process holds ~9,000 client connections (see haproxy_processes).
+        haproxy_processes=max(2, -(-args.sessions // 8000)),
+    )
     cluster = LocalCluster(settings, say=lambda line: print(f"  [cluster] {line}", flush=True))
-    extra_haproxy: int | None = None
     clients: list[BenchClient] = []
     try:
         await asyncio.to_thread(cluster.up)
-        if args.sessions > 8000:
-            extra_haproxy = _start_extra_haproxy(cluster)
-            await asyncio.sleep(1)
         stats = Stats()
         host, port = settings.host, settings.client_port
         clients = [BenchClient(f"fo{i}", host, port, stats) for i in range(args.sessions)]
@@ -337,10 +322,6 @@ async def run(args: argparse.Namespace) -> None:
             import shutil
 
             shutil.copytree(cluster.layout.logs, args.keep_logs, dirs_exist_ok=True)
-        if extra_haproxy is not None:
-            from app.cluster.process import PidRecord, stop_all
-
-            stop_all([PidRecord(extra_haproxy, None)], timeout=5)
         await asyncio.to_thread(cluster.down, True)
 
 

@@ -13,9 +13,23 @@ from app.cluster.layout import Layout
 from app.settings import Settings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "haproxy" / "haproxy.cfg.tmpl"
+# Where the config of the processes after the first ends (see the template).
+FIRST_PROCESS_ONLY = "# ---- first process only"
+# Per process: two descriptors per proxied connection, 20k open files per process.
+MAXCONN = 9000
 
 
-def render(settings: Settings, layout: Layout) -> str:
+def render(settings: Settings, layout: Layout, name: str = "haproxy") -> str:
+    """The config of HAProxy process ``name``: ``haproxy`` serves everything; the
+    others (haproxy2, ...) only the client port, which they bind together with it
+    (SO_REUSEPORT, HAProxy's default), each with a runtime API socket of its own."""
+    text = _render(settings, layout, layout.haproxy_socket_of(name))
+    if name != "haproxy":
+        text = text[: text.index(FIRST_PROCESS_ONLY)]
+    return text
+
+
+def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
     host = settings.host
     workers = "\n".join(
         f"    server {wid} {host}:{settings.worker_port(wid)} check port "
@@ -30,8 +44,8 @@ def render(settings: Settings, layout: Layout) -> str:
     )
     return Template(TEMPLATE.read_text()).substitute(
         generated_note=f"state dir {layout.root}",
-        maxconn=9000,  # two descriptors per proxied connection, 20k open files per process
-        stats_socket=layout.haproxy_socket,
+        maxconn=MAXCONN,
+        stats_socket=stats_socket,
         host=host,
         client_port=settings.client_port,
         db_primary_port=settings.db_primary_port,
@@ -57,11 +71,13 @@ class ServerState:
     sessions: int
 
 
-def runtime_command(layout: Layout, command: str, timeout: float = 2.0) -> str:
-    """Send one command to HAProxy's runtime API over the stats socket."""
+def runtime_command(
+    layout: Layout, command: str, timeout: float = 2.0, stats_socket: Path | None = None
+) -> str:
+    """Send one command to an HAProxy process's runtime API (the first one's by default)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(layout.haproxy_socket))
+        sock.connect(str(stats_socket or layout.haproxy_socket))
         sock.sendall(command.encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
@@ -69,13 +85,49 @@ def runtime_command(layout: Layout, command: str, timeout: float = 2.0) -> str:
     return b"".join(chunks).decode()
 
 
+def runtime_command_all(layout: Layout, command: str, timeout: float = 2.0) -> list[str]:
+    """Send one command to every running HAProxy process (e.g. ``set server ...``),
+    so that they all route alike; raises OSError if any of them did not take it."""
+    return [
+        reply
+        for path in layout.haproxy_sockets()
+        if (reply := _command_or_gone(layout, command, timeout, path)) is not None
+    ]
+
+
+def _command_or_gone(layout: Layout, command: str, timeout: float, path: Path) -> str | None:
+    """The reply; None when an extra process is gone (its socket file refuses)."""
+    try:
+        return runtime_command(layout, command, timeout, stats_socket=path)
+    except ConnectionRefusedError:
+        if path == layout.haproxy_socket:
+            raise
+        return None
+
+
 def server_states(layout: Layout) -> list[ServerState]:
-    text = runtime_command(layout, "show stat").lstrip("# ")
-    states = []
-    for row in csv.DictReader(io.StringIO(text)):
-        if row.get("svname") in ("FRONTEND", "BACKEND", None):
+    """Every server of every HAProxy process, merged: sessions are summed over the
+    processes; the status is the first process's unless another one disagrees, in
+    which case the disagreeing (not UP) status wins, so "UP" means UP everywhere."""
+    merged: dict[tuple[str, str], ServerState] = {}
+    for path in layout.haproxy_sockets() or [layout.haproxy_socket]:
+        reply = _command_or_gone(layout, "show stat", 2.0, path)
+        if reply is None:
             continue
-        states.append(
-            ServerState(row["pxname"], row["svname"], row["status"], int(row["scur"] or 0))
-        )
-    return states
+        text = reply.lstrip("# ")
+        for row in csv.DictReader(io.StringIO(text)):
+            if row.get("svname") in ("FRONTEND", "BACKEND", None):
+                continue
+            state = ServerState(row["pxname"], row["svname"], row["status"], int(row["scur"] or 0))
+            key = (state.backend, state.server)
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = state
+                continue
+            status = (
+                seen.status if state.status == seen.status or seen.status != "UP" else state.status
+            )
+            merged[key] = ServerState(
+                state.backend, state.server, status, seen.sessions + state.sessions
+            )
+    return list(merged.values())

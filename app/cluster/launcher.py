@@ -7,7 +7,9 @@ what was already started and surfaces as one ``ClusterError`` line.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import signal
 import sys
@@ -47,6 +49,10 @@ class ComponentStatus:
     healthy: bool
 
 
+def _socket_ready(path: Path) -> tuple[bool, str]:
+    return path.exists(), "no stats socket yet"
+
+
 class LocalCluster:
     def __init__(self, settings: Settings, say: Say = _quiet) -> None:
         self.settings = settings
@@ -59,10 +65,32 @@ class LocalCluster:
         return [
             "etcd",
             *self.settings.node_names(),
-            "haproxy",
-            *self.settings.worker_ids(),
+            *self.haproxy_names(),
+            *self.worker_names(),
             "dashboard",
         ]
+
+    def worker_names(self) -> list[str]:
+        """The configured workers, and any more that a pid file names: a cluster
+        started with ``--workers 5`` is stopped whole by a plain ``down``."""
+        return self._with_pidfiles(self.settings.worker_ids(), r"w(\d+)")
+
+    def haproxy_names(self) -> list[str]:
+        """The configured HAProxy processes, and any more that a pid file names."""
+        return self._with_pidfiles(self.settings.haproxy_names(), r"haproxy(\d*)")
+
+    def _with_pidfiles(self, configured: list[str], pattern: str) -> list[str]:
+        found = set(configured)
+        if self.layout.run.is_dir():
+            for pidfile in self.layout.run.glob("*.pid"):
+                if re.fullmatch(pattern, pidfile.stem):
+                    found.add(pidfile.stem)
+
+        def number(name: str) -> int:
+            digits = re.sub(r"\D", "", name)
+            return int(digits) if digits else 0
+
+        return sorted(found, key=lambda name: (number(name), name))
 
     def _record(self, name: str) -> PidRecord | None:
         return read_pidfile(self.layout.pidfile(name))
@@ -189,7 +217,12 @@ class LocalCluster:
             cfg.write_text(patroni.node_config(self.settings, self.layout, node, secrets))
             cfg.chmod(0o600)
             run_as.chown(cfg)
-        self.layout.haproxy_cfg.write_text(haproxy.render(self.settings, self.layout))
+        for stale in self.layout.haproxy_sockets():
+            stale.unlink(missing_ok=True)  # a crashed run's: a new one must not look ready
+        for name in self.settings.haproxy_names():
+            self.layout.haproxy_cfg_of(name).write_text(
+                haproxy.render(self.settings, self.layout, name)
+            )
 
     def _launch(self, name: str, argv: list[str], env: dict[str, str]) -> PidRecord:
         pid = spawn(argv, self.layout.logfile(name), env)
@@ -239,14 +272,17 @@ class LocalCluster:
         return self._launch(node, run_as.wrap(argv), env)
 
     def _start_haproxy(self) -> None:
-        argv = [self.settings.haproxy_bin, "-db", "-f", str(self.layout.haproxy_cfg)]
-        self._launch("haproxy", argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        wait_for(
-            "haproxy",
-            lambda: (self.layout.haproxy_socket.exists(), "no stats socket yet"),
-            timeout=10,
-            alive=self._alive_check("haproxy"),
-        )
+        """The first process serves every port; the others share the client port with it."""
+        for name in self.settings.haproxy_names():
+            argv = [self.settings.haproxy_bin, "-db", "-f", str(self.layout.haproxy_cfg_of(name))]
+            self._launch(name, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        for name in self.settings.haproxy_names():
+            wait_for(
+                name,
+                functools.partial(_socket_ready, self.layout.haproxy_socket_of(name)),
+                timeout=10,
+                alive=self._alive_check(name),
+            )
 
     def _wait_db(self) -> None:
         nodes = self.settings.node_names()
@@ -257,7 +293,7 @@ class LocalCluster:
                 return False, "no Patroni REST API answers yet"
             return view.healthy(len(nodes))
 
-        alive = self._alive_check("etcd", "haproxy", *nodes)
+        alive = self._alive_check("etcd", *self.settings.haproxy_names(), *nodes)
         wait_for("patroni cluster", cluster_ready, self.settings.startup_timeout_s, alive, 0.25)
         wait_for("db primary port", self._primary_writable, 20, alive, 0.2)
 
@@ -383,7 +419,7 @@ class LocalCluster:
 
     def restart_workers(self) -> None:
         """A rolling restart: one worker at a time, each drained before it stops."""
-        for wid in self.settings.worker_ids():
+        for wid in self.worker_names():
             self._step(f"restart {wid}", lambda wid=wid: self.restart_worker(wid))  # type: ignore[misc]
 
     def _worker_up_in_haproxy(self, wid: str) -> tuple[bool, str]:
@@ -418,16 +454,21 @@ class LocalCluster:
 
         s = self.settings
         stop_all(
-            records([*s.worker_ids(), "dashboard"]), signal.SIGTERM, timeout=s.shutdown_grace_s + 2
+            records([*self.worker_names(), "dashboard"]),
+            signal.SIGTERM,
+            timeout=s.shutdown_grace_s + 2,
         )
         # Together: one by one, each synchronous standby waits to be released (~20 s).
         postmasters = [p for p in (self._postmaster(n) for n in s.node_names()) if p]
         stop_all(records(s.node_names()), signal.SIGTERM, timeout=40)
         # Patroni detaches the postmaster; after a kill -9 of Patroni it is still running.
         stop_all(postmasters, signal.SIGINT, timeout=30)
-        stop_all(records(["haproxy", "etcd"]), signal.SIGTERM, timeout=10)
+        stop_all(records([*self.haproxy_names(), "etcd"]), signal.SIGTERM, timeout=10)
         for name in self.component_names():
             self.layout.pidfile(name).unlink(missing_ok=True)
+        if self.layout.run.exists():
+            for stale in self.layout.haproxy_sockets():
+                stale.unlink(missing_ok=True)
         if purge:
             shutil.rmtree(self.layout.etcd_data, ignore_errors=True)
             shutil.rmtree(self.layout.root, ignore_errors=True)
@@ -457,6 +498,10 @@ class LocalCluster:
                     f"replicas :{s.db_replica_port}, stats http://{s.host}:{s.haproxy_stats_port}/"
                 )
                 ok = running and self.layout.haproxy_socket.exists()
+                detail = "serving" if ok else "down"
+            elif name.startswith("haproxy"):
+                endpoint = f"clients {s.host}:{s.client_port} (shared with haproxy)"
+                ok = running and self.layout.haproxy_socket_of(name).exists()
                 detail = "serving" if ok else "down"
             elif name == "dashboard":
                 endpoint = f"http://{s.host}:{s.dashboard_port}/ (app :{s.dashboard_app_port()})"

@@ -42,9 +42,21 @@ class Layout:
     def haproxy_cfg(self) -> Path:
         return self.root / "haproxy.cfg"
 
+    def haproxy_cfg_of(self, name: str) -> Path:
+        """The config of HAProxy process ``name``: haproxy.cfg, haproxy2.cfg, ..."""
+        return self.root / f"{name}.cfg"
+
     @property
     def haproxy_socket(self) -> Path:
         return self.run / "haproxy.sock"
+
+    def haproxy_socket_of(self, name: str) -> Path:
+        """The runtime API socket of HAProxy process ``name`` (haproxy, haproxy2, ...)."""
+        return self.run / f"{name}.sock"
+
+    def haproxy_sockets(self) -> list[Path]:
+        """The runtime API sockets of the running HAProxy processes, the first one first."""
+        return sorted(self.run.glob("haproxy*.sock"), key=lambda p: (len(p.name), p.name))
 
     def node_dir(self, node: str) -> Path:
         return self.root / "db" / node

@@ -25,16 +25,17 @@ def new_user(prefix: str = "u") -> str:
 def only_worker(cluster: LocalCluster, worker: str) -> Any:
     """Route new client connections to one worker by putting the others in maintenance.
 
-    Uses HAProxy's runtime API: the real balancer decides, existing connections stay.
+    Uses HAProxy's runtime API, in every HAProxy process (the kernel hands a new
+    connection to any of them): the real balancer decides, existing connections stay.
     """
     others = [w for w in cluster.settings.worker_ids() if w != worker]
     for w in others:
-        haproxy.runtime_command(cluster.layout, f"set server workers/{w} state maint")
+        haproxy.runtime_command_all(cluster.layout, f"set server workers/{w} state maint")
     try:
         yield
     finally:
         for w in others:
-            haproxy.runtime_command(cluster.layout, f"set server workers/{w} state ready")
+            haproxy.runtime_command_all(cluster.layout, f"set server workers/{w} state ready")
 
 
 async def register(cluster: LocalCluster, user: str) -> None:
