@@ -241,9 +241,13 @@ class Delivery:
                     event = {"replaced": replaced[i : i + REPLACED_CHUNK]}
                     await push(self.worker.pool, event, self.worker.push_key)
             except (*RETRYABLE, asyncpg.PostgresError) as exc:
-                # Inbox pointers are only a hint (listeners catch up from the tables);
-                # a replacement must reach the old owner: keep it for the next round.
+                # Listeners only catch up from the tables when they reconnect, so a
+                # pointer whose NOTIFY failed while they stayed connected must go out
+                # again: keep it (and the replacements) for the next round.
                 log.warning("notify_failed", users=len(pending), error=type(exc).__name__)
+                for user_id, seq in pending.items():
+                    if self._to_notify.get(user_id, 0) < seq:
+                        self._to_notify[user_id] = seq
                 self._to_replace[:0] = replaced
                 self._notify_wake.set()
                 await asyncio.sleep(0.2)
@@ -307,6 +311,12 @@ class Delivery:
                         int(user_id), int(session_id), None if epoch is None else int(epoch)
                     )
                 return
+            if "catch_up" in event:
+                # A worker died (or restarted) and may have committed messages it
+                # never announced: read every local user's inbox from the tables.
+                log.info("catch_up", reason=str(event["catch_up"]), users=len(self.worker.by_user))
+                self.mark_dirty(list(self.worker.by_user))
+                return
             if "kicked" in event:
                 reason = str(event.get("reason", "kicked"))
                 for user_id, session_id in event["kicked"]:
@@ -364,6 +374,16 @@ class Delivery:
         """
         self._to_replace.append((user_id, session_id, epoch))
         self._notify_wake.set()
+
+    async def announce_catch_up(self, reason: str) -> None:
+        """Ask every worker (this one too) to catch its users up from the tables.
+
+        A worker killed between a commit and its NOTIFY leaves inboxes that moved
+        unannounced; their users' workers stay connected to the database, so
+        nothing else would make them look. Called when a dead worker is reaped
+        and when a worker (re)registers (a restart after a crash).
+        """
+        await push(self.worker.pool, {"catch_up": reason}, self.worker.push_key)
 
     async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
         """Send an ephemeral frame to every session of these users, on any worker."""

@@ -281,6 +281,10 @@ class Worker:
         )
         self._resumer.start()
         self.delivery.start()
+        # If this worker's previous run died between a commit and its NOTIFY, the
+        # others must look at their users' inboxes again.
+        with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+            await self.delivery.announce_catch_up(f"started: {self.worker_id}")
         server = await loop.create_server(
             lambda: ClientConnection(self),
             s.host,
@@ -414,6 +418,8 @@ class Worker:
                     workers=reaped.dead_workers,
                     detached_users=len(reaped.detached_users),
                 )
+                with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+                    await self.delivery.announce_catch_up("dead: " + ",".join(reaped.dead_workers))
                 for user_id in reaped.detached_users:
                     with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
                         await self.logic.broadcast_presence(user_id)

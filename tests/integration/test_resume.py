@@ -6,8 +6,19 @@ import asyncio
 import os
 import signal
 
+import pytest
+
 from app.cluster.launcher import LocalCluster
-from tests.integration.helpers import contacts_on_two_workers, db, login, new_user, only_worker
+from app.store import messages as message_store
+from app.store.messages import NewMessage
+from tests.integration.helpers import (
+    contacts_on_two_workers,
+    db,
+    login,
+    new_user,
+    only_worker,
+    register,
+)
 from tests.linechat import LineClient
 
 
@@ -110,3 +121,34 @@ async def test_drain_moves_clients_and_refuses_new_ones(cluster: LocalCluster) -
         await b2.close()
     finally:
         await asyncio.to_thread(cluster.drain_worker, "w3", True)
+
+
+async def test_a_message_committed_by_a_worker_that_died_before_announcing_it_arrives(
+    cluster: LocalCluster,
+) -> None:
+    """kill -9 between a commit and its NOTIFY: the recipient's worker, still connected
+    to the database, hears nothing; the reaper's catch-up makes it read the tables."""
+    sender, bob = new_user("s"), new_user("bob")
+    await register(cluster, sender)
+    b, _ = await login(cluster, bob, worker="w2")
+    async with db(cluster) as conn:
+        rows = await conn.fetch(
+            "SELECT username, id FROM users WHERE username = ANY($1)", [sender, bob]
+        )
+        ids = {row["username"]: row["id"] for row in rows}
+        # What w3 committed just before it died: stored, acknowledged, never announced.
+        stored, _ = await message_store.store_batch(
+            conn, [NewMessage(ids[sender], "phone", "orphan", ids[bob], None, "unannounced")]
+        )
+    assert stored[0] is not None
+    with pytest.raises(TimeoutError):
+        await b.recv_until("msg", timeout=1.0)  # nobody told bob's worker
+    pid = cluster.pid_of("w3")
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGKILL)
+        frame = await b.recv_until("msg", timeout=cluster.settings.worker_lease_s + 10)
+        assert (frame["from"], frame["body"], frame["id"]) == (sender, "unannounced", stored[0].id)
+    finally:
+        await asyncio.to_thread(cluster.restart_worker, "w3")
+    await b.close()
