@@ -199,7 +199,7 @@ async def _switchover(cluster: Any) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from app.cluster import patroni
+    from app.cluster import haproxy, patroni
     from app.cluster.launcher import LocalCluster
     from tests.cluster_fixture import make_settings
 
@@ -207,8 +207,8 @@ async def run(args: argparse.Namespace) -> None:
         workers=3,
         max_auth_queue=4096,
         max_concurrent_auth=64,
-        # Each HAProxy process holds ~9,000 client connections (see haproxy_processes).
-        haproxy_processes=max(2, -(-args.sessions // 8000)),
+        # Each HAProxy process holds haproxy.MAXCONN client connections: keep a margin.
+        haproxy_processes=max(2, -(-args.sessions // int(haproxy.MAXCONN * 0.9))),
     )
     cluster = LocalCluster(settings, say=lambda line: print(f"  [cluster] {line}", flush=True))
     clients: list[BenchClient] = []

@@ -87,7 +87,8 @@ def runtime_command(
 
 def runtime_command_all(layout: Layout, command: str, timeout: float = 2.0) -> list[str]:
     """Send one command to every running HAProxy process (e.g. ``set server ...``),
-    so that they all route alike; raises OSError if any of them did not take it."""
+    so that they all route alike. An extra process that is gone is skipped; any
+    other failure (and the first process gone) raises OSError."""
     return [
         reply
         for path in layout.haproxy_sockets()

@@ -331,31 +331,40 @@ class Delivery:
             for target in self.worker.by_user.get(user_id, ()):
                 target.write(data)
 
+    def _holding(self, user_id: int, session_id: int) -> list[ClientConnection]:
+        """The local connections holding this session (at most one, normally)."""
+        return [
+            conn
+            for conn in self.worker.by_user.get(user_id, ())
+            if conn.session is not None and conn.session.session_id == session_id
+        ]
+
+    def _drop(self, conn: ClientConnection, code: ErrorCode, message: str) -> None:
+        """Close a connection whose session row someone else already closed or took."""
+        self.worker.session_detached(conn)
+        conn.session = None
+        conn.fail(code, message)
+
     def _close_replaced(self, user_id: int, session_id: int, epoch: int | None) -> None:
-        for conn in list(self.worker.by_user.get(user_id, ())):
+        for conn in self._holding(user_id, session_id):
             session = conn.session
-            if (
-                session is not None
-                and session.session_id == session_id
-                and (epoch is None or session.epoch < epoch)
-            ):
+            assert session is not None
+            if epoch is None or session.epoch < epoch:
                 log.info("session_replaced", user=session.username, session=session_id)
-                self.worker.session_detached(conn)
-                conn.session = None  # its row is already closed by the new login
-                conn.fail(ErrorCode.SESSION_REPLACED, "this device logged in on another connection")
+                self._drop(
+                    conn, ErrorCode.SESSION_REPLACED, "this device logged in on another connection"
+                )
 
     def _close_kicked(self, user_id: int, session_id: int, reason: str) -> None:
         """An administrator closed this session (``reason``: kicked, or disabled for
         a disabled account). Its row is closed already, so it cannot be resumed;
         the contacts learn the presence that leaves."""
-        for conn in list(self.worker.by_user.get(user_id, ())):
+        for conn in self._holding(user_id, session_id):
             session = conn.session
-            if session is None or session.session_id != session_id:
-                continue
+            assert session is not None
             log.info("session_kicked", user=session.username, session=session_id, reason=reason)
-            self.worker.session_detached(conn)
-            conn.session = None
-            conn.fail(ErrorCode.KICKED, KICKED_MESSAGES.get(reason, KICKED_MESSAGES["kicked"]))
+            message = KICKED_MESSAGES.get(reason, KICKED_MESSAGES["kicked"])
+            self._drop(conn, ErrorCode.KICKED, message)
             self.worker.events.session_ended(
                 user_id, session_id, session.epoch, reason, resumable=False
             )
