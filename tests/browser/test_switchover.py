@@ -51,8 +51,14 @@ async def test_switchover_from_the_database_page(
             return await page.inner_text('[data-field="leader"]') == candidate
 
         await eventually(page_shows_it, "the page shows the new primary", 20)
-        await page.reload()
-        assert await page.locator("#failovers tbody tr td.num").count() >= 1
+
+        # Patroni's /history can lag the promotion (one clean run saw it empty right
+        # after the new leader was visible): reload until it lists the switchover.
+        async def history_lists_it() -> bool:
+            await page.reload()
+            return await page.locator("#failovers tbody tr td.num").count() >= 1
+
+        await eventually(history_lists_it, "the failover history lists the switchover", 20)
         await shot(page, screenshots, "database-after-switchover")
     finally:
         await page.close()
