@@ -1,4 +1,4 @@
-"""The request methods `Client` and `ResilientClient` share.
+"""The request methods, and the event iterator, `Client` and `ResilientClient` share.
 
 Each class supplies ``_call(op, expect, fields)``: one request, its reply frame.
 What differs between them (sending on one link, or surviving reconnects) lives
@@ -7,10 +7,13 @@ there; what a request looks like on the wire and how its reply is read lives her
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+from app.client.errors import ConnectionLost
 from app.client.events import (
     Contact,
+    Event,
     Frame,
     HistoryPage,
     parse_contacts,
@@ -28,6 +31,25 @@ def exactly_one(what: str, to: object, room: object) -> None:
 class Requests:
     async def _call(self, op: str, expect: str, fields: dict[str, Any]) -> Frame:
         raise NotImplementedError
+
+    async def next_event(self, timeout: float | None = None) -> Event:
+        raise NotImplementedError
+
+    def events(self) -> AsyncIterator[Event]:
+        """Server-initiated frames in arrival order (across reconnects, for
+        `ResilientClient`); ends when the connection, or the session, is gone for good.
+
+        If the application did not call `close()`, the last event is `ServerClosed`.
+        """
+        return self._iter_events()
+
+    async def _iter_events(self) -> AsyncIterator[Event]:
+        while True:
+            try:
+                event = await self.next_event()
+            except ConnectionLost:
+                return
+            yield event
 
     async def set_presence(self, state: str, text: str | None = None) -> None:
         await self._call("presence", "ok", {"state": state, "text": text})

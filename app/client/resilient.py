@@ -63,7 +63,7 @@ import functools
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Final
@@ -493,21 +493,6 @@ class ResilientClient(Requests):
                 self._pump_or_drop(link)  # a gap may have waited for this reply
 
     # --- events --------------------------------------------------------------------
-
-    def events(self) -> AsyncIterator[Event]:
-        """Events across reconnects; ends when the session ends for good.
-
-        If the application did not call `close()`, the last event is `ServerClosed`.
-        """
-        return self._iter_events()
-
-    async def _iter_events(self) -> AsyncIterator[Event]:
-        while True:
-            try:
-                event = await self.next_event()
-            except ConnectionLost:
-                return
-            yield event
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next event; `Timeout` after ``timeout`` s, `ConnectionLost` once they ended."""

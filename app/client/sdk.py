@@ -33,7 +33,7 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -331,21 +331,6 @@ class Client(Requests):
         return reply
 
     # --- events --------------------------------------------------------------------
-
-    def events(self) -> AsyncIterator[Event]:
-        """Server-initiated frames in arrival order; ends when the connection is gone.
-
-        If the application did not call `close()`, the last event is `ServerClosed`.
-        """
-        return self._iter_events()
-
-    async def _iter_events(self) -> AsyncIterator[Event]:
-        while True:
-            try:
-                event = await self.next_event()
-            except ConnectionLost:
-                return
-            yield event
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next event; `Timeout` after ``timeout`` s, `ConnectionLost` once they ended."""
