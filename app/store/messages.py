@@ -225,21 +225,45 @@ async def inbox_position(pool: asyncpg.Pool, user_id: int, device: str) -> tuple
     return (int(row["last_seq"]), int(row["acked"])) if row else (0, 0)
 
 
-async def ack(pool: asyncpg.Pool, user_id: int, device: str, seq: int) -> int:
-    """Move the device's acked position forward (never back, never past the inbox)."""
-    value = await pool.fetchval(
-        """
-        UPDATE devices d SET acked_seq = greatest(d.acked_seq, least($3, c.last_seq)),
-                             updated_at = now()
-        FROM inbox_counters c
-        WHERE d.user_id = $1 AND d.device = $2 AND c.user_id = d.user_id
-        RETURNING d.acked_seq
-        """,
-        user_id,
-        device,
-        seq,
-    )
-    return int(value or 0)
+@dataclass(frozen=True, slots=True)
+class AckRequest:
+    user_id: int
+    device: str
+    seq: int
+
+
+# The devices' rows are locked in key order first, so batches from two workers
+# (a device between an old and a new session) cannot deadlock.
+_ACK_BATCH = """
+WITH wanted AS MATERIALIZED (
+    SELECT user_id, device, max(seq) AS seq
+    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS t(user_id, device, seq)
+    GROUP BY user_id, device
+),
+locked AS MATERIALIZED (
+    SELECT d.user_id, d.device FROM devices d JOIN wanted w USING (user_id, device)
+    ORDER BY d.user_id, d.device
+    FOR UPDATE OF d
+)
+UPDATE devices d SET acked_seq = greatest(d.acked_seq, least(w.seq, c.last_seq)),
+                     updated_at = now()
+FROM locked l
+JOIN wanted w USING (user_id, device)
+JOIN inbox_counters c ON c.user_id = w.user_id
+WHERE d.user_id = l.user_id AND d.device = l.device
+RETURNING d.user_id, d.device, d.acked_seq
+"""
+
+
+async def ack_batch(conn: asyncpg.Connection, acks: Sequence[AckRequest]) -> list[int]:
+    """Move devices' acked positions forward (never back, never past the inbox), all
+    in one statement: per request, the device's acked seq afterwards (0: no such device).
+
+    Idempotent, so a batch whose commit went unanswered can simply run again.
+    """
+    rows = await conn.fetch(_ACK_BATCH, *columns(acks, "user_id", "device", "seq"))
+    acked = {(int(r["user_id"]), str(r["device"])): int(r["acked_seq"]) for r in rows}
+    return [acked.get((a.user_id, a.device), 0) for a in acks]
 
 
 async def add_receipt(

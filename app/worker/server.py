@@ -32,6 +32,7 @@ from app.store import sessions as session_store
 from app.store import social
 from app.store.db import create_pool
 from app.store.events import EventLog
+from app.store.messages import AckRequest
 from app.store.sessions import ResumedSession, ResumeRequest
 from app.worker import metrics
 from app.worker.connection import ClientConnection
@@ -78,6 +79,7 @@ class Worker:
         self._pool: asyncpg.Pool | None = None
         self._writer: MessageWriter | None = None
         self._resumer: Batcher[ResumeRequest, ResumedSession | None] | None = None
+        self._acker: Batcher[AckRequest, int] | None = None
         # Usernames never change owner: a bounded cache spares a query per send.
         self._user_ids: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -236,6 +238,16 @@ class Worker:
         assert self._resumer is not None, "the resumer exists once the worker started"
         return await self._resumer.submit(request)
 
+    async def ack(self, request: AckRequest) -> int:
+        """Move a device's acked position; concurrent acks share one statement."""
+        assert self._acker is not None, "the acker exists once the worker started"
+        return await self._acker.submit(request)
+
+    async def _ack_batch(
+        self, conn: asyncpg.Connection, requests: list[AckRequest]
+    ) -> tuple[list[int], None]:
+        return await message_store.ack_batch(conn, requests), None
+
     async def _resume_batch(
         self, conn: asyncpg.Connection, requests: list[ResumeRequest]
     ) -> tuple[list[ResumedSession | None], None]:
@@ -280,6 +292,17 @@ class Worker:
             retry_budget_s=RESUME_RETRY_BUDGET_S,
         )
         self._resumer.start()
+        # Clients may ack every message: one synchronously replicated commit per ack
+        # would cost as much as the messages themselves, so acks are group-committed too.
+        self._acker = Batcher(
+            self.pool,
+            self._ack_batch,
+            name="acks",
+            batch_max=s.batch_max,
+            interval_s=s.batch_interval_s,
+            retry_budget_s=s.send_retry_budget_s,
+        )
+        self._acker.start()
         self.delivery.start()
         # If this worker's previous run died between a commit and its NOTIFY, the
         # others must look at their users' inboxes again.
@@ -561,8 +584,9 @@ class Worker:
         agent.close()
         await self.delivery.stop()
         await self.writer.stop()
-        if self._resumer is not None:
-            await self._resumer.stop()
+        for batcher in (self._resumer, self._acker):
+            if batcher is not None:
+                await batcher.stop()
         await health.cleanup()
         self.events.worker_stopped()
         await self.events.close()

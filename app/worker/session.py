@@ -55,7 +55,7 @@ from app.store import accounts, social
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.errors import Forbidden, NotFound, UserExists
-from app.store.messages import NewMessage, Stored
+from app.store.messages import AckRequest, NewMessage, Stored
 from app.store.sessions import ResumeRequest
 from app.worker import metrics
 from app.worker.delivery import rfc3339
@@ -149,13 +149,14 @@ class SessionLogic:
             conn.write(_error(ErrorCode.FORBIDDEN, str(exc), rid))
         except StoreUnavailable:
             conn.write(_error(ErrorCode.INTERNAL, "the database is unavailable; retry", rid))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Before the catch-all: a database hiccup is not a bug.
+            log.warning("request_failed", op=req.op, error=type(exc).__name__)
+            conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", rid))
         except Exception:
             # A bug must cost one request, never the worker or the connection's order.
             log.exception("request_crashed", op=req.op)
             conn.write(_error(ErrorCode.INTERNAL, "internal server error", rid))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("request_failed", op=req.op, error=type(exc).__name__)
-            conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", rid))
 
     # ---- accounts ----------------------------------------------------------
     async def register(self, conn: ClientConnection, req: Register) -> None:
@@ -443,7 +444,7 @@ class SessionLogic:
 
     async def ack(self, conn: ClientConnection, req: Ack) -> None:
         session = _session(conn)
-        acked = await message_store.ack(self.worker.pool, session.user_id, session.device, req.seq)
+        acked = await self.worker.ack(AckRequest(session.user_id, session.device, req.seq))
         conn.write(_ok(req.rid))
         self.worker.events.acked(session.user_id, session.session_id, session.epoch, acked)
 

@@ -74,6 +74,41 @@ async def test_offline_recipient_gets_everything_at_next_login(cluster: LocalClu
         await c.close()
 
 
+async def test_concurrent_acks_all_land_and_never_move_back(cluster: LocalCluster) -> None:
+    """Acks are group-committed: many devices acking at once all land, each
+    position only moves forward and never past the user's inbox."""
+    alice = new_user("alice")
+    readers = [new_user("r") for _ in range(12)]
+    a, _ = await login(cluster, alice)
+    clients = [(await login(cluster, r))[0] for r in readers]
+    for r in readers:
+        for i in range(3):
+            await a.request({"op": "send", "to": r, "cmid": f"{r}-{i}", "body": "x"})
+    for c in clients:
+        assert [(await c.recv())["seq"] for _ in range(3)] == [1, 2, 3]
+
+    async def acks(c: LineClient, seqs: list[int]) -> list[str]:
+        # Pipelined: the worker gets them back to back, as a client acking every message would.
+        for seq in seqs:
+            await c.send({"op": "ack", "seq": seq})
+        return [(await c.recv())["op"] for _ in seqs]
+
+    # 2 then 1 (must not move back), and 99 (capped at the inbox's 3) for half of them.
+    plans = [[2, 1] if k % 2 else [2, 1, 99] for k in range(len(clients))]
+    replies = await asyncio.gather(*(acks(c, p) for c, p in zip(clients, plans, strict=True)))
+    assert all(op == "ok" for ops in replies for op in ops)
+    async with db(cluster) as conn:
+        rows = await conn.fetch(
+            "SELECT u.username, d.acked_seq FROM devices d JOIN users u ON u.id = d.user_id "
+            "WHERE u.username = ANY($1::text[]) AND d.device = 'laptop'",
+            readers,
+        )
+    acked = {r["username"]: r["acked_seq"] for r in rows}
+    assert acked == {r: (2 if k % 2 else 3) for k, r in enumerate(readers)}
+    for c in (a, *clients):
+        await c.close()
+
+
 async def test_resend_with_same_client_id_stores_one_message(cluster: LocalCluster) -> None:
     alice, bob = new_user("alice"), new_user("bob")
     a, _ = await login(cluster, alice, worker="w1")
