@@ -49,6 +49,7 @@ bench: bootstrap
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 5000
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000 --ack-every 1
+	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000 --ack-every 10 --read-every 1
 	$(VENV)/bin/python -m bench.session_memory
 	$(VENV)/bin/python -m bench.failover --scenario kill-worker --sessions 10000
 	$(VENV)/bin/python -m bench.failover --scenario kill-primary --sessions 2000 --after 25

@@ -7,7 +7,8 @@ N sender and N receiver users (pairs) are registered and logged in, each on its 
 connection through HAProxy's client port. Sender i sends 1:1 messages to receiver i;
 a message counts when the RECIPIENT has received its `msg` frame (the server replies
 `sent` only after the synchronously replicated commit). Receivers ack every
---ack-every messages.
+--ack-every messages and, with --read-every N, send a read receipt for every Nth
+(the senders count the `receipt` frames).
 
 --mode max: every sender keeps --window sends outstanding (pipelined, refilled on each
 `sent`), capped client-side just under the server's per-connection flood limit
@@ -60,6 +61,7 @@ class Plan:
     cap: float  # client-side frames/s per sender connection (mode max)
     body_bytes: int
     ack_every: int
+    read_every: int
     warmup: float
     duration: float
     drain: float
@@ -88,6 +90,7 @@ class Stats:
         self.errors: Counter[str] = Counter()
         self.gaps = 0
         self.duplicates = 0
+        self.receipts = 0
         self.closed = 0
         self.sched_lag_max = 0.0
         self.closing = False
@@ -206,6 +209,8 @@ class Sender:
             self.stats.on_sent(time.monotonic(), t_send)
             if self.running:
                 self.pump()
+        elif op == "receipt":
+            self.stats.receipts += 1
         elif op == "error":
             self.stats.errors[frame.get("code", "?")] += 1
             if self.t_sent.pop(frame.get("rid"), None) is not None:  # type: ignore[arg-type]
@@ -220,11 +225,12 @@ class Sender:
 
 
 class Receiver:
-    __slots__ = ("ack_every", "acked", "seq", "stats", "wire")
+    __slots__ = ("ack_every", "acked", "read_every", "seq", "stats", "wire")
 
-    def __init__(self, stats: Stats, ack_every: int) -> None:
+    def __init__(self, stats: Stats, ack_every: int, read_every: int = 0) -> None:
         self.stats = stats
         self.ack_every = ack_every
+        self.read_every = read_every
         self.seq = 0
         self.acked = 0
         self.wire: Wire | None = None
@@ -243,6 +249,8 @@ class Receiver:
             body = frame["body"]
             space = body.find(" ")
             self.stats.on_msg(now, float(body if space < 0 else body[:space]))
+            if self.read_every and seq % self.read_every == 0 and self.wire is not None:
+                self.wire.write(b'{"op":"read","msg_id":%d}\n' % frame["id"])
             if seq - self.acked >= self.ack_every and self.wire is not None:
                 self.acked = seq
                 self.wire.write(b'{"op":"ack","seq":%d}\n' % seq)
@@ -296,7 +304,7 @@ async def _generator(plan: Plan, pipe: mpc.Connection, shared: Any) -> None:
 
     async def pair(i: int) -> None:
         rcv_name = f"b{plan.run_id}r{i}"
-        receiver = Receiver(stats, plan.ack_every)
+        receiver = Receiver(stats, plan.ack_every, plan.read_every)
         sender = Sender(loop, stats, rcv_name, plan)
         receiver.wire = await _open_session(plan, rcv_name, receiver.on_frame, sem)
         receiver.wire.on_close = receiver.on_close
@@ -430,6 +438,7 @@ def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "received",
         "gaps",
         "duplicates",
+        "receipts",
         "closed",
     ):
         merged[key] = sum(r[key] for r in results)
@@ -456,6 +465,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--procs", type=int, default=1, help="generator processes")
     parser.add_argument("--body-bytes", type=int, default=64, help="message body size")
     parser.add_argument("--ack-every", type=int, default=100, help="receiver ack interval")
+    parser.add_argument(
+        "--read-every",
+        type=int,
+        default=0,
+        help="receivers send a read receipt for every Nth message (default 0: none)",
+    )
     parser.add_argument(
         "--timeline",
         action="store_true",
@@ -508,6 +523,7 @@ def run(args: argparse.Namespace, target: Any) -> None:
             cap=0.9 * args.frames_per_s,
             body_bytes=args.body_bytes,
             ack_every=args.ack_every,
+            read_every=args.read_every,
             warmup=args.warmup,
             duration=args.duration,
             drain=args.drain,
@@ -663,6 +679,7 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]], cpu: dict[s
         f"errors: {errors}; connections closed by the server: {m['closed']}; inbox gaps "
         f"{m['gaps']}, duplicates {m['duplicates']}; in total {m['issued']:,} sends issued, "
         f"{m['acked']:,} acknowledged, {m['received']:,} received"
+        + (f", {m['receipts']:,} read receipts received" if args.read_every else "")
     )
     if cpu:
         print(format_cpu(cpu))

@@ -46,6 +46,26 @@ class Stored:
     recipient_seq: int | None = None
 
 
+# The inbox-numbering steps a batch of sends and a batch of read receipts share:
+# lock the counters of the users in CTE ``targets`` (in user-id order, so concurrent
+# batches cannot deadlock; = ANY(ARRAY(...)) keeps it an index lookup however the
+# planner guesses sizes), then, once CTE ``numbered`` has given each new entry its
+# seq, move each counter to its user's highest.
+_LOCK_COUNTERS = """locked AS MATERIALIZED (
+    SELECT user_id, last_seq FROM inbox_counters
+    WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM targets))
+    ORDER BY user_id
+    FOR UPDATE
+),"""
+_BUMP_COUNTERS = """maxes AS MATERIALIZED (
+    SELECT user_id, max(seq) AS max_seq FROM numbered GROUP BY user_id
+),
+bumped AS (
+    UPDATE inbox_counters c SET last_seq = m.max_seq
+    FROM maxes m
+    WHERE c.user_id = ANY(ARRAY(SELECT user_id FROM maxes)) AND c.user_id = m.user_id
+),"""
+
 _STORE_BATCH = f"""
 WITH input AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
@@ -73,26 +93,13 @@ targets AS MATERIALIZED (
     SELECT ins.id, rm.user_id FROM ins
     JOIN room_members rm ON rm.room_id = ins.room_id AND rm.status = 'member'
 ),
-locked AS MATERIALIZED (
-    -- = ANY(ARRAY(...)) keeps this an index lookup however the planner guesses sizes.
-    SELECT user_id, last_seq FROM inbox_counters
-    WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM targets))
-    ORDER BY user_id
-    FOR UPDATE
-),
+{_LOCK_COUNTERS}
 numbered AS MATERIALIZED (
     SELECT t.user_id, t.message_id,
            l.last_seq + row_number() OVER (PARTITION BY t.user_id ORDER BY t.message_id) AS seq
     FROM targets t JOIN locked l USING (user_id)
 ),
-maxes AS MATERIALIZED (
-    SELECT user_id, max(seq) AS max_seq FROM numbered GROUP BY user_id
-),
-bumped AS (
-    UPDATE inbox_counters c SET last_seq = m.max_seq
-    FROM maxes m
-    WHERE c.user_id = ANY(ARRAY(SELECT user_id FROM maxes)) AND c.user_id = m.user_id
-),
+{_BUMP_COUNTERS}
 delivered AS (
     INSERT INTO inbox (user_id, seq, kind, message_id)
     SELECT user_id, seq, {INBOX_KIND_MESSAGE}, message_id FROM numbered
@@ -266,53 +273,83 @@ async def ack_batch(conn: asyncpg.Connection, acks: Sequence[AckRequest]) -> lis
     return [acked.get((a.user_id, a.device), 0) for a in acks]
 
 
-async def add_receipt(
-    pool: asyncpg.Pool, reader_id: int, message_id: int
-) -> tuple[int, int] | bool | None:
-    """Record that ``reader_id`` read a message; the author gets an inbox entry.
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    reader_id: int
+    message_id: int
 
-    (author id, its new inbox seq) when recorded; None: no such message visible
-    to the reader; False: already recorded (or the reader's own message).
+
+# Read receipts, many in one statement: the same shape as a batch of sends. The
+# receipts are inserted in key order and the authors' counters locked in user-id
+# order, so concurrent batches cannot deadlock; each new receipt becomes the next
+# gap-free entry in its author's inbox, in the order the reads arrived.
+_READ_BATCH = f"""
+WITH input AS MATERIALIZED (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[])
+        WITH ORDINALITY AS t(reader_id, message_id, ord)
+),
+visible AS MATERIALIZED (
+    SELECT i.ord, i.reader_id, i.message_id, m.sender_id AS author
+    FROM input i JOIN messages m ON m.id = i.message_id
+    WHERE m.recipient_id = i.reader_id OR m.sender_id = i.reader_id OR EXISTS (
+        SELECT 1 FROM room_members rm WHERE rm.room_id = m.room_id
+        AND rm.user_id = i.reader_id AND rm.status = 'member')
+),
+ins AS MATERIALIZED (
+    INSERT INTO receipts (message_id, reader_id)
+    SELECT DISTINCT message_id, reader_id FROM visible WHERE author <> reader_id
+    ORDER BY message_id, reader_id
+    ON CONFLICT DO NOTHING
+    RETURNING message_id, reader_id
+),
+targets AS MATERIALIZED (
+    -- A read asked twice in one batch: the first one records it.
+    SELECT DISTINCT ON (v.message_id, v.reader_id) v.author AS user_id, v.message_id,
+           v.reader_id, v.ord
+    FROM ins JOIN visible v USING (message_id, reader_id)
+    ORDER BY v.message_id, v.reader_id, v.ord
+),
+{_LOCK_COUNTERS}
+numbered AS MATERIALIZED (
+    SELECT t.user_id, t.message_id, t.reader_id, t.ord,
+           l.last_seq + row_number() OVER (PARTITION BY t.user_id ORDER BY t.ord) AS seq
+    FROM targets t JOIN locked l USING (user_id)
+),
+{_BUMP_COUNTERS}
+delivered AS (
+    INSERT INTO inbox (user_id, seq, kind, message_id, actor_id)
+    SELECT user_id, seq, {INBOX_KIND_RECEIPT}, message_id, reader_id FROM numbered
+)
+SELECT i.ord, v.author, n.seq
+FROM input i
+LEFT JOIN visible v ON v.ord = i.ord
+LEFT JOIN numbered n ON n.ord = i.ord
+ORDER BY i.ord
+"""
+
+
+async def read_batch(
+    conn: asyncpg.Connection, reads: Sequence[ReadRequest]
+) -> list[tuple[int, int] | bool | None]:
+    """Record that readers read messages; each new receipt is an entry in its
+    author's inbox. Per request: (author id, its new inbox seq) when recorded;
+    None: no such message visible to the reader; False: already recorded (or the
+    reader's own message).
+
+    Safe to retry after an unknown outcome: receipts already recorded are not
+    recorded again and answer False, as a repeated read does.
     """
-    async with pool.acquire() as conn, conn.transaction():
-        msg = await conn.fetchrow(
-            """
-            SELECT m.sender_id FROM messages m WHERE m.id = $2 AND (
-                m.recipient_id = $1 OR m.sender_id = $1 OR EXISTS (
-                    SELECT 1 FROM room_members rm WHERE rm.room_id = m.room_id
-                    AND rm.user_id = $1 AND rm.status = 'member'))
-            """,
-            reader_id,
-            message_id,
-        )
-        if msg is None:
-            return None
-        author = int(msg["sender_id"])
-        if author == reader_id:
-            return False
-        inserted = await conn.fetchval(
-            "INSERT INTO receipts (message_id, reader_id) VALUES ($1, $2) "
-            "ON CONFLICT DO NOTHING RETURNING 1",
-            message_id,
-            reader_id,
-        )
-        if not inserted:
-            return False
-        seq = await conn.fetchval(
-            "UPDATE inbox_counters SET last_seq = last_seq + 1 WHERE user_id = $1 "
-            "RETURNING last_seq",
-            author,
-        )
-        await conn.execute(
-            "INSERT INTO inbox (user_id, seq, kind, message_id, actor_id) "
-            "VALUES ($1, $2, $3, $4, $5)",
-            author,
-            seq,
-            INBOX_KIND_RECEIPT,
-            message_id,
-            reader_id,
-        )
-    return author, int(seq)
+    rows = await conn.fetch(_READ_BATCH, *columns(reads, "reader_id", "message_id"))
+    result: list[tuple[int, int] | bool | None] = [None] * len(reads)
+    for row in rows:
+        index = row["ord"] - 1
+        if row["author"] is None:
+            result[index] = None
+        elif row["seq"] is None:
+            result[index] = False
+        else:
+            result[index] = (int(row["author"]), int(row["seq"]))
+    return result
 
 
 @dataclass(frozen=True, slots=True)

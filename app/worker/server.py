@@ -18,8 +18,9 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
+from typing import TypeVar
 
 import asyncpg
 from aiohttp import web
@@ -32,7 +33,7 @@ from app.store import sessions as session_store
 from app.store import social
 from app.store.db import create_pool
 from app.store.events import EventLog
-from app.store.messages import AckRequest
+from app.store.messages import AckRequest, ReadRequest
 from app.store.sessions import ResumedSession, ResumeRequest
 from app.worker import metrics
 from app.worker.connection import ClientConnection
@@ -42,6 +43,9 @@ from app.worker.session import RequestError, SessionLogic
 from app.worker.writer import RETRYABLE, Batcher, MessageWriter
 
 log = get_logger("worker")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # A resume waiting for the database longer than this fails with `internal`;
 # the client backs off and tries again (unlike a send, nothing is lost).
@@ -80,6 +84,7 @@ class Worker:
         self._writer: MessageWriter | None = None
         self._resumer: Batcher[ResumeRequest, ResumedSession | None] | None = None
         self._acker: Batcher[AckRequest, int] | None = None
+        self._reader: Batcher[ReadRequest, tuple[int, int] | bool | None] | None = None
         # Usernames never change owner: a bounded cache spares a query per send.
         self._user_ids: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -248,6 +253,34 @@ class Worker:
     ) -> tuple[list[int], None]:
         return await message_store.ack_batch(conn, requests), None
 
+    async def read(self, request: ReadRequest) -> tuple[int, int] | bool | None:
+        """Record a read receipt; concurrent reads share one statement."""
+        assert self._reader is not None, "the reader exists once the worker started"
+        return await self._reader.submit(request)
+
+    async def _read_batch(
+        self, conn: asyncpg.Connection, requests: list[ReadRequest]
+    ) -> tuple[list[tuple[int, int] | bool | None], None]:
+        return await message_store.read_batch(conn, requests), None
+
+    def _group_commit(
+        self,
+        name: str,
+        run: Callable[[asyncpg.Connection, list[T]], Awaitable[tuple[list[R], None]]],
+    ) -> Batcher[T, R]:
+        """A started batcher on the main pool, spaced and sized like the message writer."""
+        s = self.settings
+        batcher: Batcher[T, R] = Batcher(
+            self.pool,
+            run,
+            name=name,
+            batch_max=s.batch_max,
+            interval_s=s.batch_interval_s,
+            retry_budget_s=s.send_retry_budget_s,
+        )
+        batcher.start()
+        return batcher
+
     async def _resume_batch(
         self, conn: asyncpg.Connection, requests: list[ResumeRequest]
     ) -> tuple[list[ResumedSession | None], None]:
@@ -292,17 +325,11 @@ class Worker:
             retry_budget_s=RESUME_RETRY_BUDGET_S,
         )
         self._resumer.start()
-        # Clients may ack every message: one synchronously replicated commit per ack
-        # would cost as much as the messages themselves, so acks are group-committed too.
-        self._acker = Batcher(
-            self.pool,
-            self._ack_batch,
-            name="acks",
-            batch_max=s.batch_max,
-            interval_s=s.batch_interval_s,
-            retry_budget_s=s.send_retry_budget_s,
-        )
-        self._acker.start()
+        # Clients may ack (and mark read) every message: one synchronously replicated
+        # commit for each would cost as much as the messages themselves, so acks and
+        # read receipts are group-committed too.
+        self._acker = self._group_commit("acks", self._ack_batch)
+        self._reader = self._group_commit("reads", self._read_batch)
         self.delivery.start()
         # If this worker's previous run died between a commit and its NOTIFY, the
         # others must look at their users' inboxes again.
@@ -584,7 +611,7 @@ class Worker:
         agent.close()
         await self.delivery.stop()
         await self.writer.stop()
-        for batcher in (self._resumer, self._acker):
+        for batcher in (self._resumer, self._acker, self._reader):
             if batcher is not None:
                 await batcher.stop()
         await health.cleanup()

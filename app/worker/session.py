@@ -55,7 +55,7 @@ from app.store import accounts, social
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.errors import Forbidden, NotFound, UserExists
-from app.store.messages import AckRequest, NewMessage, Stored
+from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import ResumeRequest
 from app.worker import metrics
 from app.worker.delivery import rfc3339
@@ -450,7 +450,7 @@ class SessionLogic:
 
     async def read(self, conn: ClientConnection, req: Read) -> None:
         session = _session(conn)
-        result = await message_store.add_receipt(self.worker.pool, session.user_id, req.msg_id)
+        result = await self.worker.read(ReadRequest(session.user_id, req.msg_id))
         if result is None:
             raise NotFound("no such message")
         if isinstance(result, tuple):

@@ -303,6 +303,56 @@ async def test_read_receipts_are_durable_and_typing_is_ephemeral(cluster: LocalC
     await b.close()
 
 
+async def test_reads_pipelined_and_concurrent_become_gap_free_receipts(
+    cluster: LocalCluster,
+) -> None:
+    """Read receipts are group-committed: reads pipelined on one connection and
+    reads from many readers at once each reach the author once, in order, with
+    gap-free seqs; a repeated read is a no-op and an unknown message is not_found."""
+    alice = new_user("alice")
+    readers = [new_user("r") for _ in range(6)]
+    a, _ = await login(cluster, alice, worker="w1")
+    clients = [(await login(cluster, r, worker="w2"))[0] for r in readers]
+    first = clients[0]
+    ids = []
+    for i in range(4):
+        sent = await a.request({"op": "send", "to": readers[0], "cmid": f"p{i}", "body": "x"})
+        ids.append(sent["id"])
+    last_seq = sent["seq"]
+    assert [(await first.recv())["id"] for _ in ids] == ids
+    reads = [*ids, ids[0], 10**12]
+    for msg_id in reads:
+        await first.send({"op": "read", "msg_id": msg_id})
+    replies = [await first.recv() for _ in reads]
+    assert [r["op"] for r in replies] == ["ok"] * 5 + ["error"]
+    assert replies[-1]["code"] == "not_found"
+    receipts = [await a.recv() for _ in ids]
+    assert [(r["op"], r["msg_id"], r["by"]) for r in receipts] == [
+        ("receipt", i, readers[0]) for i in ids
+    ]
+    assert [r["seq"] for r in receipts] == list(range(last_seq + 1, last_seq + 5))
+    last_seq += 4
+    # Five more readers, one message each, all reading at the same moment.
+    sent_to = {}
+    for r, c in zip(readers[1:], clients[1:], strict=True):
+        sent = await a.request({"op": "send", "to": r, "cmid": f"q-{r}", "body": "y"})
+        sent_to[r] = sent["id"]
+        assert (await c.recv())["id"] == sent["id"]
+    last_seq = sent["seq"]
+    oks = await asyncio.gather(
+        *(
+            c.request({"op": "read", "msg_id": sent_to[r]})
+            for r, c in zip(readers[1:], clients[1:], strict=True)
+        )
+    )
+    assert [r["op"] for r in oks] == ["ok"] * 5
+    receipts = [await a.recv() for _ in range(5)]
+    assert sorted((r["by"], r["msg_id"]) for r in receipts) == sorted(sent_to.items())
+    assert [r["seq"] for r in receipts] == list(range(last_seq + 1, last_seq + 6))
+    for c in (a, *clients):
+        await c.close()
+
+
 async def test_history_pages_newest_first(cluster: LocalCluster) -> None:
     alice, bob = new_user("alice"), new_user("bob")
     a, _ = await login(cluster, alice)
