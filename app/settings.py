@@ -111,6 +111,7 @@ class Settings:
     # Group commit: messages per statement, lanes (statements in flight; a sender
     # always uses the same lane, so its messages commit in order), and how long a
     # send may stall (e.g. through a DB failover) before it fails with `internal`.
+    # Acks and read receipts are group-committed the same way, one lane each.
     batch_max: int = 500
     batch_writers: int = 1
     # Under load a lane starts batches at most this often (an idle lane at once),
