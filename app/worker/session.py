@@ -59,7 +59,7 @@ from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import ResumeRequest
 from app.worker import metrics
 from app.worker.delivery import rfc3339
-from app.worker.writer import StoreUnavailable
+from app.worker.writer import RETRYABLE, StoreUnavailable
 
 if TYPE_CHECKING:
     from app.worker.connection import ClientConnection
@@ -149,8 +149,9 @@ class SessionLogic:
             conn.write(_error(ErrorCode.FORBIDDEN, str(exc), rid))
         except StoreUnavailable:
             conn.write(_error(ErrorCode.INTERNAL, "the database is unavailable; retry", rid))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            # Before the catch-all: a database hiccup is not a bug.
+        except RETRYABLE as exc:
+            # Before the catch-all: a connection cut or a failover is not a bug (an
+            # error in a statement still is, and is logged with its traceback below).
             log.warning("request_failed", op=req.op, error=type(exc).__name__)
             conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", rid))
         except Exception:
