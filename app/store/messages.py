@@ -342,13 +342,9 @@ async def read_batch(
     rows = await conn.fetch(_READ_BATCH, *columns(reads, "reader_id", "message_id"))
     result: list[tuple[int, int] | bool | None] = [None] * len(reads)
     for row in rows:
-        index = row["ord"] - 1
-        if row["author"] is None:
-            result[index] = None
-        elif row["seq"] is None:
-            result[index] = False
-        else:
-            result[index] = (int(row["author"]), int(row["seq"]))
+        if row["author"] is not None:  # visible: recorded now, or already
+            seq = row["seq"]
+            result[row["ord"] - 1] = False if seq is None else (int(row["author"]), int(seq))
     return result
 
 

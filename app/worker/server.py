@@ -248,27 +248,22 @@ class Worker:
         assert self._acker is not None, "the acker exists once the worker started"
         return await self._acker.submit(request)
 
-    async def _ack_batch(
-        self, conn: asyncpg.Connection, requests: list[AckRequest]
-    ) -> tuple[list[int], None]:
-        return await message_store.ack_batch(conn, requests), None
-
     async def read(self, request: ReadRequest) -> tuple[int, int] | bool | None:
         """Record a read receipt; concurrent reads share one statement."""
         assert self._reader is not None, "the reader exists once the worker started"
         return await self._reader.submit(request)
 
-    async def _read_batch(
-        self, conn: asyncpg.Connection, requests: list[ReadRequest]
-    ) -> tuple[list[tuple[int, int] | bool | None], None]:
-        return await message_store.read_batch(conn, requests), None
-
     def _group_commit(
         self,
         name: str,
-        run: Callable[[asyncpg.Connection, list[T]], Awaitable[tuple[list[R], None]]],
+        store: Callable[[asyncpg.Connection, list[T]], Awaitable[list[R]]],
     ) -> Batcher[T, R]:
-        """A started batcher on the main pool, spaced and sized like the message writer."""
+        """A started batcher on the main pool for a set-based ``store`` statement (one
+        result per item), spaced and sized like the message writer."""
+
+        async def run(conn: asyncpg.Connection, items: list[T]) -> tuple[list[R], None]:
+            return await store(conn, items), None
+
         s = self.settings
         batcher: Batcher[T, R] = Batcher(
             self.pool,
@@ -328,8 +323,8 @@ class Worker:
         # Clients may ack (and mark read) every message: one synchronously replicated
         # commit for each would cost as much as the messages themselves, so acks and
         # read receipts are group-committed too.
-        self._acker = self._group_commit("acks", self._ack_batch)
-        self._reader = self._group_commit("reads", self._read_batch)
+        self._acker = self._group_commit("acks", message_store.ack_batch)
+        self._reader = self._group_commit("reads", message_store.read_batch)
         self.delivery.start()
         # If this worker's previous run died between a commit and its NOTIFY, the
         # others must look at their users' inboxes again.
