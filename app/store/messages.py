@@ -116,12 +116,20 @@ LEFT JOIN numbered n ON n.message_id = ins.id AND n.user_id = ins.sender_id
 LEFT JOIN numbered r ON r.message_id = ins.id AND r.user_id = ins.recipient_id
 """
 
+# Rows found already there may come from a transaction that committed on the primary
+# but whose wait for the synchronous standby was cut short (its connection was lost or
+# cancelled), so they may not be replicated yet. The statements that find them lock
+# them FOR KEY SHARE (blocking nothing this code does): a row lock is written to the
+# WAL, so their commit waits for the standby to confirm it, and with it all WAL
+# before. Only then may the caller reply that they are stored. (A transaction id
+# alone is not enough: a transaction that wrote no WAL commits without that wait.)
 _FIND_EXISTING = """
 SELECT t.ord, m.id, m.created_at,
        (SELECT seq FROM inbox x WHERE x.user_id = m.sender_id AND x.message_id = m.id
         ORDER BY seq DESC LIMIT 1) AS sender_seq
 FROM unnest($1::bigint[], $2::text[]) WITH ORDINALITY AS t(sender_id, cmid, ord)
 JOIN messages m ON m.sender_id = t.sender_id AND m.cmid = t.cmid
+FOR KEY SHARE OF m
 """
 
 
@@ -132,7 +140,8 @@ async def store_batch(
     and the inboxes that moved (user id -> new last seq), for the notifier.
 
     Safe to retry after an unknown outcome: messages already committed are
-    found again by (sender, cmid) and keep their id, timestamp and seq.
+    found again by (sender, cmid) and keep their id, timestamp and seq, and are
+    answered only once they are replicated.
     """
     rows = await conn.fetch(
         _STORE_BATCH,
@@ -328,6 +337,15 @@ ORDER BY i.ord
 """
 
 
+# Receipts a batch found already recorded: locked so that the reply waits until they
+# are replicated (see _FIND_EXISTING).
+_CONFIRM_RECEIPTS = """
+SELECT 1 FROM receipts r
+JOIN unnest($1::bigint[], $2::bigint[]) AS t(message_id, reader_id) USING (message_id, reader_id)
+FOR KEY SHARE OF r
+"""
+
+
 async def read_batch(
     conn: asyncpg.Connection, reads: Sequence[ReadRequest]
 ) -> list[tuple[int, int] | bool | None]:
@@ -337,7 +355,8 @@ async def read_batch(
     reader's own message).
 
     Safe to retry after an unknown outcome: receipts already recorded are not
-    recorded again and answer False, as a repeated read does.
+    recorded again and answer False, as a repeated read does, once they are
+    replicated.
     """
     rows = await conn.fetch(_READ_BATCH, *columns(reads, "reader_id", "message_id"))
     result: list[tuple[int, int] | bool | None] = [None] * len(reads)
@@ -345,6 +364,9 @@ async def read_batch(
         if row["author"] is not None:  # visible: recorded now, or already
             seq = row["seq"]
             result[row["ord"] - 1] = False if seq is None else (int(row["author"]), int(seq))
+    again = [read for read, r in zip(reads, result, strict=True) if r is False]
+    if again:
+        await conn.execute(_CONFIRM_RECEIPTS, *columns(again, "message_id", "reader_id"))
     return result
 
 

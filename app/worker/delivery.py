@@ -104,6 +104,8 @@ class Delivery:
         self._to_notify: dict[int, int] = {}
         # Sessions taken over here whose previous connection must be closed.
         self._to_replace: list[tuple[int, int, int | None]] = []
+        # A batch of ours may have committed unannounced: every worker must catch up.
+        self._catch_up = False
         self._notify_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False
@@ -233,10 +235,13 @@ class Delivery:
             self._notify_wake.clear()
             pending, self._to_notify = self._to_notify, {}
             replaced, self._to_replace = self._to_replace, []
+            catch_up, self._catch_up = self._catch_up, False
             try:
                 if pending:
                     payloads = _chunks([f"{u}:{q}" for u, q in pending.items()])
                     await message_store.notify_inboxes(self.worker.pool, payloads)
+                if catch_up:
+                    await self.announce_catch_up(f"uncertain commit: {self.worker.worker_id}")
                 for i in range(0, len(replaced), REPLACED_CHUNK):
                     event = {"replaced": replaced[i : i + REPLACED_CHUNK]}
                     await push(self.worker.pool, event, self.worker.push_key)
@@ -249,6 +254,7 @@ class Delivery:
                     if self._to_notify.get(user_id, 0) < seq:
                         self._to_notify[user_id] = seq
                 self._to_replace[:0] = replaced
+                self._catch_up = self._catch_up or catch_up
                 self._notify_wake.set()
                 await asyncio.sleep(0.2)
 
@@ -382,6 +388,15 @@ class Delivery:
         after a worker died costs a few NOTIFYs, not one per session.
         """
         self._to_replace.append((user_id, session_id, epoch))
+        self._notify_wake.set()
+
+    def request_catch_up(self) -> None:
+        """A batch of ours lost its connection mid-statement and may have committed
+        in an attempt whose inbox moves were never announced (its retry finds the
+        rows already there and moves nothing). Have every worker catch up from the
+        tables; the notifier sends it, and keeps trying while the database is away.
+        """
+        self._catch_up = True
         self._notify_wake.set()
 
     async def announce_catch_up(self, reason: str) -> None:

@@ -257,6 +257,8 @@ class Worker:
         self,
         name: str,
         store: Callable[[asyncpg.Connection, list[T]], Awaitable[list[R]]],
+        *,
+        uncertain: Callable[[], None] | None = None,
     ) -> Batcher[T, R]:
         """A started batcher on the main pool for a set-based ``store`` statement (one
         result per item), spaced and sized like the message writer."""
@@ -272,6 +274,7 @@ class Worker:
             batch_max=s.batch_max,
             interval_s=s.batch_interval_s,
             retry_budget_s=s.send_retry_budget_s,
+            uncertain=uncertain,
         )
         batcher.start()
         return batcher
@@ -310,6 +313,7 @@ class Worker:
             interval_s=s.batch_interval_s,
             retry_budget_s=s.send_retry_budget_s,
             on_commit=self.delivery.committed,
+            uncertain=self.delivery.request_catch_up,
         )
         self._writer.start()
         self._resumer = Batcher(
@@ -324,7 +328,9 @@ class Worker:
         # commit for each would cost as much as the messages themselves, so acks and
         # read receipts are group-committed too.
         self._acker = self._group_commit("acks", message_store.ack_batch)
-        self._reader = self._group_commit("reads", message_store.read_batch)
+        self._reader = self._group_commit(
+            "reads", message_store.read_batch, uncertain=self.delivery.request_catch_up
+        )
         self.delivery.start()
         # If this worker's previous run died between a commit and its NOTIFY, the
         # others must look at their users' inboxes again.

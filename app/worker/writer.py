@@ -60,6 +60,11 @@ class Batcher(Generic[T, R]):
     other in arrival order. Each item's ``done`` callback is called exactly
     once, synchronously after its batch, with its result or `StoreUnavailable`;
     ``after(items, results, extra)`` is called after all of them.
+
+    ``uncertain()`` is called once for a batch that had an attempt with an
+    unknown outcome (a connection lost mid-statement), after the batch ended
+    either way: an earlier attempt may have committed, and what it moved was
+    never announced; the retry finds those rows already there and moves nothing.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class Batcher(Generic[T, R]):
         retry_budget_s: float,
         after: Callable[[list[T], list[R], Any], None] | None = None,
         observe: Callable[[float], None] | None = None,
+        uncertain: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._run_batch = run
@@ -83,6 +89,7 @@ class Batcher(Generic[T, R]):
         self._retry_budget_s = retry_budget_s
         self._after = after
         self._observe = observe
+        self._uncertain = uncertain
         self._lanes = [_Lane[T, R]() for _ in range(max(1, lanes))]
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
@@ -140,6 +147,14 @@ class Batcher(Generic[T, R]):
                 await self._write([queue.popleft() for _ in range(n)])
 
     async def _write(self, batch: list[tuple[T, Callable[[R | Exception], None]]]) -> None:
+        if await self._attempts(batch) and self._uncertain is not None:
+            self._uncertain()
+
+    async def _attempts(self, batch: list[tuple[T, Callable[[R | Exception], None]]]) -> bool:
+        """Run the batch until it commits, fails for good or runs out of budget, and
+        answer each item. True if an attempt failed in a way that is retried: a
+        connection lost mid-statement is one, and its outcome is unknown (it may
+        have committed)."""
         items = [item for item, _ in batch]
         started = time.monotonic()
         deadline = started + self._retry_budget_s
@@ -163,7 +178,7 @@ class Batcher(Generic[T, R]):
                     failure = StoreUnavailable(type(exc).__name__)
                     for _, done in batch:
                         _call(done, failure)
-                    return
+                    return True
                 log.warning(
                     "batch_retry",
                     batcher=self._name,
@@ -181,7 +196,7 @@ class Batcher(Generic[T, R]):
                 failure = StoreUnavailable(type(exc).__name__)
                 for _, done in batch:
                     _call(done, failure)
-                return
+                return attempt > 1
         if self._observe is not None:
             self._observe(time.monotonic() - started)
         self.batches += 1
@@ -190,6 +205,7 @@ class Batcher(Generic[T, R]):
             _call(done, result)
         if self._after is not None:
             self._after(items, results, extra)
+        return attempt > 1
 
 
 class _Lane(Generic[T, R]):
@@ -234,6 +250,7 @@ class MessageWriter(Batcher[NewMessage, "Stored | None"]):
         retry_budget_s: float,
         interval_s: float = 0.0,
         on_commit: Callable[[list[NewMessage], list[Stored | None], dict[int, int]], None],
+        uncertain: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
             pool,
@@ -245,6 +262,7 @@ class MessageWriter(Batcher[NewMessage, "Stored | None"]):
             retry_budget_s=retry_budget_s,
             after=on_commit,
             observe=metrics.BATCH_SECONDS.observe,
+            uncertain=uncertain,
         )
 
     @property

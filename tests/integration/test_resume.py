@@ -6,10 +6,13 @@ import asyncio
 import os
 import signal
 
+import asyncpg
 import pytest
 
 from app.cluster.launcher import LocalCluster
+from app.cluster.patroni import cluster_view
 from app.store import messages as message_store
+from app.store.db import dsn
 from app.store.messages import NewMessage
 from tests.integration.helpers import (
     contacts_on_two_workers,
@@ -151,4 +154,58 @@ async def test_a_message_committed_by_a_worker_that_died_before_announcing_it_ar
         assert (frame["from"], frame["body"], frame["id"]) == (sender, "unannounced", stored[0].id)
     finally:
         await asyncio.to_thread(cluster.restart_worker, "w3")
+    await b.close()
+
+
+async def test_a_batch_whose_commit_went_unanswered_is_replicated_before_sent_and_delivered(
+    cluster: LocalCluster,
+) -> None:
+    """The writer's connection is cut while its commit waits for the synchronous
+    standby: committed on the primary, not replicated, reply lost. The worker's retry
+    finds the message already there: its `sent` must still wait for the standby, and
+    bob's worker (whose listener never lost its connection, so nothing else makes it
+    look) must still be told."""
+    s = cluster.settings
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    first = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "before"})
+    assert (await b.recv_until("msg"))["id"] == first["id"]
+
+    view = cluster_view(s)
+    assert view is not None
+    standby = next(m.name for m in view.members if m.role == "sync_standby")
+    node_dsn = dsn(s, role="superuser").replace(f":{s.db_primary_port}/", f":{s.pg_port(standby)}/")
+    conn = await asyncpg.connect(node_dsn)
+    try:
+        walreceiver = await conn.fetchval("SELECT pid FROM pg_stat_wal_receiver")
+    finally:
+        await conn.close()
+    assert walreceiver
+    # Leases renew through synchronous commits too: keep the stall well under one.
+    os.kill(walreceiver, signal.SIGSTOP)
+    try:
+        await a.send({"op": "send", "to": bob, "cmid": "c1", "body": "in doubt", "rid": 1})
+        async with db(cluster) as conn:
+            pid = None
+            for _ in range(40):
+                pid = await conn.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+                    " AND query LIKE '%INSERT INTO messages%' LIMIT 1"
+                )
+                if pid:
+                    break
+                await asyncio.sleep(0.025)
+            assert pid, "the batch never waited for the standby"
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        # The retry finds the message committed, and waits for the standby with it.
+        with pytest.raises(TimeoutError):
+            await a.recv(timeout=1.0)
+    finally:
+        os.kill(walreceiver, signal.SIGCONT)
+    sent = await a.recv(timeout=10)
+    assert (sent["op"], sent["cmid"], sent["rid"]) == ("sent", "c1", 1)
+    msg = await b.recv_until("msg", timeout=10)
+    assert (msg["id"], msg["seq"], msg["body"]) == (sent["id"], 2, "in doubt")
+    await a.close()
     await b.close()
