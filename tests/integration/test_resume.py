@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -157,21 +159,14 @@ async def test_a_message_committed_by_a_worker_that_died_before_announcing_it_ar
     await b.close()
 
 
-async def test_a_batch_whose_commit_went_unanswered_is_replicated_before_sent_and_delivered(
-    cluster: LocalCluster,
-) -> None:
-    """The writer's connection is cut while its commit waits for the synchronous
-    standby: committed on the primary, not replicated, reply lost. The worker's retry
-    finds the message already there: its `sent` must still wait for the standby, and
-    bob's worker (whose listener never lost its connection, so nothing else makes it
-    look) must still be told."""
+@contextlib.asynccontextmanager
+async def _commit_cut_while_waiting_for_the_standby(
+    cluster: LocalCluster, table: str
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Stop the synchronous standby's WAL receiver for the block; ``cut()`` then waits
+    for a statement inserting into ``table`` to commit on the primary and wait for the
+    standby, and terminates its backend: committed there, not replicated, reply lost."""
     s = cluster.settings
-    alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w1")
-    b, _ = await login(cluster, bob, worker="w2")
-    first = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "before"})
-    assert (await b.recv_until("msg"))["id"] == first["id"]
-
     view = cluster_view(s)
     assert view is not None
     standby = next(m.name for m in view.members if m.role == "sync_standby")
@@ -182,30 +177,70 @@ async def test_a_batch_whose_commit_went_unanswered_is_replicated_before_sent_an
     finally:
         await conn.close()
     assert walreceiver
-    # Leases renew through synchronous commits too: keep the stall well under one.
-    os.kill(walreceiver, signal.SIGSTOP)
-    try:
-        await a.send({"op": "send", "to": bob, "cmid": "c1", "body": "in doubt", "rid": 1})
+
+    async def cut() -> None:
         async with db(cluster) as conn:
-            pid = None
             for _ in range(40):
                 pid = await conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
-                    " AND query LIKE '%INSERT INTO messages%' LIMIT 1"
+                    " AND query LIKE $1 LIMIT 1",
+                    f"%INSERT INTO {table}%",
                 )
                 if pid:
-                    break
+                    assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+                    return
                 await asyncio.sleep(0.025)
-            assert pid, "the batch never waited for the standby"
-            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
-        # The retry finds the message committed, and waits for the standby with it.
-        with pytest.raises(TimeoutError):
-            await a.recv(timeout=1.0)
+        raise AssertionError(f"no insert into {table} waited for the standby")
+
+    # Leases renew through synchronous commits too: callers keep the stall well under one.
+    os.kill(walreceiver, signal.SIGSTOP)
+    try:
+        yield cut
     finally:
         os.kill(walreceiver, signal.SIGCONT)
+
+
+async def test_a_send_whose_commit_went_unanswered_is_replicated_before_sent_and_delivered(
+    cluster: LocalCluster,
+) -> None:
+    """The worker's retry finds the message already there: its `sent` must still wait
+    for the standby, and bob's worker (whose listener never lost its connection, so
+    nothing else makes it look) must still be told."""
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    first = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "before"})
+    assert (await b.recv_until("msg"))["id"] == first["id"]
+    async with _commit_cut_while_waiting_for_the_standby(cluster, "messages") as cut:
+        await a.send({"op": "send", "to": bob, "cmid": "c1", "body": "in doubt", "rid": 1})
+        await cut()
+        with pytest.raises(TimeoutError):
+            await a.recv(timeout=1.0)
     sent = await a.recv(timeout=10)
     assert (sent["op"], sent["cmid"], sent["rid"]) == ("sent", "c1", 1)
     msg = await b.recv_until("msg", timeout=10)
     assert (msg["id"], msg["seq"], msg["body"]) == (sent["id"], 2, "in doubt")
+    await a.close()
+    await b.close()
+
+
+async def test_a_read_whose_commit_went_unanswered_is_replicated_before_ok_and_delivered(
+    cluster: LocalCluster,
+) -> None:
+    """The same for a read receipt: bob's `ok` waits for the standby, and alice, on
+    another worker, still gets the receipt."""
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    sent = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "read me"})
+    assert (await b.recv_until("msg"))["id"] == sent["id"]
+    async with _commit_cut_while_waiting_for_the_standby(cluster, "receipts") as cut:
+        await b.send({"op": "read", "msg_id": sent["id"], "rid": 2})
+        await cut()
+        with pytest.raises(TimeoutError):
+            await b.recv(timeout=1.0)
+    assert await b.recv(timeout=10) == {"op": "ok", "rid": 2}
+    receipt = await a.recv_until("receipt", timeout=10)
+    assert (receipt["msg_id"], receipt["by"]) == (sent["id"], bob)
     await a.close()
     await b.close()
