@@ -180,7 +180,7 @@ async def _commit_cut_while_waiting_for_the_standby(
 
     async def cut() -> None:
         async with db(cluster) as conn:
-            for _ in range(40):
+            for _ in range(50):
                 pid = await conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
                     " AND query LIKE $1 LIMIT 1",
@@ -189,10 +189,11 @@ async def _commit_cut_while_waiting_for_the_standby(
                 if pid:
                     assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
                     return
-                await asyncio.sleep(0.025)
+                await asyncio.sleep(0.01)
         raise AssertionError(f"no insert into {table} waited for the standby")
 
-    # Leases renew through synchronous commits too: callers keep the stall well under one.
+    # Leases renew through synchronous commits too. A lease lasts 3 s and is renewed
+    # every second, so a stall under ~2 s expires none: callers keep it around 1 s.
     os.kill(walreceiver, signal.SIGSTOP)
     try:
         yield cut
@@ -215,7 +216,7 @@ async def test_a_send_whose_commit_went_unanswered_is_replicated_before_sent_and
         await a.send({"op": "send", "to": bob, "cmid": "c1", "body": "in doubt", "rid": 1})
         await cut()
         with pytest.raises(TimeoutError):
-            await a.recv(timeout=1.0)
+            await a.recv(timeout=0.5)
     sent = await a.recv(timeout=10)
     assert (sent["op"], sent["cmid"], sent["rid"]) == ("sent", "c1", 1)
     msg = await b.recv_until("msg", timeout=10)
@@ -238,7 +239,7 @@ async def test_a_read_whose_commit_went_unanswered_is_replicated_before_ok_and_d
         await b.send({"op": "read", "msg_id": sent["id"], "rid": 2})
         await cut()
         with pytest.raises(TimeoutError):
-            await b.recv(timeout=1.0)
+            await b.recv(timeout=0.5)
     assert await b.recv(timeout=10) == {"op": "ok", "rid": 2}
     receipt = await a.recv_until("receipt", timeout=10)
     assert (receipt["msg_id"], receipt["by"]) == (sent["id"], bob)
