@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -201,17 +202,26 @@ async def _commit_cut_while_waiting_for_the_standby(
         os.kill(walreceiver, signal.SIGCONT)
 
 
+async def _alice_on_w1_messaged_bob_on_w2(
+    cluster: LocalCluster,
+) -> tuple[LineClient, LineClient, str, dict[str, Any]]:
+    """alice on w1 and bob on w2, and her first message to him delivered (seq 1):
+    (her client, his client, his name, her `sent`)."""
+    alice, bob = new_user("alice"), new_user("bob")
+    a, _ = await login(cluster, alice, worker="w1")
+    b, _ = await login(cluster, bob, worker="w2")
+    sent = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "first"})
+    assert (await b.recv_until("msg"))["id"] == sent["id"]
+    return a, b, bob, sent
+
+
 async def test_a_send_whose_commit_went_unanswered_is_replicated_before_sent_and_delivered(
     cluster: LocalCluster,
 ) -> None:
     """The worker's retry finds the message already there: its `sent` must still wait
     for the standby, and bob's worker (whose listener never lost its connection, so
     nothing else makes it look) must still be told."""
-    alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w1")
-    b, _ = await login(cluster, bob, worker="w2")
-    first = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "before"})
-    assert (await b.recv_until("msg"))["id"] == first["id"]
+    a, b, bob, _ = await _alice_on_w1_messaged_bob_on_w2(cluster)
     async with _commit_cut_while_waiting_for_the_standby(cluster, "messages") as cut:
         await a.send({"op": "send", "to": bob, "cmid": "c1", "body": "in doubt", "rid": 1})
         await cut()
@@ -230,11 +240,7 @@ async def test_a_read_whose_commit_went_unanswered_is_replicated_before_ok_and_d
 ) -> None:
     """The same for a read receipt: bob's `ok` waits for the standby, and alice, on
     another worker, still gets the receipt."""
-    alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w1")
-    b, _ = await login(cluster, bob, worker="w2")
-    sent = await a.request({"op": "send", "to": bob, "cmid": "c0", "body": "read me"})
-    assert (await b.recv_until("msg"))["id"] == sent["id"]
+    a, b, bob, sent = await _alice_on_w1_messaged_bob_on_w2(cluster)
     async with _commit_cut_while_waiting_for_the_standby(cluster, "receipts") as cut:
         await b.send({"op": "read", "msg_id": sent["id"], "rid": 2})
         await cut()
