@@ -28,7 +28,7 @@ from app.cluster.launcher import LocalCluster
 from app.reporting.catalog import REPORTS
 from app.reporting.queries import refresh, run_report
 from app.settings import Settings
-from app.store import events
+from app.store import eventlog as events
 from app.store.db import dsn
 from tests.cluster_fixture import make_settings
 

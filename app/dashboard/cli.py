@@ -103,7 +103,7 @@ async def save_admin(settings: Settings, name: str, password: str, create: bool)
     """Create an admin (or set its password): argon2id hash, one row in ``admins``."""
     from app.store import dashboard as store
     from app.store.db import dsn
-    from app.worker.passwords import Passwords
+    from app.store.passwords import Passwords
 
     passwords = Passwords(settings)
     try:

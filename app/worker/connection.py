@@ -10,22 +10,36 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import cast
 
 from app.protocol import (
     Decoder,
     ErrorCode,
     FrameError,
+    Limits,
     Request,
     Send,
     encode_error,
-    error_frame,
 )
+from app.settings import Settings
 from app.worker import metrics
+from app.worker.delivery import Delivery
+from app.worker.dispatch import Dispatcher
+from app.worker.errors import error_reply
+from app.worker.session import Sessions
+from app.worker.states import Session, SessionState
 
-if TYPE_CHECKING:
-    from app.worker.server import Worker
-    from app.worker.session import Session
+
+@dataclass(frozen=True, slots=True)
+class ConnectionParts:
+    """What every connection of a worker shares (one object, one pointer each)."""
+
+    settings: Settings
+    limits: Limits
+    dispatcher: Dispatcher
+    sessions: Sessions
+    delivery: Delivery
 
 
 class ClientConnection(asyncio.Protocol):
@@ -41,17 +55,22 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "decoder",
         "inflight_sends",
+        "parts",
         "peer",
         "session",
+        "settings",
+        "state",
         "transport",
-        "worker",
     )
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.decoder = Decoder(worker.limits)
+    def __init__(self, parts: ConnectionParts) -> None:
+        self.parts = parts
+        self.settings = parts.settings
+        self.decoder = Decoder(parts.limits)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        # Changed only by states.set_session_state.
+        self.state = SessionState.ANONYMOUS
         self.session: Session | None = None
         self.closed = False
         self._pending: deque[Request | FrameError] = deque()
@@ -60,7 +79,7 @@ class ClientConnection(asyncio.Protocol):
         self._slow_timer: asyncio.TimerHandle | None = None
         # Frames written during one event-loop iteration leave in one syscall.
         self._out: list[bytes] | None = None
-        self._bucket = float(worker.settings.frame_burst)
+        self._bucket = float(parts.settings.frame_burst)
         self._bucket_at = time.monotonic()
         # Sends queued for a group commit and not yet answered (see send_slot).
         self.inflight_sends = 0
@@ -73,8 +92,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         # Past this much unsent output the kernel buffer is full: see write().
-        self.transport.set_write_buffer_limits(high=self.worker.settings.max_write_buffer_bytes)
-        self.worker.connection_opened(self)
+        self.transport.set_write_buffer_limits(high=self.settings.max_write_buffer_bytes)
+        self.parts.sessions.opened(self)
 
     def data_received(self, data: bytes) -> None:
         items = self.decoder.receive_data(data)
@@ -88,7 +107,7 @@ class ClientConnection(asyncio.Protocol):
             self._send_now()
             if not self._pending:
                 return
-        if len(self._pending) >= self.worker.settings.max_pending_requests and not self._paused:
+        if len(self._pending) >= self.settings.max_pending_requests and not self._paused:
             # Backpressure: stop reading until the backlog is handled.
             self._paused = True
             assert self.transport is not None
@@ -105,27 +124,27 @@ class ClientConnection(asyncio.Protocol):
             self._slow_timer.cancel()
             self._slow_timer = None
         self._pending.clear()
-        self.worker.connection_lost(self)
+        self.parts.sessions.lost(self)
 
     def pause_writing(self) -> None:
         # The peer reads slower than we write: stop pushing inbox entries to it
         # (they stay in its durable inbox) and give it a while to catch up.
         if self._slow_timer is None:
             self._slow_timer = asyncio.get_running_loop().call_later(
-                self.worker.settings.slow_reader_timeout_s, self._slow_reader
+                self.settings.slow_reader_timeout_s, self._slow_reader
             )
 
     def resume_writing(self) -> None:
         if self._slow_timer is not None:
             self._slow_timer.cancel()
             self._slow_timer = None
-        if self.session is not None:
-            self.worker.delivery.mark_dirty([self.session.user_id])
+        if self.state is SessionState.ACTIVE and self.session is not None:
+            self.parts.delivery.mark_dirty([self.session.user_id])
 
     def _slow_reader(self) -> None:
         # Still stuck: drop it. Nothing is lost; the client resumes from its inbox.
         self._slow_timer = None
-        self.worker.metrics_slow_reader()
+        metrics.SLOW_READERS.value += 1
         self.abort()
 
     @property
@@ -148,14 +167,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         # A hard cap on top of the slow-reader timer: memory per connection stays bounded.
-        if self.transport.get_write_buffer_size() > 4 * self.worker.settings.max_write_buffer_bytes:
-            self.worker.metrics_slow_reader()
+        if self.transport.get_write_buffer_size() > 4 * self.settings.max_write_buffer_bytes:
+            metrics.SLOW_READERS.value += 1
             self.abort()
 
     def fail(self, code: ErrorCode, message: str, rid: str | int | None = None) -> None:
         """Send an error; fatal codes also close the connection."""
-        metrics.ERRORS.labels(code.value).inc()
-        self.write(error_frame(code, message, rid))
+        self.write(error_reply(code, message, rid))
         if code.fatal:
             self.close()
 
@@ -174,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def send_slot(self) -> None:
         """Wait while this connection has ``max_inflight_sends`` uncommitted sends."""
-        limit = self.worker.settings.max_inflight_sends
+        limit = self.settings.max_inflight_sends
         while self.inflight_sends >= limit and not self.closed:
             self._send_waiter = asyncio.get_running_loop().create_future()
             await self._send_waiter
@@ -194,13 +212,13 @@ class ClientConnection(asyncio.Protocol):
         Only from the head of the queue and only while nothing else is being
         handled, so requests still take effect in the order they arrived.
         """
-        pending, logic = self._pending, self.worker.logic
+        pending, send_now = self._pending, self.parts.dispatcher.send_now
         while pending and not self.closed:
             item = pending[0]
             if type(item) is not Send:
                 return
             try:
-                if not logic.send_now(self, item):
+                if not send_now(self, item):
                     return
             except Exception:
                 return  # the task's handler reports whatever this was
@@ -208,7 +226,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _take_tokens(self, n: int) -> bool:
         now = time.monotonic()
-        s = self.worker.settings
+        s = self.settings
         self._bucket = min(
             float(s.frame_burst), self._bucket + (now - self._bucket_at) * s.frames_per_s
         )
@@ -226,11 +244,8 @@ class ClientConnection(asyncio.Protocol):
                     if item.fatal:
                         self.close()
                 else:
-                    await self.worker.handle(self, item)
-                if (
-                    self._paused
-                    and len(self._pending) < self.worker.settings.max_pending_requests // 2
-                ):
+                    await self.parts.dispatcher.handle(self, item)
+                if self._paused and len(self._pending) < self.settings.max_pending_requests // 2:
                     self._paused = False
                     if self.transport is not None and not self.closed:
                         self.transport.resume_reading()

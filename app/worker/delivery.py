@@ -1,17 +1,13 @@
-"""Cross-worker delivery: LISTEN for inbox pointers, then pump inbox rows to sockets.
+"""Local delivery: inbox entries to this worker's connections, in seq order.
 
-Writers NOTIFY ``sb_inbox`` with the ids of users whose inboxes moved; every
-worker listens (through HAProxy's primary port) and marks those of its users
-dirty. One pump task per worker fetches each dirty user's entries after the
-lowest seq its local sessions have seen and writes them in seq order. Because
-the pump reads the tables, a lost notification (listener reconnecting after a
-failover) costs latency, never a message: on every (re)connect of the listener
-all local users are marked dirty and caught up.
-
-``sb_push`` carries ephemeral frames (presence, typing, contact requests) for
-named users; they are written to local sessions and never stored. It also
-carries session replacements (a new login of the device) and kicks (the
-dashboard), which close the connection holding the session.
+Every inbox entry is in PostgreSQL before anyone is told of it. A user whose
+inbox moved is marked dirty (by our own commits, or by the listener's
+``sb_inbox`` notifications from other workers); one pump task per worker
+fetches each dirty user's entries after the lowest seq its local sessions have
+seen and writes them in seq order. Because the pump reads the tables, a lost
+notification costs latency, never a message. Our own 1:1 commits skip the
+read: a session that has seen everything before the new entry gets it straight
+from the batch.
 """
 
 from __future__ import annotations
@@ -19,39 +15,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import ErrorCode, encode
+from app.protocol import encode
 from app.store import messages as message_store
-from app.store.events import primary_identity
-from app.store.messages import INBOX_CHANNEL, InboxEntry, NewMessage, Stored
+from app.store.errors import DB_ERRORS
+from app.store.eventlog import EventLog
+from app.store.messages import InboxEntry, NewMessage, Stored
 from app.store.schema import INBOX_KIND_MESSAGE
-from app.store.social import PUSH_CHANNEL, push, verify_push
 from app.worker import metrics
-from app.worker.writer import RETRYABLE
-
-if TYPE_CHECKING:
-    from app.worker.connection import ClientConnection
-    from app.worker.server import Worker
+from app.worker.announce import Announcer
+from app.worker.registry import Registry
+from app.worker.states import Peer
 
 log = get_logger("delivery")
 
 # Entries fetched per user per round; a long offline backlog arrives in pages.
-PAGE = 500
+INBOX_PAGE_ENTRIES = 500
 # Users handled per pump round (one query).
 USERS_PER_ROUND = 500
-PUSH_CHUNK = 300
-# (user, session, epoch) triples per signed push: well under NOTIFY's 8000 bytes.
-REPLACED_CHUNK = 150
-# The `kicked` error's message, by the reason the dashboard gave.
-KICKED_MESSAGES = {
-    "kicked": "an administrator closed this session",
-    "disabled": "this account was disabled",
-}
 
 
 _last_ts: list[Any] = [None, ""]
@@ -96,43 +82,42 @@ def entry_frame(entry: InboxEntry, names: dict[int, str]) -> bytes:
 
 
 class Delivery:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        registry: Registry,
+        announcer: Announcer,
+        events: EventLog,
+        interval_s: float,
+    ) -> None:
+        self._pool = pool
+        self._registry = registry
+        self._announcer = announcer
+        self._events = events
+        self._interval = interval_s
         self._dirty: set[int] = set()
         self._wake = asyncio.Event()
-        # Inboxes moved by this worker's commits, not yet announced to the others.
-        self._to_notify: dict[int, int] = {}
-        # Sessions taken over here whose previous connection must be closed.
-        self._to_replace: list[tuple[int, int, int | None]] = []
-        # A batch of ours may have committed unannounced: every worker must catch up.
-        self._catch_up = False
-        self._notify_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.listening = False
+        self._task: asyncio.Task[None] | None = None
         self.delivered = 0
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._listen()),
-            loop.create_task(self._pump()),
-            loop.create_task(self._notifier()),
-        ]
+        self._task = asyncio.get_running_loop().create_task(self._pump())
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
-    def mark_dirty(self, user_ids: Any) -> None:
-        local = self.worker.by_user
+    def mark_dirty(self, user_ids: Iterable[int]) -> None:
+        """Look at these users' inboxes (those with a session here)."""
+        local = self._registry.by_user
         self._dirty.update(u for u in user_ids if u in local)
         if self._dirty:
             self._wake.set()
 
     def mark_moved(self, moved: dict[int, int]) -> None:
         """Inboxes reached these seqs: fetch for local sessions that are behind."""
-        local = self.worker.by_user
+        local = self._registry.by_user
         for user_id, seq in moved.items():
             conns = local.get(user_id)
             if conns and any(c.session and c.session.delivered_seq < seq for c in conns):
@@ -155,23 +140,19 @@ class Delivery:
         frame. Sessions that are behind (room messages, gaps) are caught up by
         the pump from the tables, in order.
         """
-        if self.worker.by_user:
+        if self._registry.by_user:
             self._deliver_direct(batch, results)
         self.inbox_moved(moved)
 
     def inbox_moved(self, moved: dict[int, int]) -> None:
         """Entries up to these seqs exist (stored here): catch up locally, tell the others."""
         self.mark_moved(moved)
-        pending = self._to_notify
-        for user_id, seq in moved.items():
-            if pending.get(user_id, 0) < seq:
-                pending[user_id] = seq
-        self._notify_wake.set()
+        self._announcer.inbox_moved(moved)
 
     def _deliver_direct(
         self, batch: Sequence[NewMessage], results: Sequence[Stored | None]
     ) -> None:
-        local = self.worker.by_user
+        local = self._registry.by_user
         now = time.time()
         for message, stored in zip(batch, results, strict=True):
             if stored is None or stored.recipient_seq is None or stored.sender_seq is None:
@@ -199,12 +180,10 @@ class Delivery:
                     session.delivered_seq = seq
                     self.delivered += 1
                     metrics.observe_delivery(stored.created_at.timestamp(), now)
-                    self.worker.events.delivered(
-                        session.user_id, session.session_id, session.epoch, seq
-                    )
+                    self._events.delivered(session.user_id, session.session_id, session.epoch, seq)
 
     def _direct_frame(self, message: NewMessage, stored: Stored, seq: int) -> bytes:
-        names = self.worker.cached_names
+        names = self._registry.cached_names
         sender = names.get(message.sender_id)
         recipient = names.get(message.recipient_id or 0)
         if sender is None or recipient is None:
@@ -222,203 +201,10 @@ class Delivery:
             }
         )
 
-    async def _notifier(self) -> None:
-        """Announce moved inboxes to the other workers, coalescing while a NOTIFY is in flight.
-
-        NOTIFY runs in its own transaction with synchronous_commit off: it writes no
-        data worth waiting for, and PostgreSQL's notify lock is then held for
-        microseconds instead of through a synchronously replicated commit. A lost
-        notification costs latency only: listeners catch up from the tables.
-        """
-        while True:
-            await self._notify_wake.wait()
-            self._notify_wake.clear()
-            pending, self._to_notify = self._to_notify, {}
-            replaced, self._to_replace = self._to_replace, []
-            catch_up, self._catch_up = self._catch_up, False
-            try:
-                if pending:
-                    payloads = _chunks([f"{u}:{q}" for u, q in pending.items()])
-                    await message_store.notify_inboxes(self.worker.pool, payloads)
-                if catch_up:
-                    await self.announce_catch_up(f"uncertain commit: {self.worker.worker_id}")
-                for i in range(0, len(replaced), REPLACED_CHUNK):
-                    event = {"replaced": replaced[i : i + REPLACED_CHUNK]}
-                    await push(self.worker.pool, event, self.worker.push_key)
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
-                # Listeners only catch up from the tables when they reconnect, so a
-                # pointer whose NOTIFY failed while they stayed connected must go out
-                # again: keep it (and the replacements) for the next round.
-                log.warning("notify_failed", users=len(pending), error=type(exc).__name__)
-                for user_id, seq in pending.items():
-                    if self._to_notify.get(user_id, 0) < seq:
-                        self._to_notify[user_id] = seq
-                self._to_replace[:0] = replaced
-                self._catch_up = self._catch_up or catch_up
-                self._notify_wake.set()
-                await asyncio.sleep(0.2)
-
-    # ---- the listener ------------------------------------------------------
-    async def _listen(self) -> None:
-        from app.store.db import dsn
-
-        delay = 0.2
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(
-                    dsn(self.worker.settings), timeout=self.worker.settings.db_connect_timeout_s
-                )
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _, ev=lost: ev.set())
-                await conn.add_listener(INBOX_CHANNEL, self._on_inbox)
-                await conn.add_listener(PUSH_CHANNEL, self._on_push)
-                self.worker.events.primary_connected(*await primary_identity(conn))
-                self.listening = True
-                delay = 0.2
-                # Anything notified while we were not listening: catch up from the tables.
-                self.mark_dirty(list(self.worker.by_user))
-                log.info("listening", channels=[INBOX_CHANNEL, PUSH_CHANNEL])
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), 2.0)
-                    except TimeoutError:
-                        # HAProxy cuts a session to a demoted node; a probe notices a dead peer.
-                        await conn.fetchval("SELECT 1", timeout=2.0)
-            except asyncio.CancelledError:
-                raise
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
-                log.warning("listener_lost", error=type(exc).__name__)
-            finally:
-                self.listening = False
-                self.worker.events.primary_lost()
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-    def _on_inbox(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        moved: dict[int, int] = {}
-        for item in payload.split(","):
-            user, _, seq = item.partition(":")
-            if user.isdigit() and seq.isdigit():
-                moved[int(user)] = int(seq)
-        self.mark_moved(moved)
-
-    def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        event = verify_push(payload, self.worker.push_key)
-        if event is None:
-            log.warning("unsigned_push_dropped", sender_pid=pid)
-            return
-        try:
-            if "replaced" in event:
-                for user_id, session_id, epoch in event["replaced"]:
-                    self._close_replaced(
-                        int(user_id), int(session_id), None if epoch is None else int(epoch)
-                    )
-                return
-            if "catch_up" in event:
-                # A worker died (or restarted) and may have committed messages it
-                # never announced: read every local user's inbox from the tables.
-                log.info("catch_up", reason=str(event["catch_up"]), users=len(self.worker.by_user))
-                self.mark_dirty(list(self.worker.by_user))
-                return
-            if "kicked" in event:
-                reason = str(event.get("reason", "kicked"))
-                for user_id, session_id in event["kicked"]:
-                    self._close_kicked(int(user_id), int(session_id), reason)
-                return
-            data = encode(event["f"])
-            targets = event["to"]
-        except (KeyError, TypeError, ValueError):
-            log.warning("bad_push_payload")
-            return
-        for user_id in targets:
-            for target in self.worker.by_user.get(user_id, ()):
-                target.write(data)
-
-    def _holding(self, user_id: int, session_id: int) -> list[ClientConnection]:
-        """The local connections holding this session (at most one, normally)."""
-        return [
-            conn
-            for conn in self.worker.by_user.get(user_id, ())
-            if conn.session is not None and conn.session.session_id == session_id
-        ]
-
-    def _drop(self, conn: ClientConnection, code: ErrorCode, message: str) -> None:
-        """Close a connection whose session row someone else already closed or took."""
-        self.worker.session_detached(conn)
-        conn.session = None
-        conn.fail(code, message)
-
-    def _close_replaced(self, user_id: int, session_id: int, epoch: int | None) -> None:
-        for conn in self._holding(user_id, session_id):
-            session = conn.session
-            assert session is not None
-            if epoch is None or session.epoch < epoch:
-                log.info("session_replaced", user=session.username, session=session_id)
-                self._drop(
-                    conn, ErrorCode.SESSION_REPLACED, "this device logged in on another connection"
-                )
-
-    def _close_kicked(self, user_id: int, session_id: int, reason: str) -> None:
-        """An administrator closed this session (``reason``: kicked, or disabled for
-        a disabled account). Its row is closed already, so it cannot be resumed;
-        the contacts learn the presence that leaves."""
-        for conn in self._holding(user_id, session_id):
-            session = conn.session
-            assert session is not None
-            log.info("session_kicked", user=session.username, session=session_id, reason=reason)
-            message = KICKED_MESSAGES.get(reason, KICKED_MESSAGES["kicked"])
-            self._drop(conn, ErrorCode.KICKED, message)
-            self.worker.events.session_ended(
-                user_id, session_id, session.epoch, reason, resumable=False
-            )
-            self.worker.keep(
-                asyncio.get_running_loop().create_task(
-                    self.worker.logic.broadcast_presence(user_id)
-                )
-            )
-
-    def replace_session(self, user_id: int, session_id: int, epoch: int | None) -> None:
-        """Close, wherever it is, a connection holding this session below ``epoch``.
-
-        ``epoch`` None: the whole session was replaced by a new login of the device.
-        The notifier announces replacements in signed batches: a resume storm
-        after a worker died costs a few NOTIFYs, not one per session.
-        """
-        self._to_replace.append((user_id, session_id, epoch))
-        self._notify_wake.set()
-
-    def request_catch_up(self) -> None:
-        """A batch of ours lost its connection mid-statement and may have committed
-        in an attempt whose inbox moves were never announced (its retry finds the
-        rows already there and moves nothing). Have every worker catch up from the
-        tables; the notifier sends it, and keeps trying while the database is away.
-        """
-        self._catch_up = True
-        self._notify_wake.set()
-
-    async def announce_catch_up(self, reason: str) -> None:
-        """Ask every worker (this one too) to catch its users up from the tables.
-
-        A worker killed between a commit and its NOTIFY leaves inboxes that moved
-        unannounced; their users' workers stay connected to the database, so
-        nothing else would make them look. Called when a dead worker is reaped
-        and when a worker (re)registers (a restart after a crash).
-        """
-        await push(self.worker.pool, {"catch_up": reason}, self.worker.push_key)
-
-    async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
-        """Send an ephemeral frame to every session of these users, on any worker."""
-        for i in range(0, len(user_ids), PUSH_CHUNK):
-            event = {"to": user_ids[i : i + PUSH_CHUNK], "f": frame}
-            await push(self.worker.pool, event, self.worker.push_key)
-
     # ---- the pump ----------------------------------------------------------
     async def _pump(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.worker.settings.delivery_interval_s
+        interval = self._interval
         started = -1e9
         while True:
             await self._wake.wait()
@@ -435,7 +221,7 @@ class Delivery:
                     await self._deliver(users)
                 except asyncio.CancelledError:
                     raise
-                except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("delivery_retry", users=len(users), error=type(exc).__name__)
                     self._dirty.update(users)
                     await asyncio.sleep(0.5)
@@ -443,12 +229,12 @@ class Delivery:
     async def _deliver(self, users: list[int]) -> None:
         after: dict[int, int] = {}
         for user_id in users:
-            conns = [c for c in self.worker.by_user.get(user_id, ()) if c.writable]
+            conns = [c for c in self._registry.by_user.get(user_id, ()) if c.writable]
             if conns:
                 after[user_id] = min(c.session.delivered_seq for c in conns if c.session)
         if not after:
             return
-        entries = await message_store.fetch_inboxes(self.worker.pool, after, PAGE)
+        entries = await message_store.fetch_inboxes(self._pool, after, INBOX_PAGE_ENTRIES)
         by_user: dict[int, list[InboxEntry]] = defaultdict(list)
         ids: set[int] = set()
         for entry in entries:
@@ -458,16 +244,14 @@ class Delivery:
                 ids.add(entry.recipient_id)
             if entry.actor_id is not None:
                 ids.add(entry.actor_id)
-        names = await self.worker.usernames(ids)
+        names = await self._registry.usernames(ids)
         for user_id, items in by_user.items():
-            for conn in list(self.worker.by_user.get(user_id, ())):
+            for conn in list(self._registry.by_user.get(user_id, ())):
                 self._write_entries(conn, items, names)
-            if len(items) >= PAGE:
+            if len(items) >= INBOX_PAGE_ENTRIES:
                 self._dirty.add(user_id)  # more pages to come
 
-    def _write_entries(
-        self, conn: ClientConnection, items: list[InboxEntry], names: dict[int, str]
-    ) -> None:
+    def _write_entries(self, conn: Peer, items: list[InboxEntry], names: dict[int, str]) -> None:
         session = conn.session
         if session is None or not conn.writable:
             return
@@ -499,25 +283,6 @@ class Delivery:
         if out:
             conn.write(b"".join(out))
         if session.delivered_seq > first_seq:
-            self.worker.events.delivered(
+            self._events.delivered(
                 session.user_id, session.session_id, session.epoch, session.delivered_seq
             )
-
-
-# NOTIFY payloads are limited to 8000 bytes.
-_PAYLOAD_MAX = 7900
-
-
-def _chunks(items: list[str]) -> list[str]:
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for item in items:
-        if current and size + len(item) + 1 > _PAYLOAD_MAX:
-            chunks.append(",".join(current))
-            current, size = [], 0
-        current.append(item)
-        size += len(item) + 1
-    if current:
-        chunks.append(",".join(current))
-    return chunks

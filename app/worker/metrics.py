@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
+import asyncpg
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,8 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-if TYPE_CHECKING:
-    from app.worker.server import Worker
+from app.worker.states import WorkerState
 
 # One registry per process: a worker process runs one worker.
 REGISTRY = CollectorRegistry()
@@ -110,52 +109,51 @@ BATCH_SECONDS = Histogram(
 )
 
 
-class WorkerCollector(Collector):
-    """Reads the worker's own counters and gauges at scrape time."""
+class Tally:
+    """A plain counter for what /health reports too (read at scrape time)."""
+
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self.worker: Worker | None = None
+        self.value = 0
+
+
+SLOW_READERS = Tally()
+
+
+class WorkerCollector(Collector):
+    """Reads the worker's health report and DB pool at scrape time."""
+
+    def __init__(self) -> None:
+        self.report: Callable[[], dict[str, object]] | None = None
+        self.pool: asyncpg.Pool | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        worker = self.worker
-        if worker is None:
+        if self.report is None:
             return
-        from app.worker.server import WorkerState
-
+        report = self.report()
         state = GaugeMetricFamily(
             "switchboard_worker_state", "1 for the worker's current state.", labels=["state"]
         )
         for each in WorkerState:
-            state.add_metric([each.value], 1.0 if worker.state is each else 0.0)
+            state.add_metric([each.value], 1.0 if report["state"] == each.value else 0.0)
         yield state
-        yield GaugeMetricFamily(
-            "switchboard_worker_healthy", "1 while /health answers 200.", value=worker.healthy()
-        )
-        yield GaugeMetricFamily(
-            "switchboard_connections", "Open client TCP connections.", value=len(worker.connections)
-        )
-        yield GaugeMetricFamily(
-            "switchboard_sessions",
-            "Logged-in sessions on this worker.",
-            value=sum(len(c) for c in worker.by_user.values()),
-        )
-        yield GaugeMetricFamily(
-            "switchboard_users",
-            "Distinct users logged in on this worker.",
-            value=len(worker.by_user),
-        )
-        report = worker.health_report()
-        lease_age = report.get("lease_age_s")
-        yield GaugeMetricFamily(
-            "switchboard_lease_age_seconds",
-            "Time since the worker last renewed its lease in PostgreSQL.",
-            value=float(lease_age) if isinstance(lease_age, int | float) else 0.0,
-        )
-        yield GaugeMetricFamily(
-            "switchboard_listener_up",
-            "1 while the LISTEN connection for inbox and push notifications is up.",
-            value=1.0 if worker.delivery.listening else 0.0,
-        )
+        gauges = {
+            "switchboard_worker_healthy": ("1 while /health answers 200.", "healthy"),
+            "switchboard_connections": ("Open client TCP connections.", "connections"),
+            "switchboard_sessions": ("Logged-in sessions on this worker.", "sessions"),
+            "switchboard_users": ("Distinct users logged in on this worker.", "users"),
+            "switchboard_lease_age_seconds": (
+                "Time since the worker last renewed its lease in PostgreSQL.",
+                "lease_age_s",
+            ),
+            "switchboard_listener_up": (
+                "1 while the LISTEN connection for inbox and push notifications is up.",
+                "listening",
+            ),
+        }
+        for name, (help_text, key) in gauges.items():
+            yield GaugeMetricFamily(name, help_text, value=_number(report.get(key)))
         counters = {
             "switchboard_messages_in": ("Messages committed by this worker.", "messages_stored"),
             "switchboard_messages_out": ("Inbox entries written to connections.", "delivered"),
@@ -165,11 +163,8 @@ class WorkerCollector(Collector):
             "switchboard_overloaded": ("Logins refused by admission control.", "overloaded"),
         }
         for name, (help_text, key) in counters.items():
-            value = report.get(key, 0)
-            yield CounterMetricFamily(
-                name, help_text, value=float(value) if isinstance(value, int | float) else 0.0
-            )
-        pool = worker._pool
+            yield CounterMetricFamily(name, help_text, value=_number(report.get(key)))
+        pool = self.pool
         if pool is not None:
             size, idle = pool.get_size(), pool.get_idle_size()
             conns = GaugeMetricFamily(
@@ -185,13 +180,18 @@ class WorkerCollector(Collector):
             )
 
 
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 COLLECTOR = WorkerCollector()
 REGISTRY.register(COLLECTOR)
 
 
-def attach(worker: Worker) -> None:
+def attach(report: Callable[[], dict[str, object]], pool: asyncpg.Pool) -> None:
     """Make /metrics describe this worker (the last one attached, in tests)."""
-    COLLECTOR.worker = worker
+    COLLECTOR.report = report
+    COLLECTOR.pool = pool
 
 
 def render() -> tuple[bytes, str]:

@@ -8,9 +8,10 @@ previous batch is in flight (highest throughput). A batch whose outcome is
 unknown (connection cut during commit, failover) is retried as a whole, so
 the statements must be idempotent.
 
-Two batchers run in a worker: `MessageWriter` stores sends (idempotent on
-(sender, cmid)) and the resume batcher in `server.py` takes over sessions
-(a retried takeover fails its token check harmlessly; the client logs in).
+Four batchers run in a worker (commits.py): `MessageWriter` stores sends
+(idempotent on (sender, cmid)), and batchers on the main pool take over
+sessions (a retried takeover fails its token check harmlessly; the client logs
+in), move acked positions and record read receipts.
 """
 
 from __future__ import annotations
@@ -24,31 +25,14 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from app.logs import get_logger
+from app.store.errors import TRANSIENT_DB_ERRORS, StoreUnavailable
 from app.store.messages import NewMessage, Stored, store_batch
 from app.worker import metrics
 
 log = get_logger("writer")
 
-# Errors after which the batch's outcome is unknown or the node is not (yet)
-# the primary: retry the same batch on a fresh connection.
-RETRYABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-)
-
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class StoreUnavailable(Exception):
-    """The database did not take the batch within the retry budget."""
 
 
 class Batcher(Generic[T, R]):
@@ -166,7 +150,9 @@ class Batcher(Generic[T, R]):
                 async with self._pool.acquire() as conn:
                     results, extra = await self._run_batch(conn, items)
                 break
-            except RETRYABLE as exc:
+            # Its outcome is unknown or the node is not (yet) the primary: retry the
+            # same batch on a fresh connection.
+            except TRANSIENT_DB_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     log.error(
                         "batch_failed",

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.cluster.launcher import LocalCluster
 from app.settings import Settings
-from app.store import events
+from app.store import eventlog as events
 from app.store.db import dsn, sqlalchemy_url
 from app.store.migrate import alembic_config
 from app.store.schema import metadata

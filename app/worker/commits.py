@@ -1,0 +1,131 @@
+"""The worker's group commits: sends, resumes, acks and read receipts, each a `Batcher`.
+
+Clients may ack (and mark read) every message: one synchronously replicated
+commit for each would cost as much as the messages themselves, so acks and
+read receipts are group-committed like sends. Every statement is idempotent
+(see writer.py): a batch whose outcome is unknown is simply run again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import asyncpg
+
+from app.settings import Settings
+from app.store import messages as message_store
+from app.store import sessions as session_store
+from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
+from app.store.sessions import ResumedSession, ResumeRequest
+from app.worker.writer import Batcher, MessageWriter
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# A resume waiting for the database longer than this fails with `internal`;
+# the client backs off and tries again (unlike a send, nothing is lost).
+RESUME_RETRY_BUDGET_S = 10.0
+
+
+class Commits:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        writer_pool: asyncpg.Pool,
+        *,
+        on_commit: Callable[[Sequence[NewMessage], Sequence[Stored | None], dict[int, int]], None],
+        on_receipt: Callable[[dict[int, int]], None],
+        uncertain: Callable[[], None],
+    ) -> None:
+        s = self._settings = settings
+        self._pool = pool
+        self._on_receipt = on_receipt
+        self.writer = MessageWriter(
+            writer_pool,
+            batch_max=s.batch_max,
+            writers=s.batch_writers,
+            interval_s=s.batch_interval_s,
+            retry_budget_s=s.send_retry_budget_s,
+            on_commit=on_commit,
+            uncertain=uncertain,
+        )
+        self._resumer: Batcher[ResumeRequest, ResumedSession | None] = Batcher(
+            pool,
+            self._resume_batch,
+            name="resumes",
+            batch_max=s.max_concurrent_resumes,
+            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        )
+        self._acker = self._group_commit("acks", message_store.ack_batch)
+        self._receipts = self._group_commit("reads", message_store.read_batch, uncertain=uncertain)
+        self._all: tuple[Batcher[object, object], ...] = (
+            self.writer,
+            self._resumer,
+            self._acker,
+            self._receipts,  # type: ignore[assignment]
+        )
+
+    def start(self) -> None:
+        for batcher in self._all:
+            batcher.start()
+
+    async def stop(self) -> None:
+        for batcher in self._all:
+            await batcher.stop()
+
+    def send(self, message: NewMessage, done: Callable[[Stored | Exception | None], None]) -> None:
+        """Store ``message`` in the next group commit; see `MessageWriter.send`."""
+        self.writer.send(message, done)
+
+    async def take_over(self, request: ResumeRequest) -> ResumedSession | None:
+        """Resume a session here; concurrent resumes share one statement."""
+        return await self._resumer.submit(request)
+
+    async def ack(self, request: AckRequest) -> int:
+        """Move a device's acked position; concurrent acks share one statement."""
+        return await self._acker.submit(request)
+
+    async def record_receipt(self, request: ReadRequest) -> bool:
+        """Record a read receipt; concurrent reads share one statement. False if the
+        message is not visible to the reader (NotFound for the client)."""
+        result = await self._receipts.submit(request)
+        if result is None:
+            return False
+        if isinstance(result, tuple):
+            author, seq = result
+            self._on_receipt({author: seq})
+        return True
+
+    def _group_commit(
+        self,
+        name: str,
+        store: Callable[[asyncpg.Connection, list[T]], Awaitable[list[R]]],
+        *,
+        uncertain: Callable[[], None] | None = None,
+    ) -> Batcher[T, R]:
+        """A batcher on the main pool for a set-based ``store`` statement (one result
+        per item), spaced and sized like the message writer."""
+
+        async def run(conn: asyncpg.Connection, items: list[T]) -> tuple[list[R], None]:
+            return await store(conn, items), None
+
+        s = self._settings
+        return Batcher(
+            self._pool,
+            run,
+            name=name,
+            batch_max=s.batch_max,
+            interval_s=s.batch_interval_s,
+            retry_budget_s=s.send_retry_budget_s,
+            uncertain=uncertain,
+        )
+
+    async def _resume_batch(
+        self, conn: asyncpg.Connection, requests: list[ResumeRequest]
+    ) -> tuple[list[ResumedSession | None], None]:
+        resumed = await session_store.resume_sessions(
+            conn, requests, self._settings.worker_id, self._settings.resume_grace_s
+        )
+        return resumed, None

@@ -1,0 +1,126 @@
+"""Presence, contacts and rooms on the wire.
+
+What a change tells others (presence, a contact request, an invitation) is
+pushed in the background after the reply: the reply is the request's one
+answer, and a failed push must not add a second.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from app.protocol import (
+    ContactAccept,
+    ContactAdd,
+    ContactList,
+    ContactRemove,
+    RoomCreate,
+    RoomInvite,
+    RoomJoin,
+    RoomLeave,
+    RoomList,
+    RoomMembers,
+    SetPresence,
+    encode,
+)
+from app.store import social
+from app.store.errors import NotFound
+from app.worker.announce import Announcer
+from app.worker.presence import Presence
+from app.worker.registry import Registry
+from app.worker.session import ok_frame, rid_field
+from app.worker.states import Peer, active_session
+
+
+class Contacts:
+    def __init__(
+        self, pool: asyncpg.Pool, registry: Registry, announcer: Announcer, presence: Presence
+    ) -> None:
+        self._pool = pool
+        self._registry = registry
+        self._announcer = announcer
+        self._presence = presence
+
+    async def set_presence(self, conn: Peer, req: SetPresence) -> None:
+        session = active_session(conn)
+        await social.set_presence(self._pool, session.user_id, req.state.value, req.text)
+        conn.write(ok_frame(req.rid))
+        self._registry.spawn(self._presence.broadcast(session.user_id))
+
+    async def contact_add(self, conn: Peer, req: ContactAdd) -> None:
+        session = active_session(conn)
+        other = await self._registry.user_id(req.user)
+        status = await social.contact_add(self._pool, session.user_id, other)
+        conn.write(ok_frame(req.rid))
+        if status == "accepted":
+            self._registry.spawn(self._presence.broadcast(session.user_id))
+            self._registry.spawn(self._presence.broadcast(other))
+        else:
+            self._registry.spawn(
+                self._announcer.push([other], {"op": "contact_request", "from": session.username})
+            )
+
+    async def contact_accept(self, conn: Peer, req: ContactAccept) -> None:
+        session = active_session(conn)
+        other = await self._registry.user_id(req.user)
+        await social.contact_accept(self._pool, session.user_id, other)
+        conn.write(ok_frame(req.rid))
+        self._registry.spawn(self._presence.broadcast(session.user_id))
+        self._registry.spawn(self._presence.broadcast(other))
+
+    async def contact_remove(self, conn: Peer, req: ContactRemove) -> None:
+        session = active_session(conn)
+        other = await self._registry.user_id(req.user)
+        if not await social.contact_remove(self._pool, session.user_id, other):
+            raise NotFound("not a contact")
+        conn.write(ok_frame(req.rid))
+
+    async def contact_list(self, conn: Peer, req: ContactList) -> None:
+        session = active_session(conn)
+        contacts = await social.contact_list(self._pool, session.user_id)
+        items = [
+            {"user": c.username, "status": c.status, "state": c.state, "text": c.text}
+            for c in contacts
+        ]
+        conn.write(encode({"op": "contacts", "contacts": items, **rid_field(req.rid)}))
+
+    # ---- rooms -------------------------------------------------------------
+    async def room_create(self, conn: Peer, req: RoomCreate) -> None:
+        session = active_session(conn)
+        room = await social.room_create(self._pool, session.user_id, req.name)
+        conn.write(encode({"op": "room", "room": room, "name": req.name, **rid_field(req.rid)}))
+
+    async def room_invite(self, conn: Peer, req: RoomInvite) -> None:
+        session = active_session(conn)
+        invitee = await self._registry.user_id(req.user)
+        name = await social.room_invite(self._pool, req.room, session.user_id, invitee)
+        conn.write(ok_frame(req.rid))
+        self._registry.spawn(
+            self._announcer.push(
+                [invitee],
+                {"op": "room_invite", "room": req.room, "name": name, "from": session.username},
+            )
+        )
+
+    async def room_join(self, conn: Peer, req: RoomJoin) -> None:
+        session = active_session(conn)
+        name = await social.room_join(self._pool, req.room, session.user_id)
+        conn.write(encode({"op": "room", "room": req.room, "name": name, **rid_field(req.rid)}))
+
+    async def room_leave(self, conn: Peer, req: RoomLeave) -> None:
+        session = active_session(conn)
+        await social.room_leave(self._pool, req.room, session.user_id)
+        conn.write(ok_frame(req.rid))
+
+    async def room_members(self, conn: Peer, req: RoomMembers) -> None:
+        session = active_session(conn)
+        members = await social.room_members(self._pool, req.room, session.user_id)
+        conn.write(
+            encode({"op": "members", "room": req.room, "members": members, **rid_field(req.rid)})
+        )
+
+    async def room_list(self, conn: Peer, req: RoomList) -> None:
+        session = active_session(conn)
+        rooms = await social.rooms_of(self._pool, session.user_id)
+        items = [{"room": room, "name": name} for room, name in rooms]
+        conn.write(encode({"op": "rooms", "rooms": items, **rid_field(req.rid)}))

@@ -1,0 +1,97 @@
+"""Requests to handlers: the session table's gate first, then one handler per request type.
+
+Every request gets exactly one reply: the handler's, or the error frame that
+errors.py makes of whatever it raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.protocol import (
+    Ack,
+    Bye,
+    ContactAccept,
+    ContactAdd,
+    ContactList,
+    ContactRemove,
+    ErrorCode,
+    Hello,
+    History,
+    PasswordChange,
+    Ping,
+    Read,
+    Register,
+    Request,
+    Resume,
+    RoomCreate,
+    RoomInvite,
+    RoomJoin,
+    RoomLeave,
+    RoomList,
+    RoomMembers,
+    Send,
+    SetPresence,
+    Typing,
+)
+from app.worker.contacts import Contacts
+from app.worker.errors import RequestError, reply_for
+from app.worker.login import Login
+from app.worker.messaging import Messaging
+from app.worker.session import Sessions
+from app.worker.states import Peer, next_session_state, request_event
+
+Handler = Callable[[Peer, Any], Awaitable[None]]
+
+# What the gate says when the session table refuses a request.
+REFUSALS = {
+    ErrorCode.NOT_AUTHENTICATED: "log in first (op hello)",
+    ErrorCode.ALREADY_AUTHENTICATED: "already logged in",
+}
+
+
+class Dispatcher:
+    def __init__(
+        self, sessions: Sessions, login: Login, messaging: Messaging, contacts: Contacts
+    ) -> None:
+        self.send_now = messaging.send_now
+        self._handlers: dict[type, Handler] = {
+            Hello: login.hello,
+            Register: login.register,
+            Resume: login.resume,
+            PasswordChange: login.change_password,
+            Ping: sessions.ping,
+            Bye: sessions.bye,
+            Send: messaging.send,
+            Ack: messaging.ack,
+            Read: messaging.read,
+            History: messaging.history,
+            Typing: messaging.typing,
+            SetPresence: contacts.set_presence,
+            ContactAdd: contacts.contact_add,
+            ContactAccept: contacts.contact_accept,
+            ContactRemove: contacts.contact_remove,
+            ContactList: contacts.contact_list,
+            RoomCreate: contacts.room_create,
+            RoomInvite: contacts.room_invite,
+            RoomJoin: contacts.room_join,
+            RoomLeave: contacts.room_leave,
+            RoomMembers: contacts.room_members,
+            RoomList: contacts.room_list,
+        }
+
+    async def handle(self, peer: Peer, req: Request) -> None:
+        try:
+            refused = next_session_state(peer.state, request_event(req))
+            if isinstance(refused, ErrorCode):
+                raise RequestError(refused, REFUSALS[refused])
+            handler = self._handlers.get(type(req))
+            if handler is None:
+                raise RequestError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not supported yet")
+            await handler(peer, req)
+        except Exception as exc:
+            frame, fatal = reply_for(exc, req.op, req.rid)
+            peer.write(frame)
+            if fatal:
+                peer.close()

@@ -1,0 +1,110 @@
+"""The worker's HTTP side, on its health port: ``/health`` for HAProxy and humans,
+``/metrics`` for Prometheus, ``/admin/{drain,undrain}`` for the CLI (with the
+cluster's admin secret).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from app.cluster.layout import read_secrets
+from app.settings import Settings
+from app.worker import metrics
+from app.worker.drain import Drain
+from app.worker.registry import Registry
+from app.worker.states import WorkerStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """Where each figure of the health report comes from (read at request time)."""
+
+    status: WorkerStatus
+    registry: Registry
+    healthy: Callable[[], bool]
+    lease_age_s: Callable[[], float]
+    loop_lag_s: Callable[[], float]
+    listening: Callable[[], bool]
+    messages_stored: Callable[[], int]
+    batches: Callable[[], int]
+    delivered: Callable[[], int]
+    resumes: Callable[[], int]
+    overloaded: Callable[[], int]
+
+
+def health_report(src: Sources) -> dict[str, object]:
+    registry = src.registry
+    return {
+        "worker": src.status.worker_id,
+        "pid": os.getpid(),
+        "state": src.status.state.value,
+        "healthy": src.healthy(),
+        "connections": len(registry.connections),
+        "sessions": registry.sessions,
+        "users": len(registry.by_user),
+        "lease_age_s": round(src.lease_age_s(), 3),
+        "listening": src.listening(),
+        "messages_stored": src.messages_stored(),
+        "batches": src.batches(),
+        "delivered": src.delivered(),
+        "resumes": src.resumes(),
+        "slow_readers": metrics.SLOW_READERS.value,
+        "overloaded": src.overloaded(),
+        # The worst of the last 10-20 s: what the dashboard's Workers page shows.
+        "loop_lag_ms": round(src.loop_lag_s() * 1000, 1),
+    }
+
+
+SETTINGS = web.AppKey("settings", Settings)
+SOURCES = web.AppKey("sources", Sources)
+DRAIN = web.AppKey("drain", Drain)
+
+
+async def _health(request: web.Request) -> web.Response:
+    body = health_report(request.app[SOURCES])
+    return web.json_response(body, status=200 if body["healthy"] else 503)
+
+
+async def _admin(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    token = read_secrets(settings).get("admin")
+    if not token or request.headers.get("X-Switchboard-Admin") != token:
+        return web.json_response({"error": "forbidden"}, status=403)
+    drain = request.app[DRAIN]
+    action = request.match_info["action"]
+    if action == "drain":
+        # Answer now; the clients move over up to drain_spread_s + drain_timeout_s.
+        if drain.begin("drain asked by the admin endpoint"):
+            request.app[SOURCES].registry.spawn(drain.move_clients())
+    elif action == "undrain":
+        drain.undrain("undrain asked by the admin endpoint")
+    else:
+        return web.json_response({"error": "unknown action"}, status=404)
+    status = request.app[SOURCES].status
+    return web.json_response({"worker": status.worker_id, "state": status.state.value})
+
+
+async def _metrics(_: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def start_http(settings: Settings, sources: Sources, drain: Drain) -> web.AppRunner:
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[SOURCES] = sources
+    app[DRAIN] = drain
+    app.router.add_get("/health", _health)
+    app.router.add_post("/admin/{action}", _admin)
+    app.router.add_get("/metrics", _metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.host, settings.worker_health_port(settings.worker_id), reuse_address=True
+    )
+    await site.start()
+    return runner

@@ -1,0 +1,175 @@
+"""What this worker hears from the others: LISTEN for inbox pointers and signed pushes.
+
+``sb_inbox`` names users whose inboxes moved: those with a session here are
+handed to the delivery pump. ``sb_push`` carries ephemeral frames (written to
+local sessions, never stored), session replacements (a new login of the
+device) and kicks (the dashboard), which close the connection holding the
+session, and catch-up requests. On every (re)connect of the listener all local
+users are caught up from the tables: notifications sent while it was away are
+lost, the entries are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from app.logs import get_logger
+from app.protocol import ErrorCode, encode
+from app.settings import Settings
+from app.store.db import dsn
+from app.store.errors import DB_ERRORS
+from app.store.eventlog import EventLog, primary_identity
+from app.store.messages import INBOX_CHANNEL
+from app.store.social import PUSH_CHANNEL, verify_push
+from app.worker.delivery import Delivery
+from app.worker.presence import Presence
+from app.worker.registry import Registry
+from app.worker.states import Peer, SessionEvent, set_session_state
+
+log = get_logger("delivery")
+
+# The `kicked` error's message, by the reason the dashboard gave.
+KICKED_MESSAGES = {
+    "kicked": "an administrator closed this session",
+    "disabled": "this account was disabled",
+}
+
+
+class Listener:
+    def __init__(
+        self,
+        settings: Settings,
+        push_key: bytes,
+        registry: Registry,
+        delivery: Delivery,
+        presence: Presence,
+        events: EventLog,
+    ) -> None:
+        self._settings = settings
+        self._key = push_key
+        self._registry = registry
+        self._delivery = delivery
+        self._presence = presence
+        self._events = events
+        self._task: asyncio.Task[None] | None = None
+        self.listening = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        delay = 0.2
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    dsn(self._settings), timeout=self._settings.db_connect_timeout_s
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, ev=lost: ev.set())
+                await conn.add_listener(INBOX_CHANNEL, self._on_inbox)
+                await conn.add_listener(PUSH_CHANNEL, self._on_push)
+                self._events.primary_connected(*await primary_identity(conn))
+                self.listening = True
+                delay = 0.2
+                # Anything notified while we were not listening: catch up from the tables.
+                self._delivery.mark_dirty(list(self._registry.by_user))
+                log.info("listening", channels=[INBOX_CHANNEL, PUSH_CHANNEL])
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), 2.0)
+                    except TimeoutError:
+                        # HAProxy cuts a session to a demoted node; a probe notices a dead peer.
+                        await conn.fetchval("SELECT 1", timeout=2.0)
+            except asyncio.CancelledError:
+                raise
+            except DB_ERRORS as exc:
+                log.warning("listener_lost", error=type(exc).__name__)
+            finally:
+                self.listening = False
+                self._events.primary_lost()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _on_inbox(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        moved: dict[int, int] = {}
+        for item in payload.split(","):
+            user, _, seq = item.partition(":")
+            if user.isdigit() and seq.isdigit():
+                moved[int(user)] = int(seq)
+        self._delivery.mark_moved(moved)
+
+    def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        event = verify_push(payload, self._key)
+        if event is None:
+            log.warning("unsigned_push_dropped", sender_pid=pid)
+            return
+        by_user = self._registry.by_user
+        try:
+            if "replaced" in event:
+                for user_id, session_id, epoch in event["replaced"]:
+                    self._close_replaced(
+                        int(user_id), int(session_id), None if epoch is None else int(epoch)
+                    )
+                return
+            if "catch_up" in event:
+                # A worker died (or restarted) and may have committed messages it
+                # never announced: read every local user's inbox from the tables.
+                log.info("catch_up", reason=str(event["catch_up"]), users=len(by_user))
+                self._delivery.mark_dirty(list(by_user))
+                return
+            if "kicked" in event:
+                reason = str(event.get("reason", "kicked"))
+                for user_id, session_id in event["kicked"]:
+                    self._close_kicked(int(user_id), int(session_id), reason)
+                return
+            data = encode(event["f"])
+            targets = event["to"]
+        except (KeyError, TypeError, ValueError):
+            log.warning("bad_push_payload")
+            return
+        for user_id in targets:
+            for target in by_user.get(user_id, ()):
+                target.write(data)
+
+    def _drop(
+        self, peer: Peer, event: SessionEvent, code: ErrorCode, message: str, why: str
+    ) -> None:
+        """Close a connection whose session row someone else already closed or took."""
+        self._registry.detach(peer)
+        set_session_state(peer, event, why)
+        peer.fail(code, message)
+
+    def _close_replaced(self, user_id: int, session_id: int, epoch: int | None) -> None:
+        for peer in self._registry.holding(user_id, session_id):
+            session = peer.session
+            assert session is not None
+            if epoch is None or session.epoch < epoch:
+                self._drop(
+                    peer,
+                    SessionEvent.REPLACED,
+                    ErrorCode.SESSION_REPLACED,
+                    "this device logged in on another connection",
+                    "a newer login or resume of this device",
+                )
+
+    def _close_kicked(self, user_id: int, session_id: int, reason: str) -> None:
+        """An administrator closed this session (``reason``: kicked, or disabled for
+        a disabled account). Its row is closed already, so it cannot be resumed;
+        the contacts learn the presence that leaves."""
+        for peer in self._registry.holding(user_id, session_id):
+            session = peer.session
+            assert session is not None
+            message = KICKED_MESSAGES.get(reason, KICKED_MESSAGES["kicked"])
+            self._drop(peer, SessionEvent.KICKED, ErrorCode.KICKED, message, reason)
+            self._events.session_ended(user_id, session_id, session.epoch, reason, resumable=False)
+            self._registry.spawn(self._presence.broadcast(user_id))

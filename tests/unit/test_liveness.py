@@ -1,0 +1,278 @@
+"""Liveness decisions: the lease, the reaper, fencing, health, and the decision log.
+
+Each tick is driven by hand against FakeLeases and a FakeClock; no loop runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from app.settings import Settings
+from app.store.sessions import Reaped
+from app.worker.liveness import Decision, Liveness
+from app.worker.registry import Registry
+from app.worker.states import SessionState, WorkerState, WorkerStatus
+from tests.unit.worker_fakes import (
+    WORKER_ID,
+    FakeAnnouncer,
+    FakeClock,
+    FakeEvents,
+    FakeLeases,
+    FakePeer,
+    FakePresence,
+    FakeStore,
+    active_peer,
+    status_in,
+)
+
+LEASE_S = 3.0
+
+
+class Rig:
+    """A Liveness over fakes, registered (the state after start-up) and serving."""
+
+    def __init__(self, state: WorkerState = WorkerState.SERVING) -> None:
+        self.settings = Settings(worker_id=WORKER_ID, worker_lease_s=LEASE_S)
+        self.status: WorkerStatus = status_in(state)
+        self.leases = FakeLeases()
+        self.clock = FakeClock()
+        store = FakeStore()
+        self.registry = Registry(store.require_user_id, store.usernames)
+        self.announcer = FakeAnnouncer()
+        self.presence = FakePresence()
+        self.events = FakeEvents()
+        self.liveness = Liveness(
+            self.settings,
+            self.status,
+            self.leases,
+            self.registry,
+            self.announcer,
+            self.presence,
+            self.events,
+            clock=self.clock,
+        )
+
+    def connect(self, peer: FakePeer) -> FakePeer:
+        self.registry.add(peer)
+        if peer.state is SessionState.ACTIVE:
+            self.registry.attach(peer)
+        return peer
+
+
+@pytest.fixture
+async def rig() -> Rig:
+    rig = Rig()
+    await rig.liveness.register()
+    return rig
+
+
+# ---- the lease -----------------------------------------------------------------------
+
+
+async def test_register_reports_the_sessions_left_from_an_earlier_run() -> None:
+    rig = Rig()
+    rig.leases.left = 7
+    decision = await rig.liveness.register()
+    assert decision == Decision("registered; 7 sessions left from an earlier run detached")
+    assert rig.leases.calls == [("register", WORKER_ID, "127.0.0.1:7001", LEASE_S)]
+    assert rig.events.named("worker_started") == [(7,)]
+    assert rig.liveness.lease_age_s == 0
+
+
+async def test_a_renewed_lease_is_a_quiet_decision(rig: Rig) -> None:
+    rig.clock.advance(2.5)
+    assert await rig.liveness.lease_tick() == Decision("renewed the lease")
+    assert rig.liveness.lease_age_s == 0
+    assert rig.leases.calls[-1] == ("renew", WORKER_ID, LEASE_S)
+
+
+async def test_a_failed_renewal_warns_and_pauses_the_reaper(rig: Rig) -> None:
+    rig.leases.renewed = OSError("connection refused")
+    decision = await rig.liveness.lease_tick()
+    assert decision == Decision("lease renewal failed (OSError); reaping paused", "warning")
+    rig.clock.advance(10)
+    assert await rig.liveness.reap_tick() == Decision("waiting: the database is not answering")
+    assert rig.leases.called("reap") == 0
+
+
+async def test_the_reaper_waits_a_full_lease_after_the_database_is_back(rig: Rig) -> None:
+    rig.leases.renewed = OSError("connection refused")
+    await rig.liveness.lease_tick()
+    rig.leases.renewed = True
+    rig.clock.advance(5)
+    await rig.liveness.lease_tick()  # the database answers again from now on
+
+    rig.clock.advance(LEASE_S - 0.5)
+    decision = await rig.liveness.reap_tick()
+    assert decision.text.startswith("waiting: the database has answered for less than a lease")
+    assert "3.0 s" in decision.text
+    assert rig.leases.called("reap") == 0
+
+    rig.clock.advance(0.5)
+    assert await rig.liveness.reap_tick() == Decision("no worker's lease ran out")
+    assert rig.leases.calls[-1] == ("reap", rig.settings.resume_grace_s, LEASE_S)
+
+
+async def test_a_fresh_registration_also_waits_a_full_lease_before_reaping(rig: Rig) -> None:
+    rig.clock.advance(1)
+    assert (await rig.liveness.reap_tick()).text.startswith("waiting:")
+    rig.clock.advance(LEASE_S)
+    assert (await rig.liveness.reap_tick()).text == "no worker's lease ran out"
+
+
+# ---- fencing ---------------------------------------------------------------------------
+
+
+async def test_a_refused_renewal_fences_every_connection_and_registers_again(rig: Rig) -> None:
+    alice = rig.connect(active_peer(1, "alice"))
+    bob = rig.connect(active_peer(2, "bob"))
+    anonymous = rig.connect(FakePeer())
+    rig.leases.renewed = False
+
+    decision = await rig.liveness.lease_tick()
+    assert decision == Decision(
+        "fenced: the others declared this worker dead; dropped 3 connections, registered again",
+        "warning",
+    )
+    for peer in (alice, bob, anonymous):
+        (frame,) = peer.frames
+        assert frame["op"] == "reconnect"
+        assert 0 <= frame["after_ms"] <= 1000
+        assert peer.closed
+    assert alice.state is SessionState.CLOSED
+    assert bob.state is SessionState.CLOSED
+    assert anonymous.state is SessionState.ANONYMOUS  # it held no session to end
+    assert rig.registry.by_user == {}
+    assert rig.leases.called("register") == 2
+    assert len(rig.events.named("worker_started")) == 2
+
+
+async def test_fenced_and_registering_again_failed(rig: Rig) -> None:
+    peer = rig.connect(active_peer())
+    rig.leases.renewed = False
+    rig.leases.left = OSError("connection reset")
+    decision = await rig.liveness.lease_tick()
+    assert decision == Decision(
+        "fenced: the others declared this worker dead; dropped 1 connections;"
+        " registering again failed (OSError)",
+        "warning",
+    )
+    assert peer.closed
+    assert peer.state is SessionState.CLOSED
+
+
+# ---- reaping ---------------------------------------------------------------------------
+
+
+async def reap(rig: Rig, reaped: Reaped | BaseException) -> Decision:
+    rig.leases.reaped = reaped
+    rig.clock.advance(LEASE_S)
+    return await rig.liveness.reap_tick()
+
+
+async def test_reaping_dead_workers_catches_up_and_tells_the_contacts(rig: Rig) -> None:
+    decision = await reap(rig, Reaped(["w2", "w3"], [10, 11, 12], 0))
+    assert decision == Decision("declared w2,w3 dead; detached 3 users' sessions", "warning")
+    assert rig.announcer.catch_ups == ["dead: w2,w3"]
+    assert rig.presence.broadcasts == [10, 11, 12]
+
+
+async def test_reaping_names_expired_sessions(rig: Rig) -> None:
+    decision = await reap(rig, Reaped(["w2"], [10], 4))
+    assert (
+        decision.text == "declared w2 dead; detached 1 users' sessions; 4 detached sessions expired"
+    )
+
+
+async def test_expired_sessions_alone_are_logged_at_info(rig: Rig) -> None:
+    decision = await reap(rig, Reaped([], [], 4))
+    assert decision == Decision("no worker's lease ran out; 4 detached sessions expired")
+    assert rig.announcer.catch_ups == []
+
+
+async def test_failed_pushes_after_reaping_are_named(rig: Rig) -> None:
+    rig.announcer.error = OSError("gone")
+    rig.presence.failing[11] = OSError("gone")
+    decision = await reap(rig, Reaped(["w2"], [10, 11], 0))
+    assert decision == Decision(
+        "declared w2 dead; detached 2 users' sessions;"
+        " failed: the catch-up push (OSError), 1 presence pushes",
+        "warning",
+    )
+    assert rig.presence.broadcasts == [10]  # the others were still told
+
+
+async def test_a_failed_reap_warns(rig: Rig) -> None:
+    decision = await reap(rig, OSError("connection reset"))
+    assert decision == Decision("reaping failed (OSError)", "warning")
+
+
+async def test_a_failed_reap_also_makes_the_reaper_wait_a_full_lease(rig: Rig) -> None:
+    await reap(rig, OSError("connection reset"))
+    rig.leases.reaped = Reaped([], [], 0)
+    rig.clock.advance(1)
+    assert (await rig.liveness.reap_tick()).text.startswith("waiting:")
+
+
+# ---- health ------------------------------------------------------------------------------
+
+
+async def test_healthy_while_serving_with_a_fresh_lease(rig: Rig) -> None:
+    assert rig.liveness.healthy()
+    rig.clock.advance(LEASE_S - 0.1)
+    assert rig.liveness.healthy()
+
+
+async def test_unhealthy_once_the_lease_is_as_old_as_a_lease(rig: Rig) -> None:
+    rig.leases.renewed = OSError("gone")
+    rig.clock.advance(LEASE_S)
+    await rig.liveness.lease_tick()
+    assert rig.liveness.lease_age_s == LEASE_S
+    assert not rig.liveness.healthy()
+    rig.leases.renewed = True
+    await rig.liveness.lease_tick()
+    assert rig.liveness.healthy()
+
+
+@pytest.mark.parametrize(
+    ("state", "healthy"),
+    [
+        (WorkerState.STARTING, False),
+        (WorkerState.SERVING, True),
+        (WorkerState.DRAINING, True),
+        (WorkerState.STOPPING, False),
+    ],
+)
+async def test_health_depends_on_the_worker_state(state: WorkerState, healthy: bool) -> None:
+    rig = Rig(state)
+    await rig.liveness.register()
+    assert rig.liveness.healthy() is healthy
+
+
+# ---- the decision log --------------------------------------------------------------------
+
+
+def decisions_logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
+    return [
+        (r.getMessage(), r.levelno, r.fields["decision"])  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "switchboard.liveness"
+    ]
+
+
+def test_say_logs_a_decision_only_when_it_changes(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="switchboard.liveness")
+    liveness = Rig().liveness
+    renewed = Decision("renewed the lease")
+    failed = Decision("lease renewal failed (OSError); reaping paused", "warning")
+    for decision in (renewed, renewed, failed, failed, renewed):
+        liveness.say("lease", decision)
+    liveness.say("reaper", Decision("renewed the lease"))  # another loop: its own history
+    assert decisions_logged(caplog) == [
+        ("lease_decision", logging.INFO, "renewed the lease"),
+        ("lease_decision", logging.WARNING, failed.text),
+        ("lease_decision", logging.INFO, "renewed the lease"),
+        ("reaper_decision", logging.INFO, "renewed the lease"),
+    ]

@@ -1,0 +1,523 @@
+"""Fakes for testing the worker's session logic and liveness without a database.
+
+In the style of h11's tests/helpers.py: `Harness` wires the real parts of a
+worker (Dispatcher, Sessions, Login, Messaging, Contacts, Registry, Admission)
+to small fakes, and gives a connected peer to drive requests in and read the
+frames out::
+
+    h = Harness(monkeypatch)
+    peer = h.connect()
+    frames = await h.request(peer, Hello(user="alice", password=..., device="phone"))
+    assert frames[0]["op"] == "welcome"
+
+The store functions the worker modules call directly (app.store.accounts,
+app.store.sessions, app.store.messages) are replaced by `FakeStore` with
+pytest's monkeypatch; every pool handed to the parts is `NO_POOL`, which fails
+loudly if any real store code is reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from app.protocol import ErrorCode, Hello, Request, error_frame
+from app.settings import Settings
+from app.store import accounts
+from app.store import messages as message_store
+from app.store import sessions as session_store
+from app.store.accounts import Account
+from app.store.errors import NotFound, UserExists
+from app.store.eventlog import EventLog
+from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
+from app.store.sessions import OpenedSession, Reaped, ResumedSession, ResumeRequest
+from app.worker.admission import Admission
+from app.worker.contacts import Contacts
+from app.worker.dispatch import Dispatcher
+from app.worker.login import Login
+from app.worker.messaging import Messaging
+from app.worker.registry import Registry
+from app.worker.session import Sessions
+from app.worker.states import Session, SessionState, WorkerState, WorkerStatus
+
+WORKER_ID = "w1"
+GOOD_PASSWORD = "correct horse battery"  # long enough for min_password_chars (12)
+
+
+class _NoPool:
+    """Stands in for every asyncpg pool: any use means a store call was not faked."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a real store function used the pool (pool.{name})")
+
+
+NO_POOL: Any = _NoPool()
+
+
+def frames_of(data: bytes) -> list[dict[str, Any]]:
+    """The frames in a chunk of output: one JSON object per line."""
+    return [orjson.loads(line) for line in data.splitlines() if line]
+
+
+# ---- the connection ------------------------------------------------------------
+
+
+class FakePeer:
+    """A client connection as the parts see it (the `Peer` protocol of states.py).
+
+    Frames written are decoded into ``frames``; like the real connection, writes
+    after close are dropped (kept in ``written_after_close`` for assertions).
+    """
+
+    def __init__(self, peer: str = "198.51.100.7:40000", max_inflight: int = 32) -> None:
+        self.state = SessionState.ANONYMOUS
+        self.session: Session | None = None
+        self.peer = peer
+        self.closed = False
+        self.frames: list[dict[str, Any]] = []
+        self.written_after_close: list[dict[str, Any]] = []
+        self.inflight_sends = 0
+        self._max_inflight = max_inflight
+
+    @property
+    def writable(self) -> bool:
+        return not self.closed
+
+    def write(self, data: bytes) -> None:
+        (self.written_after_close if self.closed else self.frames).extend(frames_of(data))
+
+    def fail(self, code: ErrorCode, message: str, rid: str | int | None = None) -> None:
+        self.write(error_frame(code, message, rid))
+        if code.fatal:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def send_slot(self) -> None:
+        assert self.inflight_sends < self._max_inflight, "the fake has no waiting send slot"
+
+    def send_done(self) -> None:
+        self.inflight_sends -= 1
+
+    def __repr__(self) -> str:
+        return f"FakePeer({self.peer}, {self.state.value})"
+
+
+def active_peer(user_id: int = 1, username: str = "alice", **kw: Any) -> FakePeer:
+    """A peer already holding an ACTIVE session (set up directly, without a login)."""
+    peer = FakePeer(**kw)
+    peer.state = SessionState.ACTIVE
+    peer.session = Session(100 + user_id, user_id, username, "phone", 1)
+    return peer
+
+
+# ---- the collaborators ---------------------------------------------------------
+
+
+class FakeAnnouncer:
+    """Records what would be told to the other workers."""
+
+    def __init__(self) -> None:
+        self.replaced: list[tuple[int, int, int | None]] = []
+        self.catch_ups: list[str] = []
+        self.pushes: list[tuple[list[int], dict[str, Any]]] = []
+        self.catch_up_requested = 0
+        self.error: BaseException | None = None  # raised by announce_catch_up
+
+    def replace_session(self, user_id: int, session_id: int, epoch: int | None) -> None:
+        self.replaced.append((user_id, session_id, epoch))
+
+    def request_catch_up(self) -> None:
+        self.catch_up_requested += 1
+
+    def inbox_moved(self, moved: dict[int, int]) -> None:
+        pass
+
+    async def announce_catch_up(self, reason: str) -> None:
+        if self.error is not None:
+            raise self.error
+        self.catch_ups.append(reason)
+
+    async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
+        self.pushes.append((list(user_ids), frame))
+
+
+class FakePresence:
+    def __init__(self) -> None:
+        self.broadcasts: list[int] = []
+        self.failing: dict[int, BaseException] = {}  # user id -> what broadcast raises
+
+    async def broadcast(self, user_id: int) -> None:
+        if user_id in self.failing:
+            raise self.failing[user_id]
+        self.broadcasts.append(user_id)
+
+
+class FakeDelivery:
+    def __init__(self) -> None:
+        self.dirty: list[int] = []
+
+    def mark_dirty(self, user_ids: Any) -> None:
+        self.dirty.extend(user_ids)
+
+
+class FakeEvents:
+    """Records every EventLog call as (method, *args); only EventLog's methods exist."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("_") or not callable(getattr(EventLog, name, None)):
+            raise AttributeError(name)
+
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, *args, *kwargs.values()))
+
+        return record
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [call[1:] for call in self.calls if call[0] == name]
+
+
+class FakePasswords:
+    """A "hash" anyone can read: ``hash:<password>``."""
+
+    async def hash(self, password: str) -> str:
+        return "hash:" + password
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        return password_hash is not None and password_hash == "hash:" + password
+
+
+class FakeCommits:
+    """The group commits, answering at once with canned results."""
+
+    def __init__(self) -> None:
+        self.resumed: ResumedSession | None = None  # what take_over returns
+        self.receipt_ok = True
+        self.error: BaseException | None = None  # raised by ack and record_receipt
+        self.take_overs: list[ResumeRequest] = []
+        self.acks: list[AckRequest] = []
+        self.receipts: list[ReadRequest] = []
+        self.sent: list[tuple[NewMessage, Callable[[Stored | Exception | None], None]]] = []
+
+    def send(self, message: NewMessage, done: Callable[[Stored | Exception | None], None]) -> None:
+        self.sent.append((message, done))
+
+    async def take_over(self, request: ResumeRequest) -> ResumedSession | None:
+        self.take_overs.append(request)
+        return self.resumed
+
+    async def ack(self, request: AckRequest) -> int:
+        if self.error is not None:
+            raise self.error
+        self.acks.append(request)
+        return request.seq
+
+    async def record_receipt(self, request: ReadRequest) -> bool:
+        if self.error is not None:
+            raise self.error
+        self.receipts.append(request)
+        return self.receipt_ok
+
+
+# ---- the store -----------------------------------------------------------------
+
+
+@dataclass
+class SessionRow:
+    user_id: int
+    device: str
+    epoch: int
+    token_hash: bytes | None
+    state: str = "active"
+    reason: str | None = None
+
+
+@dataclass
+class FakeStore:
+    """The rows Sessions and Login read and write, in dicts. ``error``, when set, is
+    raised by every call (the database is away)."""
+
+    users: dict[str, Account] = field(default_factory=dict)
+    failures: Counter[str] = field(default_factory=Counter)
+    sessions: dict[int, SessionRow] = field(default_factory=dict)
+    last_seq: dict[int, int] = field(default_factory=dict)
+    acked: dict[tuple[int, str], int] = field(default_factory=dict)
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    error: BaseException | None = None
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Replace the store functions the worker modules call (same module objects)."""
+        for module, names in (
+            (
+                accounts,
+                (
+                    "create_user",
+                    "find_user",
+                    "set_password",
+                    "failure_counts",
+                    "record_failure",
+                    "clear_failures",
+                ),
+            ),
+            (session_store, ("open_session", "close_session", "detach_session")),
+            (message_store, ("inbox_position",)),
+        ):
+            for name in names:
+                monkeypatch.setattr(module, name, getattr(self, name))
+
+    def _call(self, *call: Any) -> None:
+        self.calls.append(call)
+        if self.error is not None:
+            raise self.error
+
+    def called(self, name: str) -> list[tuple[Any, ...]]:
+        return [call[1:] for call in self.calls if call[0] == name]
+
+    # ---- test setup ------------------------------------------------------------
+    def add_user(
+        self, name: str = "alice", password: str = GOOD_PASSWORD, disabled: bool = False
+    ) -> Account:
+        account = Account(next(self._ids), name, "hash:" + password, disabled)
+        self.users[name] = account
+        return account
+
+    # ---- app.store.accounts ------------------------------------------------------
+    async def create_user(self, pool: Any, username: str, password_hash: str) -> int:
+        self._call("create_user", username)
+        if username in self.users:
+            raise UserExists(username)
+        user_id = next(self._ids)
+        self.users[username] = Account(user_id, username, password_hash, False)
+        return user_id
+
+    async def find_user(self, pool: Any, username: str) -> Account | None:
+        self._call("find_user", username)
+        return self.users.get(username)
+
+    async def set_password(self, pool: Any, user_id: int, password_hash: str) -> None:
+        self._call("set_password", user_id)
+        for name, account in self.users.items():
+            if account.id == user_id:
+                self.users[name] = Account(user_id, name, password_hash, account.disabled)
+
+    async def failure_counts(self, pool: Any, keys: list[str], window_s: float) -> dict[str, int]:
+        self._call("failure_counts", tuple(keys))
+        return {key: self.failures[key] for key in keys}
+
+    async def record_failure(self, pool: Any, keys: list[str], window_s: float) -> None:
+        self._call("record_failure", tuple(keys))
+        self.failures.update(keys)
+
+    async def clear_failures(self, pool: Any, key: str) -> None:
+        self._call("clear_failures", key)
+        self.failures.pop(key, None)
+
+    # ---- app.store.sessions ------------------------------------------------------
+    async def open_session(
+        self,
+        pool: Any,
+        user_id: int,
+        device: str,
+        worker_id: str,
+        remote_addr: str,
+        resume_token_hash: bytes | None = None,
+    ) -> OpenedSession:
+        self._call("open_session", user_id, device, worker_id)
+        old_id, epoch = None, 1
+        for sid, row in self.sessions.items():
+            if row.user_id == user_id and row.device == device and row.state != "closed":
+                row.state, row.reason = "closed", "replaced"
+                old_id, epoch = sid, row.epoch + 1
+        session_id = 1000 + len(self.sessions)
+        self.sessions[session_id] = SessionRow(user_id, device, epoch, resume_token_hash)
+        return OpenedSession(session_id, epoch, old_id, worker_id if old_id else None)
+
+    async def close_session(self, pool: Any, session_id: int, epoch: int, reason: str) -> bool:
+        self._call("close_session", session_id, epoch, reason)
+        row = self.sessions.get(session_id)
+        if row is None or row.epoch != epoch or row.state == "closed":
+            return False
+        row.state, row.reason = "closed", reason
+        return True
+
+    async def detach_session(self, pool: Any, session_id: int, epoch: int, reason: str) -> bool:
+        self._call("detach_session", session_id, epoch, reason)
+        row = self.sessions.get(session_id)
+        if row is None or row.epoch != epoch or row.state != "active":
+            return False
+        row.state, row.reason = "detached", reason
+        return True
+
+    # ---- app.store.messages ------------------------------------------------------
+    async def inbox_position(self, pool: Any, user_id: int, device: str) -> tuple[int, int]:
+        self._call("inbox_position", user_id, device)
+        return self.last_seq.get(user_id, 0), self.acked.get((user_id, device), 0)
+
+    # ---- the Registry's lookups --------------------------------------------------
+    async def require_user_id(self, username: str) -> int:
+        account = self.users.get(username)
+        if account is None:
+            raise NotFound(f"no such user: {username}")
+        return account.id
+
+    async def usernames(self, ids: list[int]) -> dict[int, str]:
+        wanted = set(ids)
+        return {a.id: a.username for a in self.users.values() if a.id in wanted}
+
+
+# ---- liveness --------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeLeases:
+    """The `LeaseStore` of liveness.py. Each result may be an exception to raise."""
+
+    def __init__(self) -> None:
+        self.left: int | BaseException = 0  # register: sessions left from an earlier run
+        self.renewed: bool | BaseException = True
+        self.reaped: Reaped | BaseException = Reaped([], [], 0)
+        self.calls: list[tuple[Any, ...]] = []
+
+    @staticmethod
+    def _answer(result: Any) -> Any:
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def register(self, worker_id: str, pid: int, address: str, lease_s: float) -> int:
+        self.calls.append(("register", worker_id, address, lease_s))
+        return int(self._answer(self.left))
+
+    async def renew(self, worker_id: str, lease_s: float) -> bool:
+        self.calls.append(("renew", worker_id, lease_s))
+        return bool(self._answer(self.renewed))
+
+    async def reap(self, resume_grace_s: float, lease_s: float) -> Reaped:
+        self.calls.append(("reap", resume_grace_s, lease_s))
+        reaped: Reaped = self._answer(self.reaped)
+        return reaped
+
+    def called(self, name: str) -> int:
+        return sum(1 for call in self.calls if call[0] == name)
+
+
+# ---- the worker's session parts, wired -------------------------------------------
+
+
+def status_in(state: WorkerState, worker_id: str = WORKER_ID) -> WorkerStatus:
+    """A WorkerStatus brought to ``state`` through its own setter."""
+    status = WorkerStatus(worker_id)
+    path = {
+        WorkerState.STARTING: [],
+        WorkerState.SERVING: [WorkerState.SERVING],
+        WorkerState.DRAINING: [WorkerState.SERVING, WorkerState.DRAINING],
+        WorkerState.STOPPING: [WorkerState.STOPPING],
+    }[state]
+    for step in path:
+        assert status.set(step, "test setup")
+    return status
+
+
+class Harness:
+    """The real request path of one worker (gate, handlers, lifecycle) over fakes."""
+
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        state: WorkerState = WorkerState.SERVING,
+        **settings: Any,
+    ) -> None:
+        self.settings = Settings(worker_id=WORKER_ID, **settings)
+        self.status = status_in(state)
+        self.store = FakeStore()
+        self.store.install(monkeypatch)
+        self.registry = Registry(self.store.require_user_id, self.store.usernames)
+        self.announcer = FakeAnnouncer()
+        self.presence = FakePresence()
+        self.delivery = FakeDelivery()
+        self.events = FakeEvents()
+        self.commits = FakeCommits()
+        self.passwords = FakePasswords()
+        self.admission = Admission(self.settings)
+        self.sessions = Sessions(
+            NO_POOL,
+            self.status,
+            self.registry,
+            self.delivery,
+            self.announcer,
+            self.presence,
+            self.events,
+        )
+        self.login = Login(
+            NO_POOL,
+            self.settings,
+            self.passwords,
+            self.admission,
+            self.commits,
+            self.sessions,
+            self.announcer,
+            self.events,
+        )
+        self.messaging = Messaging(
+            NO_POOL, self.settings, self.registry, self.commits, self.announcer, self.events
+        )
+        self.contacts = Contacts(NO_POOL, self.registry, self.announcer, self.presence)
+        self.dispatcher = Dispatcher(self.sessions, self.login, self.messaging, self.contacts)
+
+    def connect(self, peer: str = "198.51.100.7:40000") -> FakePeer:
+        """A new connection, opened as connection_made does."""
+        conn = FakePeer(peer, self.settings.max_inflight_sends)
+        self.sessions.opened(conn)
+        return conn
+
+    async def request(self, peer: FakePeer, req: Request | Any) -> list[dict[str, Any]]:
+        """Hand one request to the dispatcher; the frames it wrote in reply (and
+        what it started in the background, such as presence pushes, has run)."""
+        before = len(peer.frames)
+        await self.dispatcher.handle(peer, req)
+        await self.settle()
+        return peer.frames[before:]
+
+    async def log_in(
+        self, user: str = "alice", device: str = "phone", peer: FakePeer | None = None
+    ) -> FakePeer:
+        """A connection logged in with hello (the user is created if need be)."""
+        if user not in self.store.users:
+            self.store.add_user(user)
+        conn = peer or self.connect()
+        frames = await self.request(conn, Hello(user=user, password=GOOD_PASSWORD, device=device))
+        assert [f["op"] for f in frames] == ["welcome"], frames
+        return conn
+
+    async def lose(self, peer: FakePeer) -> None:
+        """The connection dropped (connection_lost), and what that started has run."""
+        peer.close()
+        self.sessions.lost(peer)
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Run the fire-and-forget tasks the registry holds to their end."""
+        while self.registry._background:
+            await asyncio.gather(*self.registry._background, return_exceptions=True)
