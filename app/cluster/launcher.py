@@ -8,12 +8,14 @@ what was already started and surfaces as one ``ClusterError`` line.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from app.cluster.process import (
     stop_all,
     write_pidfile,
 )
+from app.secrets import read_secrets
 from app.settings import Settings
 
 Say = Callable[[str], None]
@@ -385,11 +388,6 @@ class LocalCluster:
 
     def drain_worker(self, wid: str, undo: bool = False) -> dict[str, object]:
         """Ask a worker (over its admin endpoint) to drain, or to take clients again."""
-        import json
-        import urllib.request
-
-        from app.cluster.layout import read_secrets
-
         s = self.settings
         url = f"http://{s.host}:{s.worker_health_port(wid)}/admin/{'undrain' if undo else 'drain'}"
         request = urllib.request.Request(

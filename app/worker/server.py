@@ -27,6 +27,7 @@ from aiohttp import web
 
 from app.logs import get_logger
 from app.protocol import ErrorCode, Limits, Request, encode, error_frame
+from app.secrets import read_secrets
 from app.settings import Settings
 from app.store import messages as message_store
 from app.store import sessions as session_store
@@ -93,8 +94,6 @@ class Worker:
         # Leases get their own connections: a busy main pool must not make a live
         # worker miss its renewal and be declared dead.
         self._lease_pool: asyncpg.Pool | None = None
-        from app.cluster.layout import read_secrets
-
         # Signs and checks sb_push payloads: only cluster members may push frames.
         self.push_key = social.push_key(read_secrets(settings)["admin"])
         self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
@@ -535,8 +534,6 @@ class Worker:
             return web.json_response(body, status=200 if body["healthy"] else 503)
 
         async def admin(request: web.Request) -> web.Response:
-            from app.cluster.layout import read_secrets
-
             token = read_secrets(self.settings).get("admin")
             if not token or request.headers.get("X-Switchboard-Admin") != token:
                 return web.json_response({"error": "forbidden"}, status=403)
