@@ -101,9 +101,11 @@ def _run(args: argparse.Namespace, create: bool) -> int:
 
 async def save_admin(settings: Settings, name: str, password: str, create: bool) -> str:
     """Create an admin (or set its password): argon2id hash, one row in ``admins``."""
+    # Imported here, as in app/cli.py: every `switchboard` command imports this module
+    # to build its parser, and only this one needs argon2 and the store's queries.
     from app.store import dashboard as store
     from app.store.db import dsn
-    from app.worker.passwords import Passwords
+    from app.store.passwords import Passwords
 
     passwords = Passwords(settings)
     try:

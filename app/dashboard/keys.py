@@ -14,7 +14,7 @@ from app.dashboard.control import Control
 from app.dashboard.metrics import DashboardMetrics
 from app.dashboard.sampler import Sampler
 from app.settings import Settings
-from app.worker.passwords import Passwords
+from app.store.passwords import Passwords
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from app.dashboard.templating import STATIC_DIR, make_environment
 from app.logs import get_logger
 from app.settings import Settings
 from app.store.db import create_pool
-from app.worker.passwords import Passwords
+from app.store.passwords import Passwords
 
 log = get_logger("dashboard")
 

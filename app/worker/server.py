@@ -35,11 +35,11 @@ from app.store import social
 from app.store.db import create_pool
 from app.store.events import EventLog
 from app.store.messages import AckRequest, ReadRequest
+from app.store.passwords import Passwords
 from app.store.sessions import ResumedSession, ResumeRequest
 from app.worker import metrics
 from app.worker.connection import ClientConnection
 from app.worker.delivery import Delivery
-from app.worker.passwords import Passwords
 from app.worker.session import RequestError, SessionLogic
 from app.worker.writer import RETRYABLE, Batcher, MessageWriter
 
