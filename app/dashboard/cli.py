@@ -105,6 +105,7 @@ async def save_admin(settings: Settings, name: str, password: str, create: bool)
     # to build its parser, and only this one needs argon2 and the store's queries.
     from app.store import dashboard as store
     from app.store.db import dsn
+    from app.store.errors import AdminExists
     from app.store.passwords import Passwords
 
     passwords = Passwords(settings)
@@ -119,7 +120,7 @@ async def save_admin(settings: Settings, name: str, password: str, create: bool)
         if create:
             try:
                 await store.create_admin(pool, name, password_hash)
-            except store.AdminExists:
+            except AdminExists:
                 raise Refused(
                     f"admin {name!r} exists; `switchboard admin set-password {name}` changes "
                     "its password"

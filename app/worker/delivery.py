@@ -27,12 +27,12 @@ import asyncpg
 from app.logs import get_logger
 from app.protocol import ErrorCode, encode
 from app.store import messages as message_store
+from app.store.errors import DB_ERRORS
 from app.store.events import primary_identity
 from app.store.messages import INBOX_CHANNEL, InboxEntry, NewMessage, Stored
 from app.store.schema import INBOX_KIND_MESSAGE
 from app.store.social import PUSH_CHANNEL, push, verify_push
 from app.worker import metrics
-from app.worker.writer import RETRYABLE
 
 if TYPE_CHECKING:
     from app.worker.connection import ClientConnection
@@ -245,7 +245,7 @@ class Delivery:
                 for i in range(0, len(replaced), REPLACED_CHUNK):
                     event = {"replaced": replaced[i : i + REPLACED_CHUNK]}
                     await push(self.worker.pool, event, self.worker.push_key)
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 # Listeners only catch up from the tables when they reconnect, so a
                 # pointer whose NOTIFY failed while they stayed connected must go out
                 # again: keep it (and the replacements) for the next round.
@@ -287,7 +287,7 @@ class Delivery:
                         await conn.fetchval("SELECT 1", timeout=2.0)
             except asyncio.CancelledError:
                 raise
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("listener_lost", error=type(exc).__name__)
             finally:
                 self.listening = False
@@ -435,7 +435,7 @@ class Delivery:
                     await self._deliver(users)
                 except asyncio.CancelledError:
                     raise
-                except (*RETRYABLE, asyncpg.PostgresError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("delivery_retry", users=len(users), error=type(exc).__name__)
                     self._dirty.update(users)
                     await asyncio.sleep(0.5)

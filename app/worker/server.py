@@ -33,6 +33,7 @@ from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store import social
 from app.store.db import create_pool
+from app.store.errors import DB_ERRORS
 from app.store.events import EventLog
 from app.store.messages import AckRequest, ReadRequest
 from app.store.passwords import Passwords
@@ -41,7 +42,7 @@ from app.worker import metrics
 from app.worker.connection import ClientConnection
 from app.worker.delivery import Delivery
 from app.worker.session import RequestError, SessionLogic
-from app.worker.writer import RETRYABLE, Batcher, MessageWriter
+from app.worker.writer import Batcher, MessageWriter
 
 log = get_logger("worker")
 
@@ -333,7 +334,7 @@ class Worker:
         self.delivery.start()
         # If this worker's previous run died between a commit and its NOTIFY, the
         # others must look at their users' inboxes again.
-        with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+        with contextlib.suppress(*DB_ERRORS):
             await self.delivery.announce_catch_up(f"started: {self.worker_id}")
         server = await loop.create_server(
             lambda: ClientConnection(self),
@@ -391,7 +392,7 @@ class Worker:
         while True:
             try:
                 return await create_pool(self.settings)
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("db_connect_retry", error=type(exc).__name__)
@@ -421,7 +422,7 @@ class Worker:
                 renewed = await session_store.renew_lease(
                     self.lease_pool, self.worker_id, s.worker_lease_s
                 )
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 self._db_ok_since = None
                 log.warning("lease_renew_failed", error=type(exc).__name__)
                 continue
@@ -442,7 +443,7 @@ class Worker:
             conn.close()
         try:
             await self._register()
-        except (*RETRYABLE, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             log.warning("reregister_failed", error=type(exc).__name__)
 
     async def _reaper_loop(self) -> None:
@@ -459,7 +460,7 @@ class Worker:
                 reaped = await session_store.reap(
                     self.lease_pool, s.resume_grace_s, s.worker_lease_s
                 )
-            except (*RETRYABLE, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("reap_failed", error=type(exc).__name__)
                 continue
             if reaped.dead_workers:
@@ -468,10 +469,10 @@ class Worker:
                     workers=reaped.dead_workers,
                     detached_users=len(reaped.detached_users),
                 )
-                with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+                with contextlib.suppress(*DB_ERRORS):
                     await self.delivery.announce_catch_up("dead: " + ",".join(reaped.dead_workers))
                 for user_id in reaped.detached_users:
-                    with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+                    with contextlib.suppress(*DB_ERRORS):
                         await self.logic.broadcast_presence(user_id)
             if reaped.expired_sessions:
                 log.info("sessions_expired", count=reaped.expired_sessions)
@@ -490,7 +491,7 @@ class Worker:
 
     async def _drain_clients(self) -> None:
         s = self.settings
-        with contextlib.suppress(*RETRYABLE, asyncpg.PostgresError):
+        with contextlib.suppress(*DB_ERRORS):
             await session_store.set_worker_state(self.pool, self.worker_id, "draining")
         log.info("worker_draining", connections=len(self.connections))
         self.events.worker_draining(len(self.connections))

@@ -19,8 +19,6 @@ from enum import Enum
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
 from app.logs import get_logger
 from app.protocol import (
     PRE_AUTH_OPS,
@@ -54,12 +52,18 @@ from app.protocol import (
 from app.store import accounts, social
 from app.store import messages as message_store
 from app.store import sessions as session_store
-from app.store.errors import Forbidden, NotFound, UserExists
+from app.store.errors import (
+    DB_ERRORS,
+    TRANSIENT_DB_ERRORS,
+    Forbidden,
+    NotFound,
+    StoreUnavailable,
+    UserExists,
+)
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import ResumeRequest
 from app.worker import metrics
 from app.worker.delivery import rfc3339
-from app.worker.writer import RETRYABLE, StoreUnavailable
 
 if TYPE_CHECKING:
     from app.worker.connection import ClientConnection
@@ -149,7 +153,7 @@ class SessionLogic:
             conn.write(_error(ErrorCode.FORBIDDEN, str(exc), rid))
         except StoreUnavailable:
             conn.write(_error(ErrorCode.INTERNAL, "the database is unavailable; retry", rid))
-        except RETRYABLE as exc:
+        except TRANSIENT_DB_ERRORS as exc:
             # Before the catch-all: a connection cut or a failover is not a bug (an
             # error in a statement still is, and is logged with its traceback below).
             log.warning("request_failed", op=req.op, error=type(exc).__name__)
@@ -439,7 +443,7 @@ class SessionLogic:
             conn.write(_error(ErrorCode.NOT_FOUND, str(exc), req.rid))
         except Forbidden as exc:
             conn.write(_error(ErrorCode.FORBIDDEN, str(exc), req.rid))
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("request_failed", op=req.op, error=type(exc).__name__)
             conn.write(_error(ErrorCode.INTERNAL, "temporary server error, retry", req.rid))
 

@@ -24,31 +24,14 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from app.logs import get_logger
+from app.store.errors import TRANSIENT_DB_ERRORS, StoreUnavailable
 from app.store.messages import NewMessage, Stored, store_batch
 from app.worker import metrics
 
 log = get_logger("writer")
 
-# Errors after which the batch's outcome is unknown or the node is not (yet)
-# the primary: retry the same batch on a fresh connection.
-RETRYABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-)
-
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class StoreUnavailable(Exception):
-    """The database did not take the batch within the retry budget."""
 
 
 class Batcher(Generic[T, R]):
@@ -166,7 +149,7 @@ class Batcher(Generic[T, R]):
                 async with self._pool.acquire() as conn:
                     results, extra = await self._run_batch(conn, items)
                 break
-            except RETRYABLE as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
                     log.error(
                         "batch_failed",
