@@ -264,7 +264,7 @@ events = Table(
         "at",
         postgresql_where=text("kind IN (" + ", ".join(f"'{k}'" for k in CLUSTER_EVENT_KINDS) + ")"),
     ),
-    # Daily partitions live in schema event_partitions (app/store/events.py
+    # Daily partitions live in schema event_partitions (app/store/eventlog.py
     # creates and drops them); a default partition catches anything else.
     postgresql_partition_by="RANGE (at)",
 )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.store.db import columns
-from app.store.events import EventKind, log_dead_workers_cte, log_sessions_cte
+from app.store.eventlog import EventKind, log_dead_workers_cte, log_sessions_cte
 
 
 @dataclass(frozen=True, slots=True)

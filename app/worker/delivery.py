@@ -28,7 +28,7 @@ from app.logs import get_logger
 from app.protocol import ErrorCode, encode
 from app.store import messages as message_store
 from app.store.errors import DB_ERRORS
-from app.store.events import primary_identity
+from app.store.eventlog import primary_identity
 from app.store.messages import INBOX_CHANNEL, InboxEntry, NewMessage, Stored
 from app.store.schema import INBOX_KIND_MESSAGE
 from app.store.social import PUSH_CHANNEL, push, verify_push

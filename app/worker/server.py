@@ -34,7 +34,7 @@ from app.store import sessions as session_store
 from app.store import social
 from app.store.db import create_pool
 from app.store.errors import DB_ERRORS
-from app.store.events import EventLog
+from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, ReadRequest
 from app.store.passwords import Passwords
 from app.store.sessions import ResumedSession, ResumeRequest
