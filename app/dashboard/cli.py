@@ -19,6 +19,10 @@ import asyncpg
 
 from app.settings import Settings
 
+# Commands import what they use inside the function, as app/cli.py does: every
+# `switchboard` command imports this module to build its parser, and only these need
+# aiohttp, argon2 or the store's queries.
+
 PASSWORD_ENV: Final = "SWITCHBOARD_ADMIN_PASSWORD"
 
 
@@ -101,8 +105,6 @@ def _run(args: argparse.Namespace, create: bool) -> int:
 
 async def save_admin(settings: Settings, name: str, password: str, create: bool) -> str:
     """Create an admin (or set its password): argon2id hash, one row in ``admins``."""
-    # Imported here, as in app/cli.py: every `switchboard` command imports this module
-    # to build its parser, and only this one needs argon2 and the store's queries.
     from app.store import dashboard as store
     from app.store.db import dsn
     from app.store.errors import AdminExists
