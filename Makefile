@@ -21,9 +21,13 @@ down: bootstrap
 status: bootstrap
 	$(SB) status
 
+# Import contracts (pyproject.toml's [tool.importlinter]: the tiers, and the worker's
+# parts), then import cycles between any two modules of app/.
 lint: bootstrap
 	$(VENV)/bin/ruff check app tests migrations bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/python scripts/check_import_cycles.py
 
 # The whole suite, then the docker compose smoke test (which says so and passes
 # only when no Docker engine can be had on this machine).

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from app.settings import Settings, SettingsError
 
+# The one place with imports inside functions: each command imports what it uses,
+# so `switchboard status` does not load the worker, the store or the client SDK.
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
@@ -165,7 +168,7 @@ FAULT_NAMES = ("kill-worker", "kill-leader", "rolling-restart", "drain")
 def cmd_user(args: argparse.Namespace) -> int:
     import asyncio
 
-    from app.cluster.layout import read_secrets
+    from app.secrets import read_secrets
     from app.store import dashboard as dash_store
     from app.store.db import dsn
     from app.store.social import push_key

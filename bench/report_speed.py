@@ -28,7 +28,7 @@ from app.cluster.launcher import LocalCluster
 from app.reporting.catalog import REPORTS
 from app.reporting.queries import refresh, run_report
 from app.settings import Settings
-from app.store import eventlog as events
+from app.store import eventlog
 from app.store.db import dsn
 from tests.cluster_fixture import make_settings
 
@@ -195,7 +195,7 @@ async def generate(settings: Settings, args: argparse.Namespace) -> None:
     assert pool is not None
     try:
         for day in range(args.days + 1):
-            await events.maintain(pool, args.days + 7, now=start + timedelta(days=day))
+            await eventlog.maintain(pool, args.days + 7, now=start + timedelta(days=day))
         await conn.execute("SELECT setseed(0.42)")
         steps = [
             ("users", USERS, (args.users,)),

@@ -7,16 +7,21 @@ what was already started and surfaces as one ``ClusterError`` line.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import os
 import re
 import shutil
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
 
 from app.cluster import etcd, haproxy, patroni
 from app.cluster.errors import AlreadyRunning, ClusterError, ComponentFailed
@@ -30,7 +35,10 @@ from app.cluster.process import (
     stop_all,
     write_pidfile,
 )
+from app.secrets import read_secrets
 from app.settings import Settings
+from app.store.db import dsn
+from app.store.errors import DB_ERRORS
 
 Say = Callable[[str], None]
 
@@ -298,12 +306,6 @@ class LocalCluster:
         wait_for("db primary port", self._primary_writable, 20, alive, 0.2)
 
     def _primary_writable(self) -> tuple[bool, str]:
-        import asyncio
-
-        import asyncpg
-
-        from app.store.db import dsn
-
         async def probe() -> bool:
             conn = await asyncpg.connect(dsn(self.settings, role="superuser"), timeout=2)
             try:
@@ -313,11 +315,13 @@ class LocalCluster:
 
         try:
             ok = asyncio.run(probe())
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             return False, type(exc).__name__
         return ok, "primary port reaches a node in recovery"
 
     def _migrate(self) -> None:
+        # Here, not at the top: Alembic takes a good part of a second to import, and
+        # only `up` needs it (not `status`, `down` or `logs`).
         from app.store import migrate
 
         migrate.bootstrap(self.settings)
@@ -385,11 +389,6 @@ class LocalCluster:
 
     def drain_worker(self, wid: str, undo: bool = False) -> dict[str, object]:
         """Ask a worker (over its admin endpoint) to drain, or to take clients again."""
-        import json
-        import urllib.request
-
-        from app.cluster.layout import read_secrets
-
         s = self.settings
         url = f"http://{s.host}:{s.worker_health_port(wid)}/admin/{'undrain' if undo else 'drain'}"
         request = urllib.request.Request(

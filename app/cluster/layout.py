@@ -9,9 +9,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.secrets import SECRET_NAMES, secrets_file
 from app.settings import Settings
-
-SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +35,7 @@ class Layout:
 
     @property
     def secrets_file(self) -> Path:
-        return self.root / "secrets.json"
+        return secrets_file(self.root)
 
     @property
     def haproxy_cfg(self) -> Path:
@@ -94,9 +93,3 @@ def load_or_create_secrets(layout: Layout) -> dict[str, str]:
             json.dump(existing, fh, indent=2)
     path.chmod(0o600)
     return existing
-
-
-def read_secrets(settings: Settings) -> dict[str, str]:
-    path = Layout.for_settings(settings).secrets_file
-    data: dict[str, str] = json.loads(path.read_text())
-    return data

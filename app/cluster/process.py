@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.cluster.errors import ClusterError, ComponentFailed
+
 
 @dataclass(frozen=True, slots=True)
 class RunAs:
@@ -33,8 +35,6 @@ class RunAs:
         try:
             entry = pwd.getpwnam(wanted_user)
         except KeyError:
-            from app.cluster.errors import ClusterError
-
             raise ClusterError(
                 f"running as root, the DB tier needs the unprivileged user {wanted_user!r}, "
                 "which does not exist (install postgresql-15 or set SWITCHBOARD_RUN_AS)"
@@ -126,8 +126,6 @@ def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> int:
             setsid=True,
         )
     except OSError as exc:
-        from app.cluster.errors import ComponentFailed
-
         raise ComponentFailed(f"cannot start {argv[0]}: {exc.strerror}") from None
     finally:
         os.close(fd)

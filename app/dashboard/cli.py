@@ -19,6 +19,10 @@ import asyncpg
 
 from app.settings import Settings
 
+# Commands import what they use inside the function, as app/cli.py does: every
+# `switchboard` command imports this module to build its parser, and only these need
+# aiohttp, argon2 or the store's queries.
+
 PASSWORD_ENV: Final = "SWITCHBOARD_ADMIN_PASSWORD"
 
 
@@ -103,6 +107,7 @@ async def save_admin(settings: Settings, name: str, password: str, create: bool)
     """Create an admin (or set its password): argon2id hash, one row in ``admins``."""
     from app.store import dashboard as store
     from app.store.db import dsn
+    from app.store.errors import AdminExists
     from app.store.passwords import Passwords
 
     passwords = Passwords(settings)
@@ -117,7 +122,7 @@ async def save_admin(settings: Settings, name: str, password: str, create: bool)
         if create:
             try:
                 await store.create_admin(pool, name, password_hash)
-            except store.AdminExists:
+            except AdminExists:
                 raise Refused(
                     f"admin {name!r} exists; `switchboard admin set-password {name}` changes "
                     "its password"

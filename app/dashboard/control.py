@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from app.cluster.layout import read_secrets
+from app.secrets import read_secrets
 from app.settings import Settings
 
 

@@ -25,10 +25,9 @@ from app.dashboard.control import Control
 from app.logs import get_logger
 from app.settings import Settings
 from app.store import dashboard as store
+from app.store.errors import DB_ERRORS
 
 log = get_logger("dashboard")
-
-RETRYABLE_DB = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +253,7 @@ class Sampler:
     async def _totals(self) -> store.LiveTotals | None:
         try:
             return await asyncio.wait_for(store.live_totals(self.pool), 2.0)
-        except RETRYABLE_DB as exc:
+        except DB_ERRORS as exc:
             log.warning("sample_db_failed", error=type(exc).__name__)
             return None
 

@@ -20,11 +20,12 @@ from app.cluster.layout import Layout
 from app.dashboard import auth, keys, views
 from app.dashboard.control import Control
 from app.dashboard.metrics import DashboardMetrics
-from app.dashboard.sampler import RETRYABLE_DB, Sampler
+from app.dashboard.sampler import Sampler
 from app.dashboard.templating import STATIC_DIR, make_environment
 from app.logs import get_logger
 from app.settings import Settings
 from app.store.db import create_pool
+from app.store.errors import DB_ERRORS
 from app.store.passwords import Passwords
 
 log = get_logger("dashboard")
@@ -126,7 +127,7 @@ async def connect_db(settings: Settings, patience_s: float = 60.0) -> asyncpg.Po
     while True:
         try:
             return await create_pool(pool_settings)
-        except RETRYABLE_DB as exc:
+        except DB_ERRORS as exc:
             if time.monotonic() > deadline:
                 raise
             log.warning("db_connect_retry", error=type(exc).__name__)

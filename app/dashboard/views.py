@@ -22,7 +22,9 @@ from app.dashboard.control import ControlError
 from app.dashboard.sampler import Snapshot
 from app.dashboard.templating import render
 from app.logs import get_logger
+from app.secrets import read_secrets
 from app.store import dashboard as dash_store
+from app.store.social import push_key
 
 log = get_logger("dashboard")
 
@@ -248,9 +250,6 @@ async def worker_action(request: web.Request) -> web.StreamResponse:
 
 
 def _push_key(request: web.Request) -> bytes:
-    from app.cluster.layout import read_secrets
-    from app.store.social import push_key
-
     return push_key(read_secrets(request.app[keys.SETTINGS])["admin"])
 
 

@@ -13,13 +13,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app.store.errors import AdminExists
 from app.store.social import push
 
 # ---- admin accounts and their dashboard sessions -----------------------------
-
-
-class AdminExists(Exception):
-    """``admin create`` for a name that is taken."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import asyncpg
 
-from app.cluster.layout import read_secrets
+from app.secrets import read_secrets
 from app.settings import Settings
 
 

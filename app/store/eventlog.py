@@ -36,6 +36,7 @@ import orjson
 
 from app.logs import get_logger
 from app.settings import Settings
+from app.store.errors import DB_ERRORS, TRANSIENT_DB_ERRORS
 
 log = get_logger("events")
 
@@ -45,18 +46,6 @@ DEFAULT_PARTITION = f"{PARTITION_SCHEMA}.events_default"
 MAINTENANCE_LOCK_KEY = 0x5B0A_E7E7
 # Partitions made ahead of today, so rows rarely land in the default partition.
 DAYS_AHEAD = 2
-
-# Errors after which a batch can be retried on another connection (or later).
-_RETRYABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.CannotConnectNowError,
-)
 
 
 class EventKind(StrEnum):
@@ -310,7 +299,7 @@ class EventLog:
                 # Stopping mid-write: close() writes it again (at least once).
                 self._buffer.extendleft(reversed(batch))
                 raise
-            except _RETRYABLE as exc:
+            except TRANSIENT_DB_ERRORS as exc:
                 self._buffer.extendleft(reversed(batch))
                 log.warning("events_write_retry", events=len(batch), error=type(exc).__name__)
                 return
@@ -325,7 +314,7 @@ class EventLog:
         assert self._pool is not None
         try:
             result = await maintain(self._pool, self.settings.events_retention_days)
-        except (*_RETRYABLE, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             log.warning("events_maintenance_failed", error=type(exc).__name__)
             return False
         if result.created or result.dropped:

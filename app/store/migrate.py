@@ -9,7 +9,7 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 
-from app.cluster.layout import read_secrets
+from app.secrets import read_secrets
 from app.settings import Settings
 from app.store.db import dsn, sqlalchemy_url
 

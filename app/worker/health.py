@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from app.cluster.layout import read_secrets
+from app.secrets import read_secrets
 from app.settings import Settings
 from app.worker import metrics
 from app.worker.drain import Drain

@@ -15,8 +15,13 @@ below it)::
     session       the lifecycle: opened, attach (login), end (bye, disconnect)
     listener      LISTEN: inbox pointers and signed pushes from the other workers
     delivery      inbox entries to local connections, in seq order
-    presence  commits (writer)  announce  admission
-    registry  errors  metrics  states
+    presence      a user's presence, pushed to the contacts
+    commits  announce  admission    group commits; NOTIFY/push out; login slots
+    writer  errors                  the batcher; the exception tree -> error frames
+    registry  metrics               who is connected; Prometheus
+    states        the state tables and their logged setters
+
+pyproject.toml's ``worker-parts`` contract checks this order (``make lint``).
 
 The worker's state and every session's state change only through the setters
 in states.py, which log each change.
@@ -32,9 +37,9 @@ import time
 
 import asyncpg
 
-from app.cluster.layout import read_secrets
 from app.logs import get_logger
 from app.protocol import ErrorCode, Limits
+from app.secrets import read_secrets
 from app.settings import Settings
 from app.store import messages as message_store
 from app.store import sessions as session_store

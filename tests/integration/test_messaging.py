@@ -10,7 +10,7 @@ import sys
 import orjson
 
 from app.cluster.launcher import LocalCluster
-from app.cluster.layout import read_secrets
+from app.secrets import read_secrets
 from app.store import dashboard as dash_store
 from app.store.db import create_pool
 from app.store.social import push_key

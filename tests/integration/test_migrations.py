@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.cluster.launcher import LocalCluster
 from app.settings import Settings
-from app.store import eventlog as events
+from app.store import eventlog
 from app.store.db import dsn, sqlalchemy_url
 from app.store.migrate import alembic_config
 from app.store.schema import metadata
@@ -134,9 +134,9 @@ async def test_event_partitions_are_made_ahead_and_dropped_after_retention(
     assert pool is not None
     try:
         jan10 = datetime(2026, 1, 10, 12, tzinfo=UTC)
-        done = await events.maintain(pool, 14, now=jan10)
+        done = await eventlog.maintain(pool, 14, now=jan10)
         assert done.created == [f"events_202601{d:02d}" for d in (9, 10, 11, 12)]
-        assert (await events.maintain(pool, 14, now=jan10)).created == []
+        assert (await eventlog.maintain(pool, 14, now=jan10)).created == []
 
         # A day without a partition lands in the default one, and moves out with its day.
         await pool.execute(
@@ -146,20 +146,20 @@ async def test_event_partitions_are_made_ahead_and_dropped_after_retention(
         where = (
             "SELECT tableoid::regclass::text AS part FROM events WHERE kind = 'probe' ORDER BY at"
         )
-        assert [r["part"] for r in await pool.fetch(where)] == [events.DEFAULT_PARTITION] * 2
+        assert [r["part"] for r in await pool.fetch(where)] == [eventlog.DEFAULT_PARTITION] * 2
         jan20 = datetime(2026, 1, 20, 12, tzinfo=UTC)
-        done = await events.maintain(pool, 14, now=jan20)
+        done = await eventlog.maintain(pool, 14, now=jan20)
         assert "events_20260120" in done.created and done.dropped == []
         # The December row is past the retention: deleted from the default partition.
         assert [r["part"] for r in await pool.fetch(where)] == ["event_partitions.events_20260120"]
 
-        done = await events.maintain(pool, 5, now=jan20)
+        done = await eventlog.maintain(pool, 5, now=jan20)
         assert done.dropped == [f"events_202601{d:02d}" for d in (9, 10, 11, 12)]
-        assert min(await events.partitions(pool)) == _day("2026-01-19")
+        assert min(await eventlog.partitions(pool)) == _day("2026-01-19")
 
         # Only one maintainer at a time, across workers.
         async with pool.acquire() as holder, holder.transaction():
-            await holder.execute("SELECT pg_advisory_xact_lock($1)", events.MAINTENANCE_LOCK_KEY)
-            assert (await events.maintain(pool, 5, now=jan20)).skipped
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", eventlog.MAINTENANCE_LOCK_KEY)
+            assert (await eventlog.maintain(pool, 5, now=jan20)).skipped
     finally:
         await pool.close()

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from app.worker.writer import Batcher, StoreUnavailable
+from app.store.errors import StoreUnavailable
+from app.worker.writer import Batcher
 
 
 class _Pool:
