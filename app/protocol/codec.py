@@ -54,6 +54,7 @@ from app.protocol.fields import (
     required,
     string,
 )
+from app.protocol.frames import Error
 from app.protocol.limits import (
     DEFAULT_LIMITS,
     MAX_CMID_CHARS,
@@ -452,15 +453,13 @@ def encode(frame: Mapping[str, object]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def error_frame(code: ErrorCode, message: str, rid: Rid = None, **extra: object) -> bytes:
-    """An ``error`` frame; `rid` is omitted when None, `extra` e.g. ``retry_after=2``."""
-    frame: dict[str, object] = {"op": "error", "code": code.value, "message": message}
-    if rid is not None:
-        frame["rid"] = rid
-    frame.update(extra)
-    return encode(frame)
+def error_frame(
+    code: ErrorCode, message: str, rid: Rid = None, *, retry_after: float | None = None
+) -> bytes:
+    """An ``error`` frame (`frames.Error`); `rid` and `retry_after` are omitted when None."""
+    return Error(code, message, retry_after).encode(rid)
 
 
 def encode_error(error: FrameError) -> bytes:
     """The wire form of a decoder `FrameError`."""
-    return error_frame(error.code, error.message, error.rid)
+    return Error(error.code, error.message).encode(error.rid)
