@@ -5,7 +5,8 @@ its JSON line; a client reads one with ``from_frame(decoded JSON object)``,
 which checks the type of every field and raises `BadServerFrame` naming the op
 and the field. `parse_server_frame` picks the class by ``op``. Unknown fields
 are ignored, as the protocol asks; values are not checked against the request
-rules (a sender the worker cannot name is ``"?"``).
+rules (a sender the worker cannot name is ``"?"``), and a client takes a missing
+``cmid`` for None.
 
 A reply's ``rid`` is the request's, not part of the frame: it is an argument of
 ``encode`` and left out when None. The wire's ``from`` is ``sender`` here
@@ -357,7 +358,7 @@ class HistoryMessage:
     room: int | None
     body: str
     ts: str
-    cmid: str
+    cmid: str | None
 
     def _object(self) -> dict[str, object]:
         if self.room is not None:
@@ -385,7 +386,7 @@ class HistoryMessage:
         to, room = _to_or_room(entry)
         body = required(entry, "body", STRING)
         ts = required(entry, "ts", STRING)
-        return cls(id, sender, to, room, body, ts, required(entry, "cmid", STRING))
+        return cls(id, sender, to, room, body, ts, optional(entry, "cmid", STRING))
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +412,14 @@ class HistoryPage(_Frame):
 
 
 def encode_msg(
-    seq: int, id: int, sender: str, to: str | None, room: int | None, body: str, ts: str, cmid: str
+    seq: int,
+    id: int,
+    sender: str,
+    to: str | None,
+    room: int | None,
+    body: str,
+    ts: str,
+    cmid: str | None,
 ) -> bytes:
     """``Msg(seq, id, sender, to, room, body, ts, cmid).encode()``, without building the object."""
     if room is not None:
@@ -455,7 +463,7 @@ class Msg(_Frame):
     room: int | None
     body: str
     ts: str
-    cmid: str
+    cmid: str | None
 
     def encode(self) -> bytes:
         return encode_msg(

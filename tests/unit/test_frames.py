@@ -245,6 +245,8 @@ def test_defaults_and_ignored_fields() -> None:
     assert contact == Contacts([Contact("c", "p", None, None)])
     assert Ok.from_frame({"op": "ok", "rid": 3, "future": [1]}) == Ok()
     assert Msg.from_frame({**MSG, "future": {"x": 1}}) == Msg.from_frame(MSG)
+    no_cmid = {k: v for k, v in MSG.items() if k != "cmid"}
+    assert Msg.from_frame(no_cmid) == Msg(1, 1001, "alice", "bob", None, "hi", TS, None)
 
 
 def test_parse_server_frame_ignores_unknown_ops_and_needs_a_string_op() -> None:
