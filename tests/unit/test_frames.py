@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any, get_args
 
 import orjson
@@ -281,3 +282,10 @@ def test_rfc3339() -> None:
     assert rfc3339(ts) == "2026-11-26T14:46:12.185Z"
     assert rfc3339(ts) == "2026-11-26T14:46:12.185Z"  # from the one-entry cache
     assert rfc3339(ts.replace(microsecond=0)) == "2026-11-26T14:46:12.000Z"
+
+
+def test_every_frame_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text("utf-8")
+    section = doc.split("## Server frames", 1)[1].split("\n## ", 1)[0]
+    for cls in get_args(ServerFrame):
+        assert f"\n| `{cls.op}` |" in section, cls.op
