@@ -14,8 +14,9 @@ A reply's ``rid`` is the request's, not part of the frame: it is an argument of
 exactly one of ``to`` and ``room``.
 
 `encode_msg` and `encode_sent` write the two frames sent once per message
-without building the object first: constructing a frozen dataclass costs about
-70 ns per field on CPython 3.11, more than the dict and orjson together.
+without building the object first, for the worker's hot paths: constructing a
+frozen dataclass costs about 90 ns per field on CPython 3.11 (an 8-field `Msg`
+~750 ns, where writing its line takes ~450 ns).
 """
 
 from __future__ import annotations
@@ -185,32 +186,31 @@ class Sent(_Frame):
         )
 
 
+class _Bare(_Frame):
+    """A reply with no fields but its ``op`` (and the ``rid``)."""
+
+    __slots__ = ()
+
+    def encode(self, rid: Rid = None) -> bytes:
+        return _line({"op": self.op}, rid)
+
+    @classmethod
+    def _read(cls, frame: Fields) -> Self:
+        return cls()
+
+
 @dataclass(frozen=True, slots=True)
-class Ok(_Frame):
+class Ok(_Bare):
     """Generic success."""
 
     op: ClassVar[str] = "ok"
 
-    def encode(self, rid: Rid = None) -> bytes:
-        return _line({"op": "ok"}, rid)
-
-    @classmethod
-    def _read(cls, frame: Fields) -> Self:
-        return cls()
-
 
 @dataclass(frozen=True, slots=True)
-class Pong(_Frame):
+class Pong(_Bare):
     """Reply to ``ping``."""
 
     op: ClassVar[str] = "pong"
-
-    def encode(self, rid: Rid = None) -> bytes:
-        return _line({"op": "pong"}, rid)
-
-    @classmethod
-    def _read(cls, frame: Fields) -> Self:
-        return cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +342,13 @@ class Contacts(_Frame):
         return cls([Contact._read(c) for c in required(frame, "contacts", OBJECTS)])
 
 
+def _put_to_or_room(frame: dict[str, object], to: str | None, room: int | None) -> None:
+    if room is not None:
+        frame["room"] = room
+    else:
+        frame["to"] = to
+
+
 def _to_or_room(frame: Fields) -> tuple[str | None, int | None]:
     to, room = optional(frame, "to", STRING), optional(frame, "room", INTEGER)
     exactly_one(to, room, "to", "room")
@@ -361,23 +368,12 @@ class HistoryMessage:
     cmid: str | None
 
     def _object(self) -> dict[str, object]:
-        if self.room is not None:
-            return {
-                "id": self.id,
-                "from": self.sender,
-                "room": self.room,
-                "body": self.body,
-                "ts": self.ts,
-                "cmid": self.cmid,
-            }
-        return {
-            "id": self.id,
-            "from": self.sender,
-            "to": self.to,
-            "body": self.body,
-            "ts": self.ts,
-            "cmid": self.cmid,
-        }
+        entry: dict[str, object] = {"id": self.id, "from": self.sender}
+        _put_to_or_room(entry, self.to, self.room)
+        entry["body"] = self.body
+        entry["ts"] = self.ts
+        entry["cmid"] = self.cmid
+        return entry
 
     @classmethod
     def _read(cls, entry: Fields) -> Self:
@@ -422,33 +418,15 @@ def encode_msg(
     cmid: str | None,
 ) -> bytes:
     """``Msg(seq, id, sender, to, room, body, ts, cmid).encode()``, without building the object."""
-    if room is not None:
-        return orjson.dumps(
-            {
-                "op": "msg",
-                "seq": seq,
-                "id": id,
-                "from": sender,
-                "room": room,
-                "body": body,
-                "ts": ts,
-                "cmid": cmid,
-            },
-            option=_LINE,
-        )
-    return orjson.dumps(
-        {
-            "op": "msg",
-            "seq": seq,
-            "id": id,
-            "from": sender,
-            "to": to,
-            "body": body,
-            "ts": ts,
-            "cmid": cmid,
-        },
-        option=_LINE,
-    )
+    frame: dict[str, object] = {"op": "msg", "seq": seq, "id": id, "from": sender}
+    if room is not None:  # `_put_to_or_room`, inline: a call here costs ~50 ns
+        frame["room"] = room
+    else:
+        frame["to"] = to
+    frame["body"] = body
+    frame["ts"] = ts
+    frame["cmid"] = cmid
+    return orjson.dumps(frame, option=_LINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,10 +513,7 @@ class Typing(_Frame):
 
     def encode(self) -> bytes:
         frame: dict[str, object] = {"op": "typing", "from": self.sender, "active": self.active}
-        if self.room is not None:
-            frame["room"] = self.room
-        else:
-            frame["to"] = self.to
+        _put_to_or_room(frame, self.to, self.room)
         return _line(frame)
 
     @classmethod
