@@ -31,6 +31,7 @@ from app.client.events import (
     Presence,
     Receipt,
     Reconnect,
+    RoomInvite,
     ServerClosed,
     Typing,
 )
@@ -260,6 +261,8 @@ def format_event(event: Event) -> str | None:
             return f"* {event.user} is {event.state}{text}"
         case ContactRequest():
             return f"* {event.sender} asks to be your contact: /accept {event.sender}"
+        case RoomInvite():
+            return f"* {event.sender} invites you to #{event.room} {event.name}: /join {event.room}"
         case Typing():
             where = f" in #{event.room}" if event.room is not None else ""
             return f"* {event.sender} {'is typing' if event.active else 'stopped typing'}{where}"

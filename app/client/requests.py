@@ -11,16 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.client.errors import ConnectionLost
-from app.client.events import (
-    Contact,
-    Event,
-    Frame,
-    HistoryPage,
-    parse_contacts,
-    parse_members,
-    parse_room,
-    parse_rooms,
-)
+from app.client.events import Contact, Event, Frame, HistoryPage, read_reply
+from app.protocol.frames import Contacts, Members, Room, Rooms
 
 
 def exactly_one(what: str, to: object, room: object) -> None:
@@ -64,25 +56,27 @@ class Requests:
         await self._call("contact_remove", "ok", {"user": user})
 
     async def contacts(self) -> list[Contact]:
-        return parse_contacts(await self._call("contacts", "contacts", {}))
+        return read_reply(Contacts, await self._call("contacts", "contacts", {})).contacts
 
     async def room_create(self, name: str) -> int:
-        return parse_room(await self._call("room_create", "room", {"name": name}))
+        return read_reply(Room, await self._call("room_create", "room", {"name": name})).room
 
     async def room_invite(self, room: int, user: str) -> None:
         await self._call("room_invite", "ok", {"room": room, "user": user})
 
     async def room_join(self, room: int) -> int:
-        return parse_room(await self._call("room_join", "room", {"room": room}))
+        return read_reply(Room, await self._call("room_join", "room", {"room": room})).room
 
     async def room_leave(self, room: int) -> None:
         await self._call("room_leave", "ok", {"room": room})
 
     async def room_members(self, room: int) -> list[str]:
-        return parse_members(await self._call("room_members", "members", {"room": room}))
+        reply = await self._call("room_members", "members", {"room": room})
+        return read_reply(Members, reply).members
 
     async def rooms(self) -> list[tuple[int, str]]:
-        return parse_rooms(await self._call("rooms", "rooms", {}))
+        reply = await self._call("rooms", "rooms", {})
+        return [(r.room, r.name) for r in read_reply(Rooms, reply).rooms]
 
     async def history(
         self,
@@ -95,7 +89,7 @@ class Requests:
         """Stored messages, newest first, with id below ``before``."""
         exactly_one("history", with_user, room)
         fields = {"with": with_user, "room": room, "before": before, "limit": limit}
-        return HistoryPage.from_frame(await self._call("history", "history", fields))
+        return read_reply(HistoryPage, await self._call("history", "history", fields))
 
     async def typing(
         self, *, to: str | None = None, room: int | None = None, active: bool = True

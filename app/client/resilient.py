@@ -81,6 +81,7 @@ from app.client.events import (
     Sent,
     ServerClosed,
     Welcome,
+    read_reply,
 )
 from app.client.requests import Requests, exactly_one
 from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid
@@ -483,7 +484,7 @@ class ResilientClient(Requests):
             reply = await link.client._request(
                 "send", "sent", out.fields, timeout=self._remaining(out.deadline)
             )
-            sent = Sent.from_frame(reply)
+            sent = read_reply(Sent, reply)
             if sent.seq is not None and sent.seq > self.last_seq:
                 self._own_seqs.add(sent.seq)  # the server never delivers it to this device
             return sent

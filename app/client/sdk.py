@@ -50,8 +50,9 @@ from app.client.events import (
     ServerClosed,
     Unknown,
     Welcome,
-    error_fields,
     parse_event,
+    read_reply,
+    server_error,
 )
 from app.client.requests import Requests, exactly_one
 from app.protocol import FATAL_CODES, PROTOCOL_VERSION
@@ -205,7 +206,7 @@ class Client(Requests):
     async def login(self, user: str, password: str, device: str) -> Welcome:
         """Log in (``hello``); the server then replays the inbox after this device's ack."""
         fields = {"user": user, "password": password, "device": device, "v": PROTOCOL_VERSION}
-        welcome = Welcome.from_frame(await self._request("hello", "welcome", fields))
+        welcome = read_reply(Welcome, await self._request("hello", "welcome", fields))
         self.user, self.device = welcome.user, welcome.device
         self.session, self.resume_token = welcome.session, welcome.resume_token
         return welcome
@@ -220,7 +221,7 @@ class Client(Requests):
         """
         fields = {"user": user, "device": device, "token": token, "last_seq": last_seq}
         reply = await self._request("resume", "welcome", fields, timeout=timeout)
-        welcome = Welcome.from_frame(reply)
+        welcome = read_reply(Welcome, reply)
         self.user, self.device = welcome.user, welcome.device
         self.session, self.resume_token = welcome.session, welcome.resume_token
         return welcome
@@ -247,7 +248,7 @@ class Client(Requests):
         attempt = 0
         while True:
             try:
-                return Sent.from_frame(await self._request("send", "sent", fields))
+                return read_reply(Sent, await self._request("send", "sent", fields))
             except (ServerError, Timeout) as exc:
                 if attempt >= retries or (isinstance(exc, ServerError) and not exc.retryable):
                     raise
@@ -325,7 +326,7 @@ class Client(Requests):
             elif not future.cancelled():
                 future.exception()  # mark it retrieved: a failed drain may have won the race
         if reply["op"] == "error":
-            raise ServerError(*error_fields(reply))
+            raise server_error(reply)
         if reply["op"] != expect:
             raise ProtocolError(f"expected {expect!r} in reply to {op!r}, got {reply['op']!r}")
         return reply

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final, Generic, TypeVar
+from typing import Final
 
 import orjson
 
@@ -43,6 +43,18 @@ from app.protocol.events import (
     SetPresence,
     Typing,
 )
+from app.protocol.fields import (
+    BOOL,
+    INTEGER,
+    FieldError,
+    Spec,
+    exactly_one,
+    integer,
+    optional,
+    required,
+    string,
+)
+from app.protocol.frames import Error
 from app.protocol.limits import (
     DEFAULT_LIMITS,
     MAX_CMID_CHARS,
@@ -56,48 +68,13 @@ from app.protocol.limits import (
     Limits,
 )
 
-T = TypeVar("T")
 Frame = dict[str, object]
 
 # ---------------------------------------------------------------------------
-# Field specs: a check returns the accepted value or None when invalid; the
-# expectation text is what the peer reads in the bad_field message.
+# Field specs (app/protocol/fields.py): the expectation text is what the peer
+# reads in the bad_field message.
 
-
-@dataclass(frozen=True, slots=True)
-class _Spec(Generic[T]):
-    expect: str
-    check: Callable[[object], T | None]
-
-
-def _string(lo: int, hi: int, pattern: str | None = None) -> Callable[[object], str | None]:
-    compiled = re.compile(pattern) if pattern else None
-
-    def check(value: object) -> str | None:
-        if not isinstance(value, str) or not lo <= len(value) <= hi:
-            return None
-        if compiled is not None and compiled.fullmatch(value) is None:
-            return None
-        return value
-
-    return check
-
-
-def _integer(lo: int, hi: int) -> Callable[[object], int | None]:
-    def check(value: object) -> int | None:
-        # bool is a subclass of int, but JSON true is not a number.
-        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
-            return value
-        return None
-
-    return check
-
-
-def _boolean(value: object) -> bool | None:
-    return value if isinstance(value, bool) else None
-
-
-_rid_int = _integer(0, MAX_ID - 1)
+_rid_int = integer(0, MAX_ID - 1)
 
 
 def _rid(value: object) -> str | int | None:
@@ -118,35 +95,34 @@ def _room_name(value: object) -> str | None:
     return None
 
 
-RID: Final[_Spec[str | int]] = _Spec(
+RID: Final[Spec[str | int]] = Spec(
     f"a string of at most {MAX_RID_CHARS} characters or an integer 0..{MAX_ID - 1}", _rid
 )
-USERNAME: Final = _Spec(
+USERNAME: Final = Spec(
     "a user name of 3..32 characters from a-z 0-9 _ . - (not starting with . or -)",
-    _string(3, 32, r"[a-z0-9_][a-z0-9_.-]{2,31}"),
+    string(3, 32, r"[a-z0-9_][a-z0-9_.-]{2,31}"),
 )
-DEVICE: Final = _Spec(
+DEVICE: Final = Spec(
     "a device name of 1..64 characters from A-Z a-z 0-9 _ . : -",
-    _string(1, 64, r"[A-Za-z0-9_.:-]+"),
+    string(1, 64, r"[A-Za-z0-9_.:-]+"),
 )
-PASSWORD: Final = _Spec(
-    f"a string of 1..{MAX_PASSWORD_CHARS} characters", _string(1, MAX_PASSWORD_CHARS)
+PASSWORD: Final = Spec(
+    f"a string of 1..{MAX_PASSWORD_CHARS} characters", string(1, MAX_PASSWORD_CHARS)
 )
-CMID: Final = _Spec(
+CMID: Final = Spec(
     f"a string of 1..{MAX_CMID_CHARS} printable ASCII characters",
-    _string(1, MAX_CMID_CHARS, r"[\x20-\x7e]+"),
+    string(1, MAX_CMID_CHARS, r"[\x20-\x7e]+"),
 )
-TOKEN: Final = _Spec(
+TOKEN: Final = Spec(
     f"a string of {MIN_TOKEN_CHARS}..{MAX_TOKEN_CHARS} characters",
-    _string(MIN_TOKEN_CHARS, MAX_TOKEN_CHARS),
+    string(MIN_TOKEN_CHARS, MAX_TOKEN_CHARS),
 )
-ROOM: Final = _Spec(f"an integer 1..{MAX_ID}", _integer(1, MAX_ID))
-SEQ: Final = _Spec(f"an integer 0..{MAX_ID}", _integer(0, MAX_ID))
-MSG_ID: Final = _Spec(f"an integer 1..{MAX_ID}", _integer(1, MAX_ID))
-VERSION: Final = _Spec("an integer", _integer(-(2**64), 2**64))  # orjson ints fit
-BOOL: Final = _Spec("true or false", _boolean)
-PRESENCE: Final = _Spec("one of 'online', 'away', 'dnd'", _presence)
-ROOM_NAME: Final = _Spec(
+ROOM: Final = Spec(f"an integer 1..{MAX_ID}", integer(1, MAX_ID))
+SEQ: Final = Spec(f"an integer 0..{MAX_ID}", integer(0, MAX_ID))
+MSG_ID: Final = Spec(f"an integer 1..{MAX_ID}", integer(1, MAX_ID))
+VERSION: Final = INTEGER  # any integer: another one than ours is unsupported_version
+PRESENCE: Final = Spec("one of 'online', 'away', 'dnd'", _presence)
+ROOM_NAME: Final = Spec(
     f"a string of 1..{MAX_ROOM_NAME_CHARS} characters, not all whitespace", _room_name
 )
 
@@ -156,68 +132,38 @@ class _LimitSpecs:
     """Specs whose bounds come from `Limits`, built once per distinct `Limits`."""
 
     limits: Limits
-    body: _Spec[str]
-    status: _Spec[str]
-    history_limit: _Spec[int]
+    body: Spec[str]
+    status: Spec[str]
+    history_limit: Spec[int]
 
 
 @lru_cache(maxsize=16)
 def _limit_specs(limits: Limits) -> _LimitSpecs:
     return _LimitSpecs(
         limits=limits,
-        body=_Spec(
+        body=Spec(
             f"a string of 1..{limits.max_body_chars} characters",
-            _string(1, limits.max_body_chars),
+            string(1, limits.max_body_chars),
         ),
-        status=_Spec(
+        status=Spec(
             f"a string of 0..{limits.max_status_chars} characters",
-            _string(0, limits.max_status_chars),
+            string(0, limits.max_status_chars),
         ),
-        history_limit=_Spec(
+        history_limit=Spec(
             f"an integer 1..{limits.max_history_limit}",
-            _integer(1, limits.max_history_limit),
+            integer(1, limits.max_history_limit),
         ),
     )
 
 
 class _Reject(Exception):
-    """Internal: a frame failed validation. Never escapes the decoder."""
+    """Internal: a frame failed a check other than a field's (`FieldError`), e.g. its
+    protocol version. Never escapes the decoder."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def _bad(key: str, spec: _Spec[T]) -> _Reject:
-    return _Reject(ErrorCode.BAD_FIELD, f"field '{key}' must be {spec.expect}")
-
-
-def _req(frame: Frame, key: str, spec: _Spec[T]) -> T:
-    """A required field; JSON null counts as missing."""
-    raw = frame.get(key)
-    value = None if raw is None else spec.check(raw)
-    if value is None:
-        raise _bad(key, spec)
-    return value
-
-
-def _opt(frame: Frame, key: str, spec: _Spec[T]) -> T | None:
-    """An optional field; absent and null both give None."""
-    raw = frame.get(key)
-    if raw is None:
-        return None
-    value = spec.check(raw)
-    if value is None:
-        raise _bad(key, spec)
-    return value
-
-
-def _exactly_one(a: object, b: object, a_key: str, b_key: str) -> None:
-    if (a is None) == (b is None):
-        raise _Reject(
-            ErrorCode.BAD_FIELD, f"exactly one of fields '{a_key}' and '{b_key}' must be given"
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -228,61 +174,61 @@ _Parser = Callable[[Frame, _LimitSpecs, Rid], Request]
 
 def _hello(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
     # Check the version first: with another version the other fields may mean other things.
-    version = _opt(f, "v", VERSION)
+    version = optional(f, "v", VERSION)
     if version is not None and version != PROTOCOL_VERSION:
         raise _Reject(
             ErrorCode.UNSUPPORTED_VERSION,
             f"unsupported protocol version; this server speaks v{PROTOCOL_VERSION}",
         )
     return Hello(
-        user=_req(f, "user", USERNAME),
-        password=_req(f, "password", PASSWORD),
-        device=_req(f, "device", DEVICE),
+        user=required(f, "user", USERNAME),
+        password=required(f, "password", PASSWORD),
+        device=required(f, "device", DEVICE),
         v=PROTOCOL_VERSION,
         rid=rid,
     )
 
 
 def _register(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return Register(_req(f, "user", USERNAME), _req(f, "password", PASSWORD), rid)
+    return Register(required(f, "user", USERNAME), required(f, "password", PASSWORD), rid)
 
 
 def _resume(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
     return Resume(
-        user=_req(f, "user", USERNAME),
-        device=_req(f, "device", DEVICE),
-        token=_req(f, "token", TOKEN),
-        last_seq=_req(f, "last_seq", SEQ),
+        user=required(f, "user", USERNAME),
+        device=required(f, "device", DEVICE),
+        token=required(f, "token", TOKEN),
+        last_seq=required(f, "last_seq", SEQ),
         rid=rid,
     )
 
 
 def _send(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    cmid = _req(f, "cmid", CMID)
-    body = _req(f, "body", s.body)
-    to, room = _opt(f, "to", USERNAME), _opt(f, "room", ROOM)
-    _exactly_one(to, room, "to", "room")
+    cmid = required(f, "cmid", CMID)
+    body = required(f, "body", s.body)
+    to, room = optional(f, "to", USERNAME), optional(f, "room", ROOM)
+    exactly_one(to, room, "to", "room")
     return Send(cmid=cmid, body=body, to=to, room=room, rid=rid)
 
 
 def _ack(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return Ack(_req(f, "seq", SEQ), rid)
+    return Ack(required(f, "seq", SEQ), rid)
 
 
 def _presence_op(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return SetPresence(_req(f, "state", PRESENCE), _opt(f, "text", s.status), rid)
+    return SetPresence(required(f, "state", PRESENCE), optional(f, "text", s.status), rid)
 
 
 def _user_op(cls: type[ContactAdd | ContactAccept | ContactRemove]) -> _Parser:
     def parse(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-        return cls(_req(f, "user", USERNAME), rid)
+        return cls(required(f, "user", USERNAME), rid)
 
     return parse
 
 
 def _room_op(cls: type[RoomJoin | RoomLeave | RoomMembers]) -> _Parser:
     def parse(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-        return cls(_req(f, "room", ROOM), rid)
+        return cls(required(f, "room", ROOM), rid)
 
     return parse
 
@@ -295,39 +241,39 @@ def _no_fields(cls: type[ContactList | RoomList | Ping | Bye]) -> _Parser:
 
 
 def _room_create(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return RoomCreate(_req(f, "name", ROOM_NAME), rid)
+    return RoomCreate(required(f, "name", ROOM_NAME), rid)
 
 
 def _room_invite(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return RoomInvite(_req(f, "room", ROOM), _req(f, "user", USERNAME), rid)
+    return RoomInvite(required(f, "room", ROOM), required(f, "user", USERNAME), rid)
 
 
 def _history(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    with_user, room = _opt(f, "with", USERNAME), _opt(f, "room", ROOM)
-    _exactly_one(with_user, room, "with", "room")
-    limit = _opt(f, "limit", s.history_limit)
+    with_user, room = optional(f, "with", USERNAME), optional(f, "room", ROOM)
+    exactly_one(with_user, room, "with", "room")
+    limit = optional(f, "limit", s.history_limit)
     return History(
         with_user=with_user,
         room=room,
-        before=_opt(f, "before", MSG_ID),
+        before=optional(f, "before", MSG_ID),
         limit=s.limits.default_history_limit if limit is None else limit,
         rid=rid,
     )
 
 
 def _typing(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    to, room = _opt(f, "to", USERNAME), _opt(f, "room", ROOM)
-    _exactly_one(to, room, "to", "room")
-    active = _opt(f, "active", BOOL)
+    to, room = optional(f, "to", USERNAME), optional(f, "room", ROOM)
+    exactly_one(to, room, "to", "room")
+    active = optional(f, "active", BOOL)
     return Typing(to=to, room=room, active=True if active is None else active, rid=rid)
 
 
 def _read(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return Read(_req(f, "msg_id", MSG_ID), rid)
+    return Read(required(f, "msg_id", MSG_ID), rid)
 
 
 def _password(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
-    return PasswordChange(_req(f, "old", PASSWORD), _req(f, "new", PASSWORD), rid)
+    return PasswordChange(required(f, "old", PASSWORD), required(f, "new", PASSWORD), rid)
 
 
 _PARSERS: Final[Mapping[str, _Parser]] = {
@@ -395,9 +341,9 @@ def _parse(line: bytes | bytearray, specs: _LimitSpecs) -> Request | FrameError:
     rid: Rid = None
     if frame.get("rid") is not None:
         try:
-            rid = _req(frame, "rid", RID)
-        except _Reject as exc:
-            return FrameError(exc.code, exc.message)
+            rid = required(frame, "rid", RID)
+        except FieldError as exc:
+            return FrameError(ErrorCode.BAD_FIELD, str(exc))
     op = frame.get("op")
     if not isinstance(op, str):
         return FrameError(ErrorCode.BAD_FRAME, "frame must have a string field 'op'", rid)
@@ -406,6 +352,8 @@ def _parse(line: bytes | bytearray, specs: _LimitSpecs) -> Request | FrameError:
         return FrameError(ErrorCode.UNKNOWN_OP, _unknown_op_message(op), rid)
     try:
         return parser(frame, specs, rid)
+    except FieldError as exc:
+        return FrameError(ErrorCode.BAD_FIELD, str(exc), rid)
     except _Reject as exc:
         return FrameError(exc.code, exc.message, rid)
 
@@ -505,15 +453,13 @@ def encode(frame: Mapping[str, object]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def error_frame(code: ErrorCode, message: str, rid: Rid = None, **extra: object) -> bytes:
-    """An ``error`` frame; `rid` is omitted when None, `extra` e.g. ``retry_after=2``."""
-    frame: dict[str, object] = {"op": "error", "code": code.value, "message": message}
-    if rid is not None:
-        frame["rid"] = rid
-    frame.update(extra)
-    return encode(frame)
+def error_frame(
+    code: ErrorCode, message: str, rid: Rid = None, *, retry_after: float | None = None
+) -> bytes:
+    """An ``error`` frame (`frames.Error`); `rid` and `retry_after` are omitted when None."""
+    return Error(code, message, retry_after).encode(rid)
 
 
 def encode_error(error: FrameError) -> bytes:
     """The wire form of a decoder `FrameError`."""
-    return error_frame(error.code, error.message, error.rid)
+    return Error(error.code, error.message).encode(error.rid)

@@ -73,3 +73,16 @@ class FrameError:
     message: str
     rid: str | int | None = None
     fatal: bool = False
+
+
+class BadServerFrame(ValueError):
+    """A frame from the server breaks the protocol: a field is missing or of the wrong type.
+
+    Raised by the readers of app/protocol/frames.py on the client side; the message
+    names the op and the field, e.g. ``'msg' frame: field 'seq' must be an integer``.
+    """
+
+    def __init__(self, op: str | None, field: str, message: str) -> None:
+        super().__init__(message if op is None else f"{op!r} frame: {message}")
+        self.op = op
+        self.field = field

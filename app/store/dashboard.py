@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app.protocol.push import Kicked
 from app.store.errors import AdminExists
 from app.store.social import push
 
@@ -260,12 +261,6 @@ async def session_page(
 KICKED_CHUNK = 150
 
 
-def kicked_event(sessions: list[tuple[int, int]], reason: str) -> dict[str, object]:
-    """The ``sb_push`` event that makes the workers holding these sessions close
-    them with ``kicked`` (``Delivery._on_push``)."""
-    return {"kicked": [list(pair) for pair in sessions], "reason": reason}
-
-
 async def kick_session(
     pool: asyncpg.Pool, session_id: int, key: bytes, reason: str = "kicked"
 ) -> int | None:
@@ -287,7 +282,7 @@ async def kick_session(
         )
         if user_id is None:
             return None
-        await push(conn, kicked_event([(int(user_id), session_id)], reason), key)
+        await push(conn, Kicked([(int(user_id), session_id)], reason), key)
     return int(user_id)
 
 
@@ -352,7 +347,7 @@ async def set_user_disabled(
         )
         sessions = [(int(user_id), int(row["id"])) for row in kicked]
         for i in range(0, len(sessions), KICKED_CHUNK):
-            await push(conn, kicked_event(sessions[i : i + KICKED_CHUNK], "disabled"), key)
+            await push(conn, Kicked(sessions[i : i + KICKED_CHUNK], "disabled"), key)
     return len(kicked)
 
 

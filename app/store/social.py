@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from app.protocol.push import Push
 from app.store.errors import Forbidden, NotFound
 
 PUSH_CHANNEL = "sb_push"
@@ -76,16 +77,20 @@ def push_key(admin_secret: str) -> bytes:
     return hashlib.sha256(b"switchboard sb_push v1:" + admin_secret.encode()).digest()
 
 
-def sign_push(event: dict[str, Any], key: bytes) -> str:
+def sign_push(event: Push | dict[str, Any], key: bytes) -> str:
     """``<mac>|<json>``. Any role that can connect may NOTIFY, PostgreSQL has no
     permission against it: workers act only on payloads signed with the cluster key.
+
+    ``event`` is one of app/protocol/push.py's payloads; a dict is accepted until
+    the worker builds those too.
     """
-    body = orjson.dumps(event)
+    body = orjson.dumps(event) if isinstance(event, dict) else event.encode()
     mac = hmac.new(key, body, hashlib.sha256).hexdigest()[:32]
     return f"{mac}|{body.decode()}"
 
 
 def verify_push(payload: str, key: bytes) -> dict[str, Any] | None:
+    """The decoded payload if ``key`` signed it, else None; `parse_push` reads it."""
     mac, sep, body = payload.partition("|")
     if not sep:
         return None
@@ -99,7 +104,9 @@ def verify_push(payload: str, key: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-async def push(conn: asyncpg.Pool | asyncpg.Connection, event: dict[str, Any], key: bytes) -> None:
+async def push(
+    conn: asyncpg.Pool | asyncpg.Connection, event: Push | dict[str, Any], key: bytes
+) -> None:
     """An ephemeral event for the workers (presence, typing, contact requests, kicks).
 
     On a pool it is a transaction of its own, committed without waiting for the
