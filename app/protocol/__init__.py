@@ -9,7 +9,9 @@ No sockets, no asyncio, no database: pure data transformation.
 
 from app.protocol.codec import Decoder, encode, encode_error, error_frame, parse_frame
 from app.protocol.errors import DECODER_CODES, FATAL_CODES, BadServerFrame, ErrorCode, FrameError
-from app.protocol.events import (
+from app.protocol.frames import ServerFrame, encode_msg, encode_sent, parse_server_frame
+from app.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits
+from app.protocol.requests import (
     CLIENT_PRESENCE_STATES,
     OPS,
     PRE_AUTH_OPS,
@@ -39,8 +41,6 @@ from app.protocol.events import (
     SetPresence,
     Typing,
 )
-from app.protocol.frames import ServerFrame, encode_msg, encode_sent, parse_server_frame
-from app.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits
 from app.protocol.timefmt import rfc3339
 
 __all__ = [

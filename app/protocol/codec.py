@@ -15,7 +15,34 @@ from typing import Final
 import orjson
 
 from app.protocol.errors import ErrorCode, FrameError
-from app.protocol.events import (
+from app.protocol.fields import (
+    BOOL,
+    INTEGER,
+    FieldError,
+    Spec,
+    exactly_one,
+    integer,
+    optional,
+    required,
+    string,
+)
+from app.protocol.frames import Error
+from app.protocol.limits import (
+    DEFAULT_LIMITS,
+    MAX_CMID_CHARS,
+    MAX_DEVICE_CHARS,
+    MAX_ID,
+    MAX_PASSWORD_CHARS,
+    MAX_RID_CHARS,
+    MAX_ROOM_NAME_CHARS,
+    MAX_TOKEN_CHARS,
+    MAX_USERNAME_CHARS,
+    MIN_TOKEN_CHARS,
+    MIN_USERNAME_CHARS,
+    PROTOCOL_VERSION,
+    Limits,
+)
+from app.protocol.requests import (
     CLIENT_PRESENCE_STATES,
     Ack,
     Bye,
@@ -42,30 +69,6 @@ from app.protocol.events import (
     Send,
     SetPresence,
     Typing,
-)
-from app.protocol.fields import (
-    BOOL,
-    INTEGER,
-    FieldError,
-    Spec,
-    exactly_one,
-    integer,
-    optional,
-    required,
-    string,
-)
-from app.protocol.frames import Error
-from app.protocol.limits import (
-    DEFAULT_LIMITS,
-    MAX_CMID_CHARS,
-    MAX_ID,
-    MAX_PASSWORD_CHARS,
-    MAX_RID_CHARS,
-    MAX_ROOM_NAME_CHARS,
-    MAX_TOKEN_CHARS,
-    MIN_TOKEN_CHARS,
-    PROTOCOL_VERSION,
-    Limits,
 )
 
 Frame = dict[str, object]
@@ -99,12 +102,17 @@ RID: Final[Spec[str | int]] = Spec(
     f"a string of at most {MAX_RID_CHARS} characters or an integer 0..{MAX_ID - 1}", _rid
 )
 USERNAME: Final = Spec(
-    "a user name of 3..32 characters from a-z 0-9 _ . - (not starting with . or -)",
-    string(3, 32, r"[a-z0-9_][a-z0-9_.-]{2,31}"),
+    f"a user name of {MIN_USERNAME_CHARS}..{MAX_USERNAME_CHARS} characters from"
+    " a-z 0-9 _ . - (not starting with . or -)",
+    string(
+        MIN_USERNAME_CHARS,
+        MAX_USERNAME_CHARS,
+        rf"[a-z0-9_][a-z0-9_.-]{{{MIN_USERNAME_CHARS - 1},{MAX_USERNAME_CHARS - 1}}}",
+    ),
 )
 DEVICE: Final = Spec(
-    "a device name of 1..64 characters from A-Z a-z 0-9 _ . : -",
-    string(1, 64, r"[A-Za-z0-9_.:-]+"),
+    f"a device name of 1..{MAX_DEVICE_CHARS} characters from A-Z a-z 0-9 _ . : -",
+    string(1, MAX_DEVICE_CHARS, r"[A-Za-z0-9_.:-]+"),
 )
 PASSWORD: Final = Spec(
     f"a string of 1..{MAX_PASSWORD_CHARS} characters", string(1, MAX_PASSWORD_CHARS)

@@ -28,7 +28,6 @@ from typing import ClassVar, Final, Self, TypeAlias, get_args
 import orjson
 
 from app.protocol.errors import BadServerFrame
-from app.protocol.events import Rid
 from app.protocol.fields import (
     BOOL,
     INTEGER,
@@ -42,6 +41,7 @@ from app.protocol.fields import (
     required,
 )
 from app.protocol.limits import PROTOCOL_VERSION
+from app.protocol.requests import Rid
 
 _LINE: Final = orjson.OPT_APPEND_NEWLINE
 

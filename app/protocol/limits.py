@@ -1,13 +1,13 @@
 """Numeric limits of the v1 wire protocol.
 
-`Limits` holds the knobs an operator may tune (each maps to a
-``SWITCHBOARD_<NAME>`` setting); the module constants below are part of the
-protocol itself and are deliberately not configurable, since clients rely on them.
+`Limits` holds the knobs an operator may tune (the worker builds it from
+`Settings`, where each has a ``SWITCHBOARD_<NAME>`` variable); the module
+constants below are part of the protocol itself and are deliberately not
+configurable, since clients rely on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Final
 
@@ -25,8 +25,6 @@ MIN_TOKEN_CHARS: Final = 16
 MAX_TOKEN_CHARS: Final = 256
 # Largest integer every JSON implementation represents exactly (JavaScript's 2**53).
 MAX_ID: Final = 2**53
-
-ENV_PREFIX: Final = "SWITCHBOARD_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,21 +49,6 @@ class Limits:
                 raise ValueError(f"Limits.{f.name} must be >= {minimum}, got {value}")
         if self.default_history_limit > self.max_history_limit:
             raise ValueError("Limits.default_history_limit must be <= max_history_limit")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], prefix: str = ENV_PREFIX) -> Limits:
-        """Build limits from settings such as ``SWITCHBOARD_MAX_FRAME_BYTES``."""
-        values: dict[str, int] = {}
-        for f in fields(cls):
-            key = prefix + f.name.upper()
-            raw = env.get(key)
-            if raw is None or not raw.strip():
-                continue
-            try:
-                values[f.name] = int(raw)
-            except ValueError:
-                raise ValueError(f"{key} must be an integer, got {raw!r}") from None
-        return cls(**values)
 
 
 DEFAULT_LIMITS: Final = Limits()

@@ -77,14 +77,12 @@ def push_key(admin_secret: str) -> bytes:
     return hashlib.sha256(b"switchboard sb_push v1:" + admin_secret.encode()).digest()
 
 
-def sign_push(event: Push | dict[str, Any], key: bytes) -> str:
+def sign_push(event: Push, key: bytes) -> str:
     """``<mac>|<json>``. Any role that can connect may NOTIFY, PostgreSQL has no
     permission against it: workers act only on payloads signed with the cluster key.
-
-    ``event`` is one of app/protocol/push.py's payloads; a dict is accepted until
-    the worker builds those too.
+    ``event`` is one of app/protocol/push.py's payloads.
     """
-    body = orjson.dumps(event) if isinstance(event, dict) else event.encode()
+    body = event.encode()
     mac = hmac.new(key, body, hashlib.sha256).hexdigest()[:32]
     return f"{mac}|{body.decode()}"
 
@@ -105,7 +103,7 @@ def verify_push(payload: str, key: bytes) -> dict[str, Any] | None:
 
 
 async def push(
-    conn: asyncpg.Pool | asyncpg.Connection, event: Push | dict[str, Any], key: bytes
+    conn: asyncpg.Pool | asyncpg.Connection, event: Push, key: bytes
 ) -> None:
     """An ephemeral event for the workers (presence, typing, contact requests, kicks).
 

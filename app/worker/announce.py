@@ -11,11 +11,12 @@ listeners catch up from the tables when they reconnect.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import asyncpg
 
 from app.logs import get_logger
+from app.protocol.frames import ServerFrame
+from app.protocol.push import CatchUp, Forward, Replaced
 from app.store import messages as message_store
 from app.store.errors import DB_ERRORS
 from app.store.social import push
@@ -86,13 +87,12 @@ class Announcer:
         nothing else would make them look. Called when a dead worker is reaped
         and when a worker (re)registers (a restart after a crash).
         """
-        await push(self._pool, {"catch_up": reason}, self._key)
+        await push(self._pool, CatchUp(reason), self._key)
 
-    async def push(self, user_ids: list[int], frame: dict[str, Any]) -> None:
+    async def push(self, user_ids: list[int], frame: ServerFrame) -> None:
         """Send an ephemeral frame to every session of these users, on any worker."""
         for i in range(0, len(user_ids), PUSH_CHUNK):
-            event = {"to": user_ids[i : i + PUSH_CHUNK], "f": frame}
-            await push(self._pool, event, self._key)
+            await push(self._pool, Forward(user_ids[i : i + PUSH_CHUNK], frame), self._key)
 
     async def _notifier(self) -> None:
         """Announce moved inboxes to the other workers, coalescing while a NOTIFY is in flight.
@@ -115,8 +115,7 @@ class Announcer:
                 if catch_up:
                     await self.announce_catch_up(f"uncertain commit: {self._worker_id}")
                 for i in range(0, len(replaced), REPLACED_CHUNK):
-                    event = {"replaced": replaced[i : i + REPLACED_CHUNK]}
-                    await push(self._pool, event, self._key)
+                    await push(self._pool, Replaced(replaced[i : i + REPLACED_CHUNK]), self._key)
             except DB_ERRORS as exc:
                 # Listeners only catch up from the tables when they reconnect, so a
                 # pointer whose NOTIFY failed while they stayed connected must go out

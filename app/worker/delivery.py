@@ -16,12 +16,11 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import encode
+from app.protocol import encode_msg, frames, rfc3339
 from app.store import messages as message_store
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog
@@ -40,45 +39,26 @@ INBOX_PAGE_ENTRIES = 500
 USERS_PER_ROUND = 500
 
 
-_last_ts: list[Any] = [None, ""]
-
-
-def rfc3339(ts: Any) -> str:
-    """UTC with milliseconds, 2026-11-26T14:46:12.185Z (PostgreSQL hands us UTC).
-
-    Every message of a batch has the same timestamp (its transaction's start),
-    so the last conversion is kept: most calls are answered from it.
-    """
-    if ts == _last_ts[0]:
-        return str(_last_ts[1])
-    text = str(ts.isoformat(timespec="milliseconds")).replace("+00:00", "Z")
-    _last_ts[0], _last_ts[1] = ts, text
-    return text
-
-
 def entry_frame(entry: InboxEntry, names: dict[int, str]) -> bytes:
+    """The frame of an inbox entry: a ``msg``, or a ``receipt`` of one of ours read."""
     if entry.kind == INBOX_KIND_MESSAGE:
-        frame: dict[str, Any] = {
-            "op": "msg",
-            "seq": entry.seq,
-            "id": entry.message_id,
-            "from": names.get(entry.sender_id, "?"),
-        }
-        if entry.room_id is not None:
-            frame["room"] = entry.room_id
-        else:
-            frame["to"] = names.get(entry.recipient_id or 0, "?")
-        frame.update(body=entry.body, ts=rfc3339(entry.created_at), cmid=entry.cmid)
-        return encode(frame)
-    return encode(
-        {
-            "op": "receipt",
-            "seq": entry.seq,
-            "by": names.get(entry.actor_id or 0, "?"),
-            "msg_id": entry.message_id,
-            "ts": rfc3339(entry.read_at or entry.created_at),
-        }
-    )
+        room = entry.room_id
+        return encode_msg(
+            entry.seq,
+            entry.message_id,
+            names.get(entry.sender_id, "?"),
+            None if room is not None else names.get(entry.recipient_id or 0, "?"),
+            room,
+            entry.body,
+            rfc3339(entry.created_at),
+            entry.cmid,
+        )
+    return frames.Receipt(
+        entry.seq,
+        names.get(entry.actor_id or 0, "?"),
+        entry.message_id,
+        rfc3339(entry.read_at or entry.created_at),
+    ).encode()
 
 
 class Delivery:
@@ -188,17 +168,15 @@ class Delivery:
         recipient = names.get(message.recipient_id or 0)
         if sender is None or recipient is None:
             return b""
-        return encode(
-            {
-                "op": "msg",
-                "seq": seq,
-                "id": stored.id,
-                "from": sender,
-                "to": recipient,
-                "body": message.body,
-                "ts": rfc3339(stored.created_at),
-                "cmid": message.cmid,
-            }
+        return encode_msg(
+            seq,
+            stored.id,
+            sender,
+            recipient,
+            None,
+            message.body,
+            rfc3339(stored.created_at),
+            message.cmid,
         )
 
     # ---- the pump ----------------------------------------------------------

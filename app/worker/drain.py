@@ -12,7 +12,7 @@ import time
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import ErrorCode, encode
+from app.protocol import ErrorCode, frames
 from app.settings import Settings
 from app.store import sessions as session_store
 from app.store.errors import DB_ERRORS
@@ -64,7 +64,7 @@ class Drain:
             if peer.state is not SessionState.ACTIVE:
                 peer.close()
             else:
-                peer.write(encode({"op": "reconnect", "after_ms": random.randint(low, high)}))
+                peer.write(frames.Reconnect(random.randint(low, high)).encode())
         deadline = time.monotonic() + s.drain_spread_s + s.drain_timeout_s
         while connections and time.monotonic() < deadline:
             await asyncio.sleep(0.1)

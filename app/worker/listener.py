@@ -16,7 +16,8 @@ import asyncio
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import ErrorCode, encode
+from app.protocol import ErrorCode
+from app.protocol.push import CatchUp, Forward, Kicked, Replaced, parse_push
 from app.settings import Settings
 from app.store.db import dsn
 from app.store.errors import DB_ERRORS
@@ -113,33 +114,26 @@ class Listener:
         if event is None:
             log.warning("unsigned_push_dropped", sender_pid=pid)
             return
+        pushed = parse_push(event)
         by_user = self._registry.by_user
-        try:
-            if "replaced" in event:
-                for user_id, session_id, epoch in event["replaced"]:
-                    self._close_replaced(
-                        int(user_id), int(session_id), None if epoch is None else int(epoch)
-                    )
-                return
-            if "catch_up" in event:
-                # A worker died (or restarted) and may have committed messages it
-                # never announced: read every local user's inbox from the tables.
-                log.info("catch_up", reason=str(event["catch_up"]), users=len(by_user))
-                self._delivery.mark_dirty(list(by_user))
-                return
-            if "kicked" in event:
-                reason = str(event.get("reason", "kicked"))
-                for user_id, session_id in event["kicked"]:
-                    self._close_kicked(int(user_id), int(session_id), reason)
-                return
-            data = encode(event["f"])
-            targets = event["to"]
-        except (KeyError, TypeError, ValueError):
+        if isinstance(pushed, Forward):
+            data = pushed.frame.encode()
+            for user_id in pushed.to:
+                for target in by_user.get(user_id, ()):
+                    target.write(data)
+        elif isinstance(pushed, Replaced):
+            for user_id, session_id, epoch in pushed.sessions:
+                self._close_replaced(user_id, session_id, epoch)
+        elif isinstance(pushed, CatchUp):
+            # A worker died (or restarted) and may have committed messages it
+            # never announced: read every local user's inbox from the tables.
+            log.info("catch_up", reason=pushed.reason, users=len(by_user))
+            self._delivery.mark_dirty(list(by_user))
+        elif isinstance(pushed, Kicked):
+            for user_id, session_id in pushed.sessions:
+                self._close_kicked(user_id, session_id, pushed.reason)
+        else:
             log.warning("bad_push_payload")
-            return
-        for user_id in targets:
-            for target in by_user.get(user_id, ()):
-                target.write(data)
 
     def _drop(
         self, peer: Peer, event: SessionEvent, code: ErrorCode, message: str, why: str

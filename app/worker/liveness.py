@@ -29,7 +29,7 @@ from typing import Protocol
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import encode
+from app.protocol import frames
 from app.settings import Settings
 from app.store import sessions as session_store
 from app.store.errors import DB_ERRORS
@@ -162,7 +162,7 @@ class Liveness:
         for peer in peers:
             self._registry.detach(peer)
             set_session_state(peer, SessionEvent.FENCED, "this worker was declared dead")
-            peer.write(encode({"op": "reconnect", "after_ms": random.randint(0, 1000)}))
+            peer.write(frames.Reconnect(random.randint(0, 1000)).encode())
             peer.close()
         return len(peers)
 

@@ -19,7 +19,7 @@ from app.protocol import (
     PasswordChange,
     Register,
     Resume,
-    encode,
+    frames,
 )
 from app.settings import Settings
 from app.store import accounts
@@ -34,7 +34,7 @@ from app.worker.admission import Admission
 from app.worker.announce import Announcer
 from app.worker.commits import Commits
 from app.worker.errors import RequestError
-from app.worker.session import Sessions, ok_frame, rid_field
+from app.worker.session import OK, Sessions
 from app.worker.states import Peer, Session
 
 log = get_logger("session")
@@ -78,7 +78,7 @@ class Login:
             except UserExists:
                 raise RequestError(ErrorCode.USER_EXISTS, "that username is taken") from None
         log.info("user_registered", user=req.user)
-        peer.write(encode({"op": "registered", "user": req.user, **rid_field(req.rid)}))
+        peer.write(frames.Registered(req.user).encode(req.rid))
 
     async def hello(self, peer: Peer, req: Hello) -> None:
         if req.v != PROTOCOL_VERSION:
@@ -194,7 +194,7 @@ class Login:
                 self._pool, session.user_id, await self._passwords.hash(req.new)
             )
         log.info("password_changed", user=session.username)
-        peer.write(ok_frame(req.rid))
+        peer.write(OK.encode(req.rid))
 
 
 def token_hash(token: str) -> bytes:

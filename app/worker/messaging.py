@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
-from typing import Any
 
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import Ack, ErrorCode, History, Read, Send, Typing, encode
+from app.protocol import Ack, ErrorCode, History, Read, Send, Typing, encode_sent, frames, rfc3339
 from app.settings import Settings
 from app.store import messages as message_store
 from app.store import social
@@ -18,10 +17,9 @@ from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.worker.announce import Announcer
 from app.worker.commits import Commits
-from app.worker.delivery import rfc3339
 from app.worker.errors import error_reply
 from app.worker.registry import Registry
-from app.worker.session import ok_frame, rid_field
+from app.worker.session import OK
 from app.worker.states import Peer, Session, SessionState, active_session
 
 log = get_logger("session")
@@ -87,17 +85,8 @@ class Messaging:
     def _sent(self, conn: Peer, req: Send, result: Stored | Exception | None) -> None:
         conn.send_done()
         if isinstance(result, Stored):
-            frame: dict[str, Any] = {
-                "op": "sent",
-                "cmid": req.cmid,
-                "id": result.id,
-                "ts": rfc3339(result.created_at),
-            }
-            if result.sender_seq is not None:
-                frame["seq"] = result.sender_seq
-            if req.rid is not None:
-                frame["rid"] = req.rid
-            conn.write(encode(frame))
+            ts = rfc3339(result.created_at)
+            conn.write(encode_sent(req.cmid, result.id, ts, result.sender_seq, req.rid))
         elif isinstance(result, Exception):
             conn.write(
                 error_reply(ErrorCode.INTERNAL, "the database is unavailable; retry", req.rid)
@@ -125,14 +114,14 @@ class Messaging:
     async def ack(self, conn: Peer, req: Ack) -> None:
         session = active_session(conn)
         acked = await self._commits.ack(AckRequest(session.user_id, session.device, req.seq))
-        conn.write(ok_frame(req.rid))
+        conn.write(OK.encode(req.rid))
         self._events.acked(session.user_id, session.session_id, session.epoch, acked)
 
     async def read(self, conn: Peer, req: Read) -> None:
         session = active_session(conn)
         if not await self._commits.record_receipt(ReadRequest(session.user_id, req.msg_id)):
             raise NotFound("no such message")
-        conn.write(ok_frame(req.rid))
+        conn.write(OK.encode(req.rid))
 
     async def history(self, conn: Peer, req: History) -> None:
         session = active_session(conn)
@@ -151,38 +140,31 @@ class Messaging:
             limit=req.limit,
         )
         page = rows[: req.limit]
-        items = []
-        for row in page:
-            item: dict[str, Any] = {"id": row.id, "from": row.sender}
-            if row.room_id is not None:
-                item["room"] = row.room_id
-            else:
-                item["to"] = row.recipient
-            item.update(body=row.body, ts=rfc3339(row.created_at), cmid=row.cmid)
-            items.append(item)
-        conn.write(
-            encode(
-                {
-                    "op": "history",
-                    "messages": items,
-                    "more": len(rows) > req.limit,
-                    **rid_field(req.rid),
-                }
+        items = [
+            frames.HistoryMessage(
+                row.id,
+                row.sender,
+                row.recipient if row.room_id is None else None,
+                row.room_id,
+                row.body,
+                rfc3339(row.created_at),
+                row.cmid,
             )
-        )
+            for row in page
+        ]
+        conn.write(frames.HistoryPage(items, len(rows) > req.limit).encode(req.rid))
 
     async def typing(self, conn: Peer, req: Typing) -> None:
         session = active_session(conn)
-        frame: dict[str, Any] = {"op": "typing", "from": session.username, "active": req.active}
         if req.to is not None:
             targets = [await self._registry.user_id(req.to)]
-            frame["to"] = req.to
+            frame = frames.Typing(session.username, req.to, None, req.active)
         else:
             room = req.room or 0
             await social.require_member(self._pool, room, session.user_id)
             targets = [
                 u for u in await social.room_member_ids(self._pool, room) if u != session.user_id
             ]
-            frame["room"] = room
+            frame = frames.Typing(session.username, None, room, req.active)
         await self._announcer.push(targets, frame)
-        conn.write(ok_frame(req.rid))
+        conn.write(OK.encode(req.rid))

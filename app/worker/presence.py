@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from app.protocol import frames
 from app.store import social
 from app.worker.announce import Announcer
 
@@ -20,5 +21,5 @@ class Presence:
             view = await social.presence_of(self._pool, user_id)
             await self._announcer.push(
                 contacts,
-                {"op": "presence", "user": view.username, "state": view.state, "text": view.text},
+                frames.Presence(view.username, view.state, view.text),
             )

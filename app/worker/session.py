@@ -14,7 +14,7 @@ import random
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import PROTOCOL_VERSION, Bye, ErrorCode, Ping, encode
+from app.protocol import Bye, ErrorCode, Ping, Rid, frames
 from app.store import sessions as session_store
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog
@@ -33,6 +33,9 @@ from app.worker.states import (
 )
 
 log = get_logger("session")
+
+OK = frames.Ok()
+PONG = frames.Pong()
 
 # Attempts to write a session's end while the database is away: about 40 s in all.
 END_RETRIES = 25
@@ -63,7 +66,7 @@ class Sessions:
         state = self._status.state
         if state is WorkerState.DRAINING:
             # HAProxy has not heard of the drain yet: send the client elsewhere, soon.
-            peer.write(encode({"op": "reconnect", "after_ms": random.randint(0, 200)}))
+            peer.write(frames.Reconnect(random.randint(0, 200)).encode())
             peer.close()
             return
         if state is not WorkerState.SERVING:
@@ -87,27 +90,23 @@ class Sessions:
         token: str,
         last_seq: int,
         acked: int,
-        rid: object,
+        rid: Rid,
         *,
         why: str,
         has_contacts: bool = True,
     ) -> None:
         """Send welcome, then the replay after ``session.delivered_seq``, then live entries."""
         set_session_state(peer, SessionEvent.LOGIN, why, session)
-        frame = {
-            "op": "welcome",
-            "v": PROTOCOL_VERSION,
-            "user": session.username,
-            "device": session.device,
-            "session": str(session.session_id),
-            "worker": self._status.worker_id,
-            "resume_token": token,
-            "seq": last_seq,
-            "acked": acked,
-        }
-        if rid is not None:
-            frame["rid"] = rid
-        peer.write(encode(frame))
+        welcome = frames.Welcome(
+            session.username,
+            session.device,
+            str(session.session_id),
+            self._status.worker_id,
+            token,
+            last_seq,
+            acked,
+        )
+        peer.write(welcome.encode(rid))
         self._registry.attach(peer)
         self._delivery.mark_dirty([session.user_id])
         if has_contacts:  # nobody to tell otherwise: spare the query in a resume storm
@@ -170,19 +169,11 @@ class Sessions:
 
     # ---- requests every state may send -----------------------------------------
     async def ping(self, peer: Peer, req: Ping) -> None:
-        peer.write(encode({"op": "pong", **rid_field(req.rid)}))
+        peer.write(PONG.encode(req.rid))
 
     async def bye(self, peer: Peer, req: Bye) -> None:
-        peer.write(ok_frame(req.rid))
+        peer.write(OK.encode(req.rid))
         try:
             await self.end(peer, "bye", resumable=False)
         finally:
             peer.close()
-
-
-def ok_frame(rid: str | int | None) -> bytes:
-    return encode({"op": "ok", **rid_field(rid)})
-
-
-def rid_field(rid: str | int | None) -> dict[str, str | int]:
-    return {} if rid is None else {"rid": rid}

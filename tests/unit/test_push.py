@@ -60,7 +60,7 @@ LEGACY: list[tuple[Push, dict[str, Any]]] = [
 @pytest.mark.parametrize(("payload", "legacy"), LEGACY, ids=repr)
 def test_same_bytes_as_the_legacy_dicts(payload: Push, legacy: dict[str, Any]) -> None:
     assert payload.encode() == orjson.dumps(legacy)
-    assert sign_push(payload, KEY) == sign_push(legacy, KEY)
+    assert sign_push(payload, KEY).partition("|")[2] == orjson.dumps(legacy).decode()
 
 
 @pytest.mark.parametrize(
