@@ -22,7 +22,14 @@ from typing import Any
 import orjson
 
 from app.cluster.launcher import LocalCluster
-from tests.integration.helpers import PASSWORD, db, login, new_user, only_worker, register
+from tests.integration.helpers import (
+    PASSWORD,
+    contacts_on_two_workers,
+    db,
+    new_user,
+    only_worker,
+    register,
+)
 from tests.linechat import LineClient
 
 USERS_PER_WORKER = 10
@@ -232,12 +239,8 @@ async def test_a_poisoned_send_fails_alone_and_every_bystander_send_commits(
 async def test_nul_and_disguising_characters_get_bad_field_and_the_connection_goes_on(
     cluster: LocalCluster,
 ) -> None:
-    attacker, bystander = new_user("mallory"), new_user("by")
-    a, _ = await login(cluster, attacker, worker="w1")
-    b, _ = await login(cluster, bystander, worker="w1")
-    assert (await a.request({"op": "contact_add", "user": bystander}))["op"] == "ok"
-    await b.recv_until("contact_request")
-    assert (await b.request({"op": "contact_accept", "user": attacker}))["op"] == "ok"
+    # Contacts, so the bystander would see the attacker's presence text.
+    attacker, bystander, a, b, _ = await contacts_on_two_workers(cluster)
     since = now_iso()
 
     refused = [

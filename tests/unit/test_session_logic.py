@@ -525,29 +525,28 @@ async def test_a_send_is_answered_when_its_batch_commits(h: Harness) -> None:
     assert peer.inflight_sends == 0
 
 
-async def test_a_send_whose_batch_failed_gets_internal(h: Harness) -> None:
+@pytest.mark.parametrize(
+    ("failure", "code", "message"),
+    [
+        # The batch ran out of retry budget: retry (the cmid makes it safe).
+        (OSError("gone"), "internal", "the database is unavailable; retry"),
+        # The database refused this message alone: the same send would fail again.
+        (
+            StoreRejected("CharacterNotInRepertoireError"),
+            "bad_field",
+            "the server cannot store this message; do not resend it unchanged",
+        ),
+    ],
+)
+async def test_a_send_that_did_not_commit_gets_its_documented_error(
+    h: Harness, failure: Exception, code: str, message: str
+) -> None:
     h.store.add_user("bob")
     peer = await h.log_in("alice")
     await h.request(peer, Send(cmid="c1", body="hi", to="bob", rid=15))
     (_, done), *_ = h.commits.sent
-    done(OSError("gone"))
-    assert peer.frames[-1]["code"] == "internal"
-    assert peer.frames[-1]["rid"] == 15
-    assert peer.inflight_sends == 0
-
-
-async def test_a_send_the_database_refused_gets_bad_field_not_internal(h: Harness) -> None:
-    h.store.add_user("bob")
-    peer = await h.log_in("alice")
-    await h.request(peer, Send(cmid="c1", body="hi", to="bob", rid=16))
-    (_, done), *_ = h.commits.sent
-    done(StoreRejected("CharacterNotInRepertoireError"))
-    assert peer.frames[-1] == {
-        "op": "error",
-        "code": "bad_field",
-        "message": "the server cannot store this message; do not resend it unchanged",
-        "rid": 16,
-    }
+    done(failure)
+    assert peer.frames[-1] == {"op": "error", "code": code, "message": message, "rid": 15}
     assert peer.inflight_sends == 0
 
 
