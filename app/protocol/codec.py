@@ -7,6 +7,7 @@ whose message is ours (never exception text), so it is safe to echo.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,7 @@ from typing import Final
 
 import orjson
 
+from app.protocol import text
 from app.protocol.errors import ErrorCode, FrameError
 from app.protocol.fields import (
     BOOL,
@@ -80,9 +82,12 @@ Frame = dict[str, object]
 _rid_int = integer(0, MAX_ID - 1)
 
 
+_rid_str = string(0, MAX_RID_CHARS, forbid=text.NUL)
+
+
 def _rid(value: object) -> str | int | None:
     if isinstance(value, str):
-        return value if len(value) <= MAX_RID_CHARS else None
+        return _rid_str(value)
     return _rid_int(value)
 
 
@@ -93,13 +98,26 @@ def _presence(value: object) -> PresenceState | None:
 
 
 def _room_name(value: object) -> str | None:
-    if isinstance(value, str) and len(value) <= MAX_ROOM_NAME_CHARS and value.strip():
-        return value.strip()
-    return None
+    # Checked as stored: stripped (so surrounding newlines or tabs are harmless) and
+    # NFC-normalised (so the same name is the same code points, whatever the keyboard).
+    if not isinstance(value, str) or len(value) > MAX_ROOM_NAME_CHARS:
+        return None
+    name = unicodedata.normalize("NFC", value.strip())
+    if not name or len(name) > MAX_ROOM_NAME_CHARS or text.LINE.search(name) is not None:
+        return None
+    return name
 
+
+# What each text field accepts (app/protocol/text.py): no string takes U+0000;
+# bodies take no other control character but tab and newline; room names and
+# presence text no control, format (bidi, zero-width) or line-separator character.
+_NO_NUL: Final = "with no U+0000"
+_PLAIN: Final = "with no control character other than tab and newline"
+_LABEL: Final = "with no control, format or line-separator character"
 
 RID: Final[Spec[str | int]] = Spec(
-    f"a string of at most {MAX_RID_CHARS} characters or an integer 0..{MAX_ID - 1}", _rid
+    f"a string of at most {MAX_RID_CHARS} characters {_NO_NUL} or an integer 0..{MAX_ID - 1}",
+    _rid,
 )
 USERNAME: Final = Spec(
     f"a user name of {MIN_USERNAME_CHARS}..{MAX_USERNAME_CHARS} characters from"
@@ -115,15 +133,16 @@ DEVICE: Final = Spec(
     string(1, MAX_DEVICE_CHARS, r"[A-Za-z0-9_.:-]+"),
 )
 PASSWORD: Final = Spec(
-    f"a string of 1..{MAX_PASSWORD_CHARS} characters", string(1, MAX_PASSWORD_CHARS)
+    f"a string of 1..{MAX_PASSWORD_CHARS} characters {_NO_NUL}",
+    string(1, MAX_PASSWORD_CHARS, forbid=text.NUL),
 )
 CMID: Final = Spec(
     f"a string of 1..{MAX_CMID_CHARS} printable ASCII characters",
     string(1, MAX_CMID_CHARS, r"[\x20-\x7e]+"),
 )
 TOKEN: Final = Spec(
-    f"a string of {MIN_TOKEN_CHARS}..{MAX_TOKEN_CHARS} characters",
-    string(MIN_TOKEN_CHARS, MAX_TOKEN_CHARS),
+    f"a string of {MIN_TOKEN_CHARS}..{MAX_TOKEN_CHARS} characters {_NO_NUL}",
+    string(MIN_TOKEN_CHARS, MAX_TOKEN_CHARS, forbid=text.NUL),
 )
 ROOM: Final = Spec(f"an integer 1..{MAX_ID}", integer(1, MAX_ID))
 SEQ: Final = Spec(f"an integer 0..{MAX_ID}", integer(0, MAX_ID))
@@ -131,7 +150,8 @@ MSG_ID: Final = Spec(f"an integer 1..{MAX_ID}", integer(1, MAX_ID))
 VERSION: Final = INTEGER  # any integer: another one than ours is unsupported_version
 PRESENCE: Final = Spec("one of 'online', 'away', 'dnd'", _presence)
 ROOM_NAME: Final = Spec(
-    f"a string of 1..{MAX_ROOM_NAME_CHARS} characters, not all whitespace", _room_name
+    f"a string of 1..{MAX_ROOM_NAME_CHARS} characters, not all whitespace, {_LABEL}",
+    _room_name,
 )
 
 
@@ -150,12 +170,12 @@ def _limit_specs(limits: Limits) -> _LimitSpecs:
     return _LimitSpecs(
         limits=limits,
         body=Spec(
-            f"a string of 1..{limits.max_body_chars} characters",
-            string(1, limits.max_body_chars),
+            f"a string of 1..{limits.max_body_chars} characters {_PLAIN}",
+            string(1, limits.max_body_chars, forbid=text.BODY),
         ),
         status=Spec(
-            f"a string of 0..{limits.max_status_chars} characters",
-            string(0, limits.max_status_chars),
+            f"a string of 0..{limits.max_status_chars} characters {_LABEL}",
+            string(0, limits.max_status_chars, forbid=text.LINE),
         ),
         history_limit=Spec(
             f"an integer 1..{limits.max_history_limit}",

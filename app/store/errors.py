@@ -6,6 +6,8 @@ StoreError
  +-- NotFound            a user, room or message does not exist (or is not visible)
  +-- Forbidden           the caller may not do this
  +-- StoreUnavailable    the database did not take a batch within the retry budget
+ +-- StoreRejected       the database refused this item for good (its data, not the
+                         connection): a batch statement failed on it alone
 
 The database's own failures are not wrapped: callers catch asyncpg's and the
 OS's classes through two tuples, decided here once for every caller:
@@ -46,6 +48,13 @@ class Forbidden(StoreError):
 
 class StoreUnavailable(StoreError):
     """The database did not take the batch within the retry budget."""
+
+
+class StoreRejected(StoreError):
+    """The database refused this item for good: its statement failed with this item
+    alone (a non-transient error such as a value PostgreSQL cannot store or a
+    violated CHECK), so the same item would fail again. The message is the error's
+    class name, never the database's text."""
 
 
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (

@@ -9,6 +9,8 @@ The tree a request handler may raise (anything else is a bug)::
      |    +-- NotFound           -> not_found
      |    +-- Forbidden          -> forbidden
      |    +-- StoreUnavailable   -> internal: a group commit ran out of its retry budget
+ |    +-- StoreRejected      -> bad_field: a group commit refused this request's data
+ |                              for good (not to be retried; logged by the batcher)
      +-- TRANSIENT_DB_ERRORS     -> internal, logged as a warning: a connection cut or
                                     a failover (app/store/errors.py decides which)
 
@@ -21,7 +23,13 @@ from typing import Any
 
 from app.logs import get_logger
 from app.protocol import ErrorCode, error_frame
-from app.store.errors import TRANSIENT_DB_ERRORS, Forbidden, NotFound, StoreUnavailable
+from app.store.errors import (
+    TRANSIENT_DB_ERRORS,
+    Forbidden,
+    NotFound,
+    StoreRejected,
+    StoreUnavailable,
+)
 from app.worker import metrics
 
 log = get_logger("session")
@@ -35,6 +43,11 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+
+
+# The answer to a request whose data the database refused (`StoreRejected`): not
+# `internal`, which clients retry, since the same request would fail again.
+REJECTED_MESSAGE = "the server cannot store this {what}; do not resend it unchanged"
 
 
 def error_reply(code: ErrorCode, message: str, rid: str | int | None, **extra: Any) -> bytes:
@@ -52,6 +65,8 @@ def reply_for(exc: Exception, op: str, rid: str | int | None) -> tuple[bytes, bo
         return error_reply(ErrorCode.NOT_FOUND, str(exc), rid), False
     if isinstance(exc, Forbidden):
         return error_reply(ErrorCode.FORBIDDEN, str(exc), rid), False
+    if isinstance(exc, StoreRejected):
+        return error_reply(ErrorCode.BAD_FIELD, REJECTED_MESSAGE.format(what="request"), rid), False
     if isinstance(exc, StoreUnavailable):
         return error_reply(ErrorCode.INTERNAL, "the database is unavailable; retry", rid), False
     if isinstance(exc, TRANSIENT_DB_ERRORS):

@@ -12,12 +12,12 @@ from app.protocol import Ack, ErrorCode, History, Read, Send, Typing, encode_sen
 from app.settings import Settings
 from app.store import messages as message_store
 from app.store import social
-from app.store.errors import DB_ERRORS, Forbidden, NotFound
+from app.store.errors import DB_ERRORS, Forbidden, NotFound, StoreRejected
 from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.worker.announce import Announcer
 from app.worker.commits import Commits
-from app.worker.errors import error_reply
+from app.worker.errors import REJECTED_MESSAGE, error_reply
 from app.worker.registry import Registry
 from app.worker.session import OK
 from app.worker.states import Peer, Session, SessionState, active_session
@@ -87,6 +87,10 @@ class Messaging:
         if isinstance(result, Stored):
             ts = rfc3339(result.created_at)
             conn.write(encode_sent(req.cmid, result.id, ts, result.sender_seq, req.rid))
+        elif isinstance(result, StoreRejected):
+            # Only this message: the rest of its group commit went through.
+            message = REJECTED_MESSAGE.format(what="message")
+            conn.write(error_reply(ErrorCode.BAD_FIELD, message, req.rid))
         elif isinstance(result, Exception):
             conn.write(
                 error_reply(ErrorCode.INTERNAL, "the database is unavailable; retry", req.rid)

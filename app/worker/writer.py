@@ -8,6 +8,16 @@ previous batch is in flight (highest throughput). A batch whose outcome is
 unknown (connection cut during commit, failover) is retried as a whole, so
 the statements must be idempotent.
 
+A batch whose statement fails for good (any error not in TRANSIENT_DB_ERRORS:
+a value PostgreSQL refuses, a violated constraint, a bug) is split in halves,
+each run again, until the item(s) it fails on stand alone: those get
+`StoreRejected` and one warning each, every other item commits. A failed
+statement changed nothing, so the halves are ordinary batches (idempotent as
+ever), and they run one after the other, first half first, so the items that
+commit still commit in arrival order. One poisoned item among ``n`` costs
+about ``2 log2 n`` extra statements; a statement that fails for every item
+(a bug) costs ``2n - 1``, and is logged with its traceback once.
+
 Four batchers run in a worker (commits.py): `MessageWriter` stores sends
 (idempotent on (sender, cmid)), and batchers on the main pool take over
 sessions (a retried takeover fails its token check harmlessly; the client logs
@@ -25,7 +35,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from app.logs import get_logger
-from app.store.errors import TRANSIENT_DB_ERRORS, StoreUnavailable
+from app.store.errors import TRANSIENT_DB_ERRORS, StoreRejected, StoreUnavailable
 from app.store.messages import NewMessage, Stored, store_batch
 from app.worker import metrics
 
@@ -33,6 +43,8 @@ log = get_logger("writer")
 
 T = TypeVar("T")
 R = TypeVar("R")
+# A batch: each item with the callback that gets its result.
+_Batch = list[tuple[T, Callable[[R | Exception], None]]]
 
 
 class Batcher(Generic[T, R]):
@@ -42,8 +54,11 @@ class Batcher(Generic[T, R]):
     one result per item plus anything for ``after``. Items enqueued with the
     same key take the same lane, and a lane runs its batches one after the
     other in arrival order. Each item's ``done`` callback is called exactly
-    once, synchronously after its batch, with its result or `StoreUnavailable`;
-    ``after(items, results, extra)`` is called after all of them.
+    once, synchronously after its batch, with its result, `StoreUnavailable`
+    (out of retry budget) or `StoreRejected` (the statement fails on this item
+    alone); ``after(items, results, extra)`` is called after all of them, once
+    per statement that committed. ``describe(item)`` names a rejected item in
+    the log (ids, never contents).
 
     ``uncertain()`` is called once for a batch that had an attempt with an
     unknown outcome (a connection lost mid-statement), after the batch ended
@@ -64,6 +79,7 @@ class Batcher(Generic[T, R]):
         after: Callable[[list[T], list[R], Any], None] | None = None,
         observe: Callable[[float], None] | None = None,
         uncertain: Callable[[], None] | None = None,
+        describe: Callable[[T], dict[str, object]] | None = None,
     ) -> None:
         self._pool = pool
         self._run_batch = run
@@ -74,10 +90,12 @@ class Batcher(Generic[T, R]):
         self._after = after
         self._observe = observe
         self._uncertain = uncertain
+        self._describe = describe
         self._lanes = [_Lane[T, R]() for _ in range(max(1, lanes))]
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
         self.items = 0
+        self.rejected = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -130,20 +148,24 @@ class Batcher(Generic[T, R]):
                 n = min(self._batch_max, len(queue))
                 await self._write([queue.popleft() for _ in range(n)])
 
-    async def _write(self, batch: list[tuple[T, Callable[[R | Exception], None]]]) -> None:
-        if await self._attempts(batch) and self._uncertain is not None:
+    async def _write(self, batch: _Batch[T, R]) -> None:
+        deadline = time.monotonic() + self._retry_budget_s
+        if await self._attempts(batch, deadline) and self._uncertain is not None:
             self._uncertain()
 
-    async def _attempts(self, batch: list[tuple[T, Callable[[R | Exception], None]]]) -> bool:
+    async def _attempts(
+        self, batch: _Batch[T, R], deadline: float, origin: int | None = None
+    ) -> bool:
         """Run the batch until it commits, fails for good or runs out of budget, and
         answer each item. True if an attempt failed in a way that is retried: a
         connection lost mid-statement is one, and its outcome is unknown (it may
-        have committed)."""
+        have committed). ``origin``: for a part of a split batch, the size of the
+        batch the lane formed."""
         items = [item for item, _ in batch]
         started = time.monotonic()
-        deadline = started + self._retry_budget_s
         delay = 0.05
         attempt = 0
+        failure: Exception | None = None
         while True:
             attempt += 1
             try:
@@ -177,12 +199,16 @@ class Batcher(Generic[T, R]):
                 # long pause would add up to its length to every failover's stall.
                 delay = min(delay * 2, 0.25)
             except Exception as exc:
-                # A bug or a constraint no retry can fix: fail this batch, keep the lane.
-                log.exception("batch_error", batcher=self._name, size=len(batch))
-                failure = StoreUnavailable(type(exc).__name__)
-                for _, done in batch:
-                    _call(done, failure)
-                return attempt > 1
+                if origin is None and not isinstance(exc, asyncpg.PostgresError):
+                    # Not the database's verdict on some data: a bug. Its traceback once.
+                    log.exception("batch_error", batcher=self._name, size=len(batch))
+                failure = exc
+                break
+        if failure is not None:
+            # No retry of this statement can succeed, but it changed nothing: find the
+            # item(s) it fails on, and commit the others.
+            isolated = await self._isolate(batch, deadline, failure, origin or len(batch))
+            return isolated or attempt > 1
         if self._observe is not None:
             self._observe(time.monotonic() - started)
         self.batches += 1
@@ -192,6 +218,33 @@ class Batcher(Generic[T, R]):
         if self._after is not None:
             self._after(items, results, extra)
         return attempt > 1
+
+    async def _isolate(
+        self, batch: _Batch[T, R], deadline: float, exc: Exception, origin: int
+    ) -> bool:
+        """Answer a batch whose statement failed for good: a lone item is rejected;
+        a larger batch is halved and each half run as a batch of its own, in order.
+        True if an attempt of a half had an unknown outcome."""
+        if len(batch) == 1:
+            ((item, done),) = batch
+            self.rejected += 1
+            metrics.BATCH_ITEMS_REJECTED.labels(self._name).inc()
+            detail = self._describe(item) if self._describe is not None else {}
+            # A warning without traceback: a client's bad data is not a server fault.
+            log.warning(
+                "batch_item_rejected",
+                batcher=self._name,
+                batch_size=origin,
+                error=type(exc).__name__,
+                sqlstate=getattr(exc, "sqlstate", None),
+                **detail,
+            )
+            _call(done, StoreRejected(type(exc).__name__))
+            return False
+        middle = len(batch) // 2
+        first = await self._attempts(batch[:middle], deadline, origin)
+        second = await self._attempts(batch[middle:], deadline, origin)
+        return first or second
 
 
 class _Lane(Generic[T, R]):
@@ -208,6 +261,10 @@ def _call(done: Callable[[Any], None], result: object) -> None:
     except Exception:
         # A reply that cannot be written must not cost the rest of the batch.
         log.exception("batch_callback_failed")
+
+
+def _describe_message(message: NewMessage) -> dict[str, object]:
+    return {"sender": message.sender_id, "cmid": message.cmid}
 
 
 async def _store(
@@ -249,6 +306,7 @@ class MessageWriter(Batcher[NewMessage, "Stored | None"]):
             after=on_commit,
             observe=metrics.BATCH_SECONDS.observe,
             uncertain=uncertain,
+            describe=_describe_message,
         )
 
     @property
@@ -257,5 +315,5 @@ class MessageWriter(Batcher[NewMessage, "Stored | None"]):
 
     def send(self, message: NewMessage, done: Callable[[Stored | Exception | None], None]) -> None:
         """Store ``message``; ``done`` gets its `Stored` (None: the sender may not
-        post there) or a `StoreUnavailable`."""
+        post there), a `StoreUnavailable` or a `StoreRejected`."""
         self.enqueue(message, done, message.sender_id)

@@ -489,6 +489,18 @@ async def test_send_raises_on_permanent_errors_and_after_its_timeout(
         assert [f["cmid"] for _, f in server.frames("send")] == ["c-bad", "c-slow"]
 
 
+async def test_a_send_the_database_refused_is_not_retried(server: FakeSwitchboard) -> None:
+    # The server's answer to a poisoned send (docs/protocol.md, bad_field): final.
+    async with logged_in(server) as client:
+        refused = error("bad_field", "the server cannot store this message; do not resend it")
+        server.send_errors["c-poison"] = refused
+        with pytest.raises(ServerError, match="bad_field") as info:
+            await client.send("hi", to="bob", cmid="c-poison")
+        assert not info.value.retryable
+        await client.ping()
+        assert [f["cmid"] for _, f in server.frames("send")] == ["c-poison"]  # sent once
+
+
 async def test_retryable_send_error_is_retried_on_the_same_connection(
     server: FakeSwitchboard,
 ) -> None:

@@ -261,7 +261,10 @@ def test_bad_field_names_the_field(frame: dict[str, object], field: str) -> None
 
 def test_bad_field_message_example() -> None:
     e = err(b'{"op":"send","cmid":"c","to":"bob"}\n')
-    assert e.message == "field 'body' must be a string of 1..16384 characters"
+    assert e.message == (
+        "field 'body' must be a string of 1..16384 characters"
+        " with no control character other than tab and newline"
+    )
 
 
 @pytest.mark.parametrize(

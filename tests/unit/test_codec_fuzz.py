@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -26,15 +27,23 @@ FUZZ = settings(
 
 # --- strategies for valid frames ------------------------------------------------
 
+# The alphabets docs/protocol.md allows per text field (app/protocol/text.py).
+no_nul = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
+body_chars = st.characters(exclude_categories=["Cs", "Cc"]) | st.sampled_from("\t\n")
+label_chars = st.characters(exclude_categories=["Cs", "Cc", "Cf", "Zl", "Zp"])
+
 usernames = st.from_regex(r"[a-z0-9_][a-z0-9_.-]{2,31}", fullmatch=True)
 devices = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)
-passwords = st.text(min_size=1, max_size=40)
-tokens = st.text(min_size=16, max_size=64)
+passwords = st.text(no_nul, min_size=1, max_size=40)
+tokens = st.text(no_nul, min_size=16, max_size=64)
 cmids = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=64)
 ids = st.integers(1, 2**53)
 seqs = st.integers(0, 2**53)
-bodies = st.text(min_size=1, max_size=300)
-rids = st.none() | st.text(max_size=64) | st.integers(0, 2**53 - 1)
+bodies = st.text(body_chars, min_size=1, max_size=300)
+rids = st.none() | st.text(no_nul, max_size=64) | st.integers(0, 2**53 - 1)
+room_names = st.text(label_chars, min_size=1, max_size=64).filter(
+    lambda name: 0 < len(unicodedata.normalize("NFC", name.strip())) <= 64
+)
 json_values: st.SearchStrategy[Any] = st.recursive(
     st.none()
     | st.booleans()
@@ -71,13 +80,13 @@ FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "ack": fields(seq=seqs),
     "presence": st.fixed_dictionaries(
         {"state": st.sampled_from(["online", "away", "dnd"])},
-        optional={"text": st.text(max_size=200)},
+        optional={"text": st.text(label_chars, max_size=200)},
     ),
     "contact_add": fields(user=usernames),
     "contact_accept": fields(user=usernames),
     "contact_remove": fields(user=usernames),
     "contacts": fields(),
-    "room_create": fields(name=st.text(min_size=1, max_size=64).filter(str.strip)),
+    "room_create": fields(name=room_names),
     "room_invite": fields(room=ids, user=usernames),
     "room_join": fields(room=ids),
     "room_leave": fields(room=ids),
@@ -189,7 +198,8 @@ def test_valid_frames_parse_to_their_class(frame: dict[str, Any]) -> None:
             continue
         attr = "with_user" if key == "with" else key
         got = getattr(item, attr)
-        assert got == (value.strip() if key == "name" else value), key
+        expected = unicodedata.normalize("NFC", value.strip()) if key == "name" else value
+        assert got == expected, key
 
 
 @FUZZ

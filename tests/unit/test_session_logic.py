@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import orjson
 import pytest
 
 from app.protocol import (
@@ -30,9 +31,10 @@ from app.protocol import (
     Resume,
     Send,
 )
+from app.store.errors import StoreRejected
 from app.store.messages import Stored
 from app.store.sessions import ResumedSession
-from app.worker.errors import RequestError
+from app.worker.errors import RequestError, reply_for
 from app.worker.login import token_hash
 from app.worker.states import SessionEvent, SessionState, WorkerState, set_session_state
 from tests.unit.worker_fakes import GOOD_PASSWORD, WORKER_ID, FakePeer, Harness
@@ -523,15 +525,44 @@ async def test_a_send_is_answered_when_its_batch_commits(h: Harness) -> None:
     assert peer.inflight_sends == 0
 
 
-async def test_a_send_whose_batch_failed_gets_internal(h: Harness) -> None:
+@pytest.mark.parametrize(
+    ("failure", "code", "message"),
+    [
+        # The batch ran out of retry budget: retry (the cmid makes it safe).
+        (OSError("gone"), "internal", "the database is unavailable; retry"),
+        # The database refused this message alone: the same send would fail again.
+        (
+            StoreRejected("CharacterNotInRepertoireError"),
+            "bad_field",
+            "the server cannot store this message; do not resend it unchanged",
+        ),
+    ],
+)
+async def test_a_send_that_did_not_commit_gets_its_documented_error(
+    h: Harness, failure: Exception, code: str, message: str
+) -> None:
     h.store.add_user("bob")
     peer = await h.log_in("alice")
     await h.request(peer, Send(cmid="c1", body="hi", to="bob", rid=15))
     (_, done), *_ = h.commits.sent
-    done(OSError("gone"))
-    assert peer.frames[-1]["code"] == "internal"
-    assert peer.frames[-1]["rid"] == 15
+    done(failure)
+    assert peer.frames[-1] == {"op": "error", "code": code, "message": message, "rid": 15}
     assert peer.inflight_sends == 0
+
+
+def test_any_request_the_database_refused_is_bad_field_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        frame, fatal = reply_for(StoreRejected("DataError"), "read", 7)
+    assert orjson.loads(frame) == {
+        "op": "error",
+        "code": "bad_field",
+        "message": "the server cannot store this request; do not resend it unchanged",
+        "rid": 7,
+    }
+    assert not fatal
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 async def test_send_now_needs_a_session_and_a_cached_recipient(h: Harness) -> None:
