@@ -9,6 +9,7 @@ code receives the frozen object and never reads the environment itself.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SWITCHBOARD_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SettingsError(ValueError):
@@ -138,6 +141,12 @@ class Settings:
     max_login_failures_per_addr: int = 50
     log_level: str = "INFO"
 
+    # The edge (docs/security.md): workers take connections only from these addresses
+    # (HAProxy's), each opened by a PROXY protocol v2 header that names the client.
+    # Comma-separated addresses or networks; `host` is trusted too when it names one
+    # address (not 0.0.0.0 or ::).
+    proxy_trusted_addrs: str = "127.0.0.0/8,::1"
+
     # Admin dashboard. HAProxy serves it on dashboard_port and forwards to the
     # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
     # every cluster that moves dashboard_port moves its app port along with it).
@@ -174,6 +183,7 @@ class Settings:
                     raise SettingsError(f"{f.name} must be a TCP port, got {port}")
         if not 1 <= self.dashboard_app_port() <= 65535 or self.dashboard_app_port_offset == 0:
             raise SettingsError("dashboard_port + dashboard_app_port_offset must be another port")
+        _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
 
     @classmethod
     def load(
@@ -238,6 +248,17 @@ class Settings:
         """Where the dashboard process listens; HAProxy's dashboard_port forwards here."""
         return self.dashboard_port + self.dashboard_app_port_offset
 
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        """Where a worker accepts connections from: proxy_trusted_addrs, and `host`."""
+        networks = _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
+        try:
+            host = ipaddress.ip_address(self.host)
+        except ValueError:
+            return networks  # a name (compose): proxy_trusted_addrs says it all
+        if host.is_unspecified:
+            return networks
+        return (*networks, ipaddress.ip_network(host))
+
     def haproxy_names(self) -> list[str]:
         """haproxy (the full config), then haproxy2, haproxy3, ... (client port only)."""
         return ["haproxy", *(f"haproxy{i}" for i in range(2, self.haproxy_processes + 1))]
@@ -271,6 +292,18 @@ class Settings:
             ports[f"worker {wid} health"] = self.worker_health_port(wid)
             ports[f"worker {wid} agent"] = self.worker_agent_port(wid)
         return ports
+
+
+def _networks(name: str, text: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated addresses or networks (a.b.c.d/n, ::1) as networks."""
+    try:
+        return tuple(
+            ipaddress.ip_network(item.strip(), strict=False)
+            for item in text.split(",")
+            if item.strip()
+        )
+    except ValueError as exc:
+        raise SettingsError(f"setting {name}: {exc}") from None
 
 
 def _index(name: str) -> int:

@@ -31,8 +31,11 @@ def render(settings: Settings, layout: Layout, name: str = "haproxy") -> str:
 
 def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
     host = settings.host
+    # send-proxy-v2: each client connection opens with a PROXY header naming the
+    # client (a worker refuses it without one). The health and agent checks go to
+    # other ports and get none (HAProxy adds it to checks only without `port`).
     workers = "\n".join(
-        f"    server {wid} {host}:{settings.worker_port(wid)} check port "
+        f"    server {wid} {host}:{settings.worker_port(wid)} send-proxy-v2 check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
         f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
         for wid in settings.worker_ids()

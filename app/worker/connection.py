@@ -3,6 +3,9 @@
 One ``ClientConnection`` per TCP connection. Requests are handled strictly in
 order by a task that exists only while there is work, so an idle connection
 costs a protocol object, a decoder and a small buffer, not a coroutine.
+
+Only HAProxy connects here (edge.py): the first bytes are its PROXY v2 header,
+which names the client; ``peer`` is that client's ``host:port`` (``[v6]:port``).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from app.protocol import (
     Send,
     encode_error,
 )
+from app.protocol.proxy import Refusal, format_peer, parse_proxy_header
 from app.settings import Settings
 from app.worker import metrics
 from app.worker.delivery import Delivery
 from app.worker.dispatch import Dispatcher
+from app.worker.edge import Edge
 from app.worker.errors import error_reply
 from app.worker.session import Sessions
 from app.worker.states import Session, SessionState
@@ -40,6 +45,7 @@ class ConnectionParts:
     dispatcher: Dispatcher
     sessions: Sessions
     delivery: Delivery
+    edge: Edge
 
 
 class ClientConnection(asyncio.Protocol):
@@ -49,6 +55,7 @@ class ClientConnection(asyncio.Protocol):
         "_out",
         "_paused",
         "_pending",
+        "_preamble",
         "_send_waiter",
         "_slow_timer",
         "_task",
@@ -68,7 +75,10 @@ class ClientConnection(asyncio.Protocol):
         self.settings = parts.settings
         self.decoder = Decoder(parts.limits)
         self.transport: asyncio.Transport | None = None
+        # The client's "host:port" once the PROXY header has named it.
         self.peer = "?"
+        # Bytes of the PROXY header received so far; None once it has been read.
+        self._preamble: bytes | None = b""
         # Changed only by states.set_session_state.
         self.state = SessionState.ANONYMOUS
         self.session: Session | None = None
@@ -90,12 +100,22 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if not peer:
+            self._refuse(Refusal.UNTRUSTED_SOURCE)
+            return
+        self.peer = format_peer(peer[0], peer[1])  # HAProxy's, until its header names the client
+        if not self.parts.edge.trusted(peer[0]):
+            self._refuse(Refusal.UNTRUSTED_SOURCE)
+            return
         # Past this much unsent output the kernel buffer is full: see write().
         self.transport.set_write_buffer_limits(high=self.settings.max_write_buffer_bytes)
         self.parts.sessions.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._preamble is not None:
+            data = self._read_preamble(data)
+            if not data:
+                return
         items = self.decoder.receive_data(data)
         if not items:
             return
@@ -114,6 +134,29 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _read_preamble(self, data: bytes) -> bytes:
+        """Read HAProxy's PROXY header; return the bytes after it (the client's)."""
+        if self.closed:
+            return b""
+        buffered = self._preamble + data if self._preamble else data
+        header = parse_proxy_header(buffered)
+        if header is None:  # bounded: a header has at most 16 + MAX_PAYLOAD_BYTES
+            self._preamble = buffered
+            return b""
+        if isinstance(header, Refusal):
+            self._refuse(header)
+            return b""
+        self._preamble = None
+        if header.source is not None:  # LOCAL (the proxy's own connection): no client
+            self.peer = format_peer(*header.source)
+        return buffered[header.length :]
+
+    def _refuse(self, reason: Refusal) -> None:
+        """Not HAProxy, or no valid header: close without a word (counted, logged)."""
+        self.parts.edge.refused(reason, self.peer)
+        self._preamble = b""
+        self.abort()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

@@ -5,7 +5,8 @@ stored, frames delivered, resumes, slow readers, the DB pool) is read at scrape
 time by `WorkerCollector`, so the hot path pays nothing for it. Only what has
 no counter elsewhere is counted here, with module-level metrics the hooks in
 ``session.py``, ``connection.py``, ``delivery.py`` and ``writer.py`` update:
-logins by result, error frames by code, delivery latency, group-commit time.
+logins by result, error frames by code, refused connections, delivery latency,
+group-commit time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ ERRORS = Counter(
     "switchboard_errors",
     "Error frames sent to clients, by protocol error code.",
     ["code"],
+    registry=REGISTRY,
+)
+PROXY_REFUSED = Counter(
+    "switchboard_proxy_refused",
+    "Connections refused before the protocol: not from HAProxy (untrusted_source) "
+    "or without a valid PROXY v2 header (the other reasons).",
+    ["reason"],
     registry=REGISTRY,
 )
 

@@ -7,6 +7,7 @@ below it)::
 
     server        this file: pools, parts, start and stop
     connection    the asyncio adapter: bytes -> codec -> dispatcher, flood and write limits
+    edge          who may connect (HAProxy) and the client address its PROXY header names
     health        /health, /metrics, /admin (aiohttp, typed AppKeys)
     dispatch      the session table's gate, then one handler per request type
     login  messaging  contacts      the request handlers
@@ -57,6 +58,7 @@ from app.worker.contacts import Contacts
 from app.worker.delivery import Delivery
 from app.worker.dispatch import Dispatcher
 from app.worker.drain import Drain
+from app.worker.edge import Edge
 from app.worker.health import Sources, health_report, start_http
 from app.worker.listener import Listener
 from app.worker.liveness import Liveness, PgLeases
@@ -143,7 +145,7 @@ class Worker:
             max_errors_per_connection=s.max_errors_per_connection,
             max_body_chars=s.max_body_chars,
         )
-        parts = ConnectionParts(s, limits, dispatcher, sessions, delivery)
+        parts = ConnectionParts(s, limits, dispatcher, sessions, delivery, Edge(s))
         sources = Sources(
             status=self.status,
             registry=registry,

@@ -78,7 +78,7 @@ def fix_servers(text: str) -> str:
 
 def render(template: str) -> str:
     workers = (
-        f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_PORT} check port "
+        f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_PORT} send-proxy-v2 check port "
         f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
         f"{DNS} init-addr none"
     )
