@@ -22,6 +22,8 @@ from typing import Any
 ENV_PREFIX = "SWITCHBOARD_"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# How far HAProxy's client/server timeouts sit above idle_timeout_s (edge_timeout_s).
+EDGE_TIMEOUT_MARGIN_S = 30.0
 
 
 class SettingsError(ValueError):
@@ -146,6 +148,19 @@ class Settings:
     # Comma-separated addresses or networks; `host` is trusted too when it names one
     # address (not 0.0.0.0 or ::).
     proxy_trusted_addrs: str = "127.0.0.0/8,::1"
+    # A connection must log in (a welcome to hello or resume) within this long of
+    # connecting, or it is closed with auth_timeout; pings and blank lines do not count.
+    auth_timeout_s: float = 10.0
+    # A logged-in connection that sends nothing, not even a ping, for this long is closed
+    # with idle_timeout and its session detached (resumable). The SDK pings every 30 s.
+    # HAProxy's client/server timeouts sit a little above it (edge_timeout_s).
+    idle_timeout_s: float = 90.0
+    # TCP keepalive on client connections (at HAProxy) and on the workers' sockets: the
+    # first probe after idle seconds of silence, then one per interval; count unanswered
+    # probes drop the connection. Unacknowledged data gets as long (TCP_USER_TIMEOUT).
+    tcp_keepalive_idle_s: int = 60
+    tcp_keepalive_interval_s: int = 10
+    tcp_keepalive_count: int = 3
 
     # Admin dashboard. HAProxy serves it on dashboard_port and forwards to the
     # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
@@ -184,6 +199,12 @@ class Settings:
         if not 1 <= self.dashboard_app_port() <= 65535 or self.dashboard_app_port_offset == 0:
             raise SettingsError("dashboard_port + dashboard_app_port_offset must be another port")
         _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
+        if self.auth_timeout_s <= 0 or self.idle_timeout_s <= 0:
+            raise SettingsError("auth_timeout_s and idle_timeout_s must be positive")
+        if min(self.tcp_keepalive_idle_s, self.tcp_keepalive_interval_s) < 1:
+            raise SettingsError("tcp_keepalive_idle_s and _interval_s must be at least 1")
+        if not 1 <= self.tcp_keepalive_count <= 127:
+            raise SettingsError("tcp_keepalive_count must be 1..127")
 
     @classmethod
     def load(
@@ -258,6 +279,15 @@ class Settings:
         if host.is_unspecified:
             return networks
         return (*networks, ipaddress.ip_network(host))
+
+    def tcp_user_timeout_s(self) -> int:
+        """How long sent data may stay unacknowledged: as long as keepalive takes to give up."""
+        return self.tcp_keepalive_idle_s + self.tcp_keepalive_interval_s * self.tcp_keepalive_count
+
+    def edge_timeout_s(self) -> float:
+        """HAProxy's client and server timeouts: a little over idle_timeout_s, so that the
+        worker, which answers with idle_timeout and detaches the session, decides first."""
+        return self.idle_timeout_s + EDGE_TIMEOUT_MARGIN_S
 
     def haproxy_names(self) -> list[str]:
         """haproxy (the full config), then haproxy2, haproxy3, ... (client port only)."""

@@ -63,7 +63,17 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         worker_servers=workers,
         primary_servers=db,
         replica_servers=db,
+        edge_timeout=_ms(settings.edge_timeout_s()),
+        tcp_user_timeout=f"{settings.tcp_user_timeout_s()}s",
+        keepalive_idle=f"{settings.tcp_keepalive_idle_s}s",
+        keepalive_interval=f"{settings.tcp_keepalive_interval_s}s",
+        keepalive_count=settings.tcp_keepalive_count,
     )
+
+
+def _ms(seconds: float) -> str:
+    """A duration for HAProxy, in whole milliseconds."""
+    return f"{round(seconds * 1000)}ms"
 
 
 @dataclass(frozen=True, slots=True)

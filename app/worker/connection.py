@@ -6,6 +6,8 @@ costs a protocol object, a decoder and a small buffer, not a coroutine.
 
 Only HAProxy connects here (edge.py): the first bytes are its PROXY v2 header,
 which names the client; ``peer`` is that client's ``host:port`` (``[v6]:port``).
+Deadlines (log in within auth_timeout_s, never silent for idle_timeout_s) are
+kept by timeouts.py, which only reads the time of the last frame stamped here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from app.worker.edge import Edge
 from app.worker.errors import error_reply
 from app.worker.session import Sessions
 from app.worker.states import Session, SessionState
+from app.worker.timeouts import NO_SLOT, Deadlines
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class ConnectionParts:
     sessions: Sessions
     delivery: Delivery
     edge: Edge
+    deadlines: Deadlines
 
 
 class ClientConnection(asyncio.Protocol):
@@ -60,6 +64,8 @@ class ClientConnection(asyncio.Protocol):
         "_slow_timer",
         "_task",
         "closed",
+        "connected_at",
+        "deadline_slot",
         "decoder",
         "inflight_sends",
         "parts",
@@ -90,7 +96,9 @@ class ClientConnection(asyncio.Protocol):
         # Frames written during one event-loop iteration leave in one syscall.
         self._out: list[bytes] | None = None
         self._bucket = float(parts.settings.frame_burst)
-        self._bucket_at = time.monotonic()
+        # The flood bucket's clock, stamped at every frame: also the idle deadline's.
+        self._bucket_at = self.connected_at = time.monotonic()
+        self.deadline_slot = NO_SLOT  # timeouts.py's bookkeeping
         # Sends queued for a group commit and not yet answered (see send_slot).
         self.inflight_sends = 0
         self._send_waiter: asyncio.Future[None] | None = None
@@ -109,6 +117,7 @@ class ClientConnection(asyncio.Protocol):
             return
         # Past this much unsent output the kernel buffer is full: see write().
         self.transport.set_write_buffer_limits(high=self.settings.max_write_buffer_bytes)
+        self.parts.deadlines.watch(self)
         self.parts.sessions.opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -167,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
             self._slow_timer.cancel()
             self._slow_timer = None
         self._pending.clear()
+        self.parts.deadlines.forget(self)
         self.parts.sessions.lost(self)
 
     def pause_writing(self) -> None:
@@ -193,6 +203,16 @@ class ClientConnection(asyncio.Protocol):
     @property
     def writable(self) -> bool:
         return not self.closed and self._slow_timer is None
+
+    @property
+    def last_frame_at(self) -> float:
+        """When the client last sent a frame (a blank line is none), time.monotonic()."""
+        return self._bucket_at
+
+    @property
+    def busy(self) -> bool:
+        """A request is being handled or a send awaits its commit: not idle."""
+        return self._task is not None or self.inflight_sends > 0
 
     # ---- used by the session -----------------------------------------------
     def write(self, data: bytes) -> None:

@@ -6,13 +6,18 @@ are not a valid PROXY protocol v2 header (app/protocol/proxy.py). Refused means
 closed without a word, counted in ``switchboard_proxy_refused{reason}`` and
 logged (``proxy_refused``, at most one line per REFUSAL_LOG_S, with the count
 since the last one, so a port scan cannot flood the log).
+
+TCP keepalive is set on the listening socket, and every accepted socket inherits
+it (Linux copies the options at accept), so a vanished peer is noticed within
+idle + interval x count seconds at no cost per connection.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
-from typing import Final
+from typing import Any, Final
 
 from app.logs import get_logger
 from app.protocol.proxy import Refusal
@@ -52,6 +57,31 @@ class Edge:
         if now - self._logged_at >= REFUSAL_LOG_S:
             log.warning("proxy_refused", reason=reason.value, peer=peer, refused=self._unlogged)
             self._logged_at, self._unlogged = now, 0
+
+
+def keepalive_options(settings: Settings) -> list[tuple[int, int, int]]:
+    """(level, option, value) for TCP keepalive and TCP_USER_TIMEOUT, where the OS has them."""
+    tcp = socket.IPPROTO_TCP
+    wanted = [
+        (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+        (tcp, "TCP_KEEPIDLE", settings.tcp_keepalive_idle_s),
+        (tcp, "TCP_KEEPINTVL", settings.tcp_keepalive_interval_s),
+        (tcp, "TCP_KEEPCNT", settings.tcp_keepalive_count),
+        # Data sent but not acknowledged for this long drops the connection too
+        # (keepalive probes are sent only while nothing is outstanding).
+        (tcp, "TCP_USER_TIMEOUT", settings.tcp_user_timeout_s() * 1000),
+    ]
+    return [
+        (level, getattr(socket, name), value)
+        for level, name, value in wanted
+        if hasattr(socket, name)
+    ]
+
+
+def tune_listener(sock: Any, settings: Settings) -> None:
+    """Set keepalive on a listening socket (a socket, or asyncio's/uvloop's wrapper of one)."""
+    for level, option, value in keepalive_options(settings):
+        sock.setsockopt(level, option, value)
 
 
 def _inside(host: str, networks: tuple[IPNetwork, ...]) -> bool:

@@ -59,6 +59,13 @@ VALUES = {
     "dashboard_port": 8080,
     "dashboard_app_port": 8081,
     "dashboard_tls": "",
+    # The edge, as app/settings.py's defaults: edge_timeout_s() (idle_timeout_s 90 s + 30),
+    # tcp_user_timeout_s() (60 + 10 x 3) and the tcp_keepalive_* settings.
+    "edge_timeout": "120000ms",
+    "tcp_user_timeout": "90s",
+    "keepalive_idle": "60s",
+    "keepalive_interval": "10s",
+    "keepalive_count": 3,
 }
 
 # The dashboard reads "show stat" through HAProxy's runtime API; in compose it reaches it

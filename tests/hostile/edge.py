@@ -33,7 +33,7 @@ async def login_from(
 async def still_open(client: LineClient) -> bool:
     """Whether the connection answers a ping (it counts as traffic)."""
     try:
-        return (await client.request({"op": "ping"}, timeout=5))["op"] == "pong"
+        return bool((await client.request({"op": "ping"}, timeout=5))["op"] == "pong")
     except (ConnectionError, TimeoutError):
         return False
 

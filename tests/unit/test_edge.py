@@ -4,55 +4,27 @@ the real `ClientConnection` over a fake transport and the real request path."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import socket
 
 import pytest
 
-from app.protocol import Hello, Limits
+from app.protocol import Hello
 from app.protocol.proxy import Refusal, build_proxy_header
 from app.settings import Settings, SettingsError
 from app.worker import metrics
-from app.worker.connection import ClientConnection, ConnectionParts
-from app.worker.edge import Edge
+from app.worker.connection import ClientConnection
+from app.worker.edge import Edge, tune_listener
 from app.worker.states import SessionState
-from tests.unit.worker_fakes import GOOD_PASSWORD, Harness, frames_of
+from tests.unit.worker_fakes import (
+    GOOD_PASSWORD,
+    FakeTransport,
+    Harness,
+    frames_of,
+    real_connection,
+)
 
 HAPROXY = ("127.0.0.1", 43210)
 CLIENT = ("203.0.113.9", 50000)
-
-
-class FakeTransport:
-    """What the connection uses of an asyncio transport; records writes and closes."""
-
-    def __init__(self, peer: tuple[str, int] | None) -> None:
-        self.peer = peer
-        self.out = bytearray()
-        self.closed = False
-        self.aborted = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def refused(reason: Refusal) -> float:
@@ -77,13 +49,7 @@ def harness(monkeypatch: pytest.MonkeyPatch) -> Harness:
 def connect(
     h: Harness, peer: tuple[str, int] | None = HAPROXY
 ) -> tuple[ClientConnection, FakeTransport]:
-    parts = ConnectionParts(
-        h.settings, Limits(), h.dispatcher, h.sessions, h.delivery, Edge(h.settings)
-    )  # type: ignore[arg-type]
-    conn = ClientConnection(parts)
-    transport = FakeTransport(peer)
-    conn.connection_made(transport)  # type: ignore[arg-type]
-    return conn, transport
+    return real_connection(h, peer)
 
 
 # ---- trust ----------------------------------------------------------------------------
@@ -190,3 +156,32 @@ async def test_an_untrusted_source_is_refused_at_once(harness: Harness) -> None:
     assert transport.out == b""
     assert conn.peer == "198.51.100.20:5555"
     assert refused(Refusal.UNTRUSTED_SOURCE) == before + 1
+
+
+# ---- TCP keepalive -----------------------------------------------------------------------
+
+
+def test_accepted_sockets_inherit_the_listeners_keepalive() -> None:
+    s = Settings(tcp_keepalive_idle_s=61, tcp_keepalive_interval_s=7, tcp_keepalive_count=4)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        tune_listener(listener, s)
+        with socket.create_connection(listener.getsockname()) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                tcp = socket.IPPROTO_TCP
+                assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert accepted.getsockopt(tcp, socket.TCP_KEEPIDLE) == 61
+                assert accepted.getsockopt(tcp, socket.TCP_KEEPINTVL) == 7
+                assert accepted.getsockopt(tcp, socket.TCP_KEEPCNT) == 4
+                # Unacknowledged data gives up as late as keepalive does: 61 + 7 x 4 s.
+                assert accepted.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == 89_000
+            assert client.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+def test_keepalive_settings_are_checked() -> None:
+    with pytest.raises(SettingsError, match="tcp_keepalive_count"):
+        Settings(tcp_keepalive_count=0)
+    with pytest.raises(SettingsError, match="auth_timeout_s"):
+        Settings(auth_timeout_s=0)
