@@ -161,6 +161,16 @@ class Settings:
     tcp_keepalive_idle_s: int = 60
     tcp_keepalive_interval_s: int = 10
     tcp_keepalive_count: int = 3
+    # Per client address (an IPv6 /64), at each HAProxy process: connections open at
+    # once, and new connections per conn_rate_period_s. Past either, HAProxy closes a
+    # new connection at once, before it reaches a worker.
+    max_conns_per_addr: int = 50
+    max_conn_rate_per_addr: int = 100
+    conn_rate_period_s: int = 10
+    # Addresses (or networks) exempt from those caps: the machine's own, where the
+    # tests, the benchmarks and the CLI connect from. Other loopback addresses
+    # (127.0.0.2, ...) are capped like any host.
+    conn_cap_exempt_addrs: str = "127.0.0.1,::1"
 
     # Admin dashboard. HAProxy serves it on dashboard_port and forwards to the
     # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
@@ -205,6 +215,11 @@ class Settings:
             raise SettingsError("tcp_keepalive_idle_s and _interval_s must be at least 1")
         if not 1 <= self.tcp_keepalive_count <= 127:
             raise SettingsError("tcp_keepalive_count must be 1..127")
+        if min(self.max_conns_per_addr, self.max_conn_rate_per_addr, self.conn_rate_period_s) < 1:
+            raise SettingsError(
+                "max_conns_per_addr, max_conn_rate_per_addr and conn_rate_period_s must be positive"
+            )
+        _networks("conn_cap_exempt_addrs", self.conn_cap_exempt_addrs)
 
     @classmethod
     def load(
@@ -279,6 +294,9 @@ class Settings:
         if host.is_unspecified:
             return networks
         return (*networks, ipaddress.ip_network(host))
+
+    def conn_cap_exempt_networks(self) -> tuple[IPNetwork, ...]:
+        return _networks("conn_cap_exempt_addrs", self.conn_cap_exempt_addrs)
 
     def tcp_user_timeout_s(self) -> int:
         """How long sent data may stay unacknowledged: as long as keepalive takes to give up."""

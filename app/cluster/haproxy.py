@@ -68,6 +68,12 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         keepalive_idle=f"{settings.tcp_keepalive_idle_s}s",
         keepalive_interval=f"{settings.tcp_keepalive_interval_s}s",
         keepalive_count=settings.tcp_keepalive_count,
+        max_conns_per_addr=settings.max_conns_per_addr,
+        max_conn_rate_per_addr=settings.max_conn_rate_per_addr,
+        conn_rate_period=f"{settings.conn_rate_period_s}s",
+        # Entries outlive the rate's period (an entry with open connections never expires).
+        conn_table_expire=f"{max(60, 2 * settings.conn_rate_period_s)}s",
+        conn_cap_exempt=" ".join(str(net) for net in settings.conn_cap_exempt_networks()),
     )
 
 

@@ -66,6 +66,16 @@ VALUES = {
     "keepalive_idle": "60s",
     "keepalive_interval": "10s",
     "keepalive_count": 3,
+    # Connection caps per client address (max_conns_per_addr, max_conn_rate_per_addr per
+    # conn_rate_period_s; the table expiry as app/cluster/haproxy.py derives it). Exempt:
+    # the container's own loopback only. Clients on other machines keep their address
+    # through the published port (iptables DNAT); clients on the Docker host itself come
+    # through docker-proxy from the network's gateway and share its caps.
+    "max_conns_per_addr": 50,
+    "max_conn_rate_per_addr": 100,
+    "conn_rate_period": "10s",
+    "conn_table_expire": "60s",
+    "conn_cap_exempt": "127.0.0.1/32 ::1/128",
 }
 
 # The dashboard reads "show stat" through HAProxy's runtime API; in compose it reaches it
