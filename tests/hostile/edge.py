@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +21,7 @@ async def client_from(cluster: LocalCluster, source: str) -> LineClient:
 
 async def login_from(
     cluster: LocalCluster, user: str, source: str, device: str = "laptop"
-) -> tuple[LineClient, dict[str, object]]:
+) -> tuple[LineClient, dict[str, Any]]:
     await register(cluster, user)
     client = await client_from(cluster, source)
     welcome = await client.request(
@@ -28,6 +29,25 @@ async def login_from(
     )
     assert welcome["op"] == "welcome", welcome
     return client, welcome
+
+
+async def resume_from(
+    cluster: LocalCluster, welcome: dict[str, Any], source: str | None = None
+) -> tuple[LineClient, dict[str, Any]]:
+    """A new connection (from ``source``) that resumes the session of ``welcome``."""
+    s = cluster.settings
+    client = await LineClient.connect(s.host, s.client_port, source=source)
+    reply = await client.request(
+        {
+            "op": "resume",
+            "user": welcome["user"],
+            "device": welcome["device"],
+            "token": welcome["resume_token"],
+            "last_seq": 0,
+        }
+    )
+    assert reply["op"] == "welcome", reply
+    return client, reply
 
 
 async def still_open(client: LineClient) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from app.cluster.launcher import LocalCluster
-from tests.hostile.edge import client_from, login_from, still_open, worker_counter
+from tests.hostile.edge import client_from, login_from, resume_from, still_open, worker_counter
 from tests.integration.helpers import PASSWORD, db, login, new_user, register
 from tests.linechat import LineClient
 
@@ -36,17 +36,7 @@ async def test_each_client_is_recorded_at_its_own_address(cluster: LocalCluster)
 
     # A resume from elsewhere records where the session is now.
     await a.close()
-    moved = await client_from(cluster, "127.0.0.4")
-    resumed = await moved.request(
-        {
-            "op": "resume",
-            "user": alice,
-            "device": "laptop",
-            "token": a_welcome["resume_token"],
-            "last_seq": 0,
-        }
-    )
-    assert resumed["op"] == "welcome", resumed
+    moved, resumed = await resume_from(cluster, a_welcome, "127.0.0.4")
     port = moved.writer.get_extra_info("sockname")[1]
     assert await remote_addr(cluster, str(resumed["session"])) == f"127.0.0.4:{port}"
     await moved.close()

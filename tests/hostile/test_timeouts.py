@@ -25,7 +25,7 @@ from app.client import (
 from app.cluster.launcher import LocalCluster
 from app.worker.timeouts import TICK_S
 from tests.cluster_fixture import make_settings, running_cluster
-from tests.hostile.edge import client_from, login_from
+from tests.hostile.edge import client_from, login_from, resume_from
 from tests.integration.helpers import PASSWORD, contacts_on_two_workers, db, new_user, register
 from tests.linechat import LineClient
 
@@ -155,16 +155,7 @@ async def test_a_silent_session_is_closed_detached_and_shown_offline(
     assert offline is not None
     assert await session_state(tcluster, welcome["session"]) == "detached"
     # Detached, not ended: bob resumes it.
-    again = await LineClient.connect(tcluster.settings.host, tcluster.settings.client_port)
-    resumed = await again.request(
-        {
-            "op": "resume",
-            "user": bob,
-            "device": "laptop",
-            "token": welcome["resume_token"],
-            "last_seq": 0,
-        }
-    )
+    again, resumed = await resume_from(tcluster, welcome)
     assert resumed["op"] == "welcome" and resumed["session"] == welcome["session"], resumed
     online = await ping_for(
         a, 10, until=lambda f: f["op"] == "presence" and f["user"] == bob and f["state"] == "online"
