@@ -9,6 +9,7 @@ code receives the frozen object and never reads the environment itself.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -19,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SWITCHBOARD_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# How far HAProxy's client/server timeouts sit above idle_timeout_s (edge_timeout_s).
+EDGE_TIMEOUT_MARGIN_S = 30.0
 
 
 class SettingsError(ValueError):
@@ -138,6 +143,35 @@ class Settings:
     max_login_failures_per_addr: int = 50
     log_level: str = "INFO"
 
+    # The edge (docs/security.md): workers take connections only from these addresses
+    # (HAProxy's), each opened by a PROXY protocol v2 header that names the client.
+    # Comma-separated addresses or networks; `host` is trusted too when it names one
+    # address (not 0.0.0.0 or ::).
+    proxy_trusted_addrs: str = "127.0.0.0/8,::1"
+    # A connection must log in (a welcome to hello or resume) within this long of
+    # connecting, or it is closed with auth_timeout; pings and blank lines do not count.
+    auth_timeout_s: float = 10.0
+    # A logged-in connection that sends nothing, not even a ping, for this long is closed
+    # with idle_timeout and its session detached (resumable). The SDK pings every 30 s.
+    # HAProxy's client/server timeouts sit a little above it (edge_timeout_s).
+    idle_timeout_s: float = 90.0
+    # TCP keepalive on client connections (at HAProxy) and on the workers' sockets: the
+    # first probe after idle seconds of silence, then one per interval; count unanswered
+    # probes drop the connection. Unacknowledged data gets as long (TCP_USER_TIMEOUT).
+    tcp_keepalive_idle_s: int = 60
+    tcp_keepalive_interval_s: int = 10
+    tcp_keepalive_count: int = 3
+    # Per client address (an IPv6 /64), at each HAProxy process: connections open at
+    # once, and new connections per conn_rate_period_s. Past either, HAProxy closes a
+    # new connection at once, before it reaches a worker.
+    max_conns_per_addr: int = 50
+    max_conn_rate_per_addr: int = 100
+    conn_rate_period_s: int = 10
+    # Addresses (or networks) exempt from those caps: the machine's own, where the
+    # tests, the benchmarks and the CLI connect from. Other loopback addresses
+    # (127.0.0.2, ...) are capped like any host.
+    conn_cap_exempt_addrs: str = "127.0.0.1,::1"
+
     # Admin dashboard. HAProxy serves it on dashboard_port and forwards to the
     # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
     # every cluster that moves dashboard_port moves its app port along with it).
@@ -174,6 +208,18 @@ class Settings:
                     raise SettingsError(f"{f.name} must be a TCP port, got {port}")
         if not 1 <= self.dashboard_app_port() <= 65535 or self.dashboard_app_port_offset == 0:
             raise SettingsError("dashboard_port + dashboard_app_port_offset must be another port")
+        _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
+        if self.auth_timeout_s <= 0 or self.idle_timeout_s <= 0:
+            raise SettingsError("auth_timeout_s and idle_timeout_s must be positive")
+        if min(self.tcp_keepalive_idle_s, self.tcp_keepalive_interval_s) < 1:
+            raise SettingsError("tcp_keepalive_idle_s and _interval_s must be at least 1")
+        if not 1 <= self.tcp_keepalive_count <= 127:
+            raise SettingsError("tcp_keepalive_count must be 1..127")
+        if min(self.max_conns_per_addr, self.max_conn_rate_per_addr, self.conn_rate_period_s) < 1:
+            raise SettingsError(
+                "max_conns_per_addr, max_conn_rate_per_addr and conn_rate_period_s must be positive"
+            )
+        _networks("conn_cap_exempt_addrs", self.conn_cap_exempt_addrs)
 
     @classmethod
     def load(
@@ -238,6 +284,29 @@ class Settings:
         """Where the dashboard process listens; HAProxy's dashboard_port forwards here."""
         return self.dashboard_port + self.dashboard_app_port_offset
 
+    def proxy_networks(self) -> tuple[IPNetwork, ...]:
+        """Where a worker accepts connections from: proxy_trusted_addrs, and `host`."""
+        networks = _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
+        try:
+            host = ipaddress.ip_address(self.host)
+        except ValueError:
+            return networks  # a name (compose): proxy_trusted_addrs says it all
+        if host.is_unspecified:
+            return networks
+        return (*networks, ipaddress.ip_network(host))
+
+    def conn_cap_exempt_networks(self) -> tuple[IPNetwork, ...]:
+        return _networks("conn_cap_exempt_addrs", self.conn_cap_exempt_addrs)
+
+    def tcp_user_timeout_s(self) -> int:
+        """How long sent data may stay unacknowledged: as long as keepalive takes to give up."""
+        return self.tcp_keepalive_idle_s + self.tcp_keepalive_interval_s * self.tcp_keepalive_count
+
+    def edge_timeout_s(self) -> float:
+        """HAProxy's client and server timeouts: a little over idle_timeout_s, so that the
+        worker, which answers with idle_timeout and detaches the session, decides first."""
+        return self.idle_timeout_s + EDGE_TIMEOUT_MARGIN_S
+
     def haproxy_names(self) -> list[str]:
         """haproxy (the full config), then haproxy2, haproxy3, ... (client port only)."""
         return ["haproxy", *(f"haproxy{i}" for i in range(2, self.haproxy_processes + 1))]
@@ -271,6 +340,18 @@ class Settings:
             ports[f"worker {wid} health"] = self.worker_health_port(wid)
             ports[f"worker {wid} agent"] = self.worker_agent_port(wid)
         return ports
+
+
+def _networks(name: str, text: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated addresses or networks (a.b.c.d/n, ::1) as networks."""
+    try:
+        return tuple(
+            ipaddress.ip_network(item.strip(), strict=False)
+            for item in text.split(",")
+            if item.strip()
+        )
+    except ValueError as exc:
+        raise SettingsError(f"setting {name}: {exc}") from None
 
 
 def _index(name: str) -> int:

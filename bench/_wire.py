@@ -84,9 +84,14 @@ class Wire(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(host: str, port: int, on_frame: Callable[[Frame], None] | None = None) -> Wire:
+async def connect(
+    host: str, port: int, on_frame: Callable[[Frame], None] | None = None, preamble: bytes = b""
+) -> Wire:
+    """A connection; ``preamble`` is written first (a PROXY header, to a worker's own port)."""
     loop = asyncio.get_running_loop()
     _, proto = await loop.create_connection(lambda: Wire(on_frame), host, port)
+    if preamble:
+        proto.write(preamble)
     return proto
 
 

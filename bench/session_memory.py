@@ -4,13 +4,16 @@
 
 Starts a 1-worker cluster (cheap argon2), connects DIRECTLY to worker w1's port
 (through HAProxy each connection would cost HAProxy 2 of its 20,000 file
-descriptors), registers --sessions users, logs in --warm sessions to warm up and
+descriptors; each connection opens with a PROXY v2 LOCAL header, as a worker
+refuses connections without one), registers --sessions users, logs in --warm sessions to warm up and
 reads the worker's VmRSS from /proc/<pid>/status, logs in the rest (at most
 --concurrency logins in flight), waits --settle seconds, reads VmRSS again and
 prints (after - before) / (sessions - warm) in KB per session. All connections
 stay open and idle until the second reading. With --state-dir (and/or --port and
---pid) it measures worker --worker of a running cluster instead; it always stops
-what it started.
+--pid) it measures worker --worker of a running cluster instead (start that one with
+long auth and idle timeouts, e.g. SWITCHBOARD_AUTH_TIMEOUT_S=3600
+SWITCHBOARD_IDLE_TIMEOUT_S=3600: the registering connections stay anonymous and the
+sessions silent for minutes); it always stops what it started.
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ from typing import Any
 
 import uvloop
 
+from app.protocol.proxy import build_proxy_header
 from bench._common import add_target_args, cluster_target
 from bench._wire import Wire, connect, hello, register
+
+# The header a proxy sends for a connection of its own: the worker keeps the socket's address.
+LOCAL = build_proxy_header(None)
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -97,7 +104,10 @@ async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> N
     print(f"  worker at start: VmRSS {start['VmRSS']:,} kB", flush=True)
     try:
         # Register over a pool of connections that are closed before any reading.
-        pool = [await connect(host, port) for _ in range(min(args.concurrency, args.sessions))]
+        pool = [
+            await connect(host, port, preamble=LOCAL)
+            for _ in range(min(args.concurrency, args.sessions))
+        ]
         free = list(pool)
 
         async def reg(i: int) -> None:
@@ -119,7 +129,7 @@ async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> N
         async def login(i: int) -> None:
             for attempt in range(5):
                 try:
-                    wire = await connect(host, port, on_frame)
+                    wire = await connect(host, port, on_frame, preamble=LOCAL)
                     await hello(wire, users[i])
                 except (OSError, ConnectionError, TimeoutError):
                     if attempt == 4:

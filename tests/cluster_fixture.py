@@ -61,6 +61,9 @@ def make_settings(workers: int = 3, **overrides: object) -> Settings:
         "argon2_time_cost": 1,
         # Short, so the slow-reader test need not wait 30 s.
         "slow_reader_timeout_s": 3.0,
+        # test_capacity holds 12,000 connections that never log in until it has opened
+        # them all; tests/hostile/test_timeouts.py sets short timeouts of its own.
+        "auth_timeout_s": 120.0,
     }
     values.update(overrides)
     return Settings.load(env={}, **values)

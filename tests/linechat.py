@@ -20,8 +20,11 @@ class LineClient:
         self._rids = itertools.count(1)
 
     @classmethod
-    async def connect(cls, host: str, port: int) -> LineClient:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    async def connect(cls, host: str, port: int, source: str | None = None) -> LineClient:
+        """Connect, from the local address ``source`` if given (e.g. 127.0.0.2: another "host")."""
+        reader, writer = await asyncio.open_connection(
+            host, port, limit=1 << 20, local_addr=(source, 0) if source else None
+        )
         return cls(reader, writer)
 
     async def send(self, frame: dict[str, Any] | bytes) -> None:

@@ -47,6 +47,9 @@ HISTORY_LINES: Final = 20
 MAX_INPUT_LINE_BYTES: Final = 1 << 20
 # Chunks read from stdin but not yet handled; the reader thread waits past this.
 MAX_INPUT_CHUNKS: Final = 16
+# The server closes a logged-in connection that sends nothing for idle_timeout_s (90 s
+# by default): a chat left open in a quiet room pings this often.
+KEEPALIVE_S: Final = 30.0
 
 Out = Callable[[str], None]
 
@@ -295,9 +298,16 @@ class Chat:
     """The interactive loop of ``switchboard chat`` over a logged-in `Client`."""
 
     def __init__(
-        self, client: Client, *, to: str | None = None, room: int | None = None, out: Out = _say
+        self,
+        client: Client,
+        *,
+        to: str | None = None,
+        room: int | None = None,
+        out: Out = _say,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.client = client
+        self.keepalive_s = keepalive_s
         self.out = out
         self.to = to
         self.room = room
@@ -326,6 +336,7 @@ class Chat:
         """0 when the input ends (EOF or /quit), 1 when the connection ends first."""
         shower = asyncio.create_task(self._show_events())
         acker = asyncio.create_task(self._ack_loop())
+        pinger = asyncio.create_task(self._keepalive())
         reader = asyncio.create_task(self._handle_lines(lines))
         try:
             await asyncio.wait({shower, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -339,9 +350,9 @@ class Chat:
             await shower  # shows why the connection ended
             return 1
         finally:
-            for task in (shower, acker, reader):
+            for task in (shower, acker, pinger, reader):
                 task.cancel()
-            await asyncio.wait({shower, acker, reader})
+            await asyncio.wait({shower, acker, pinger, reader})
             with contextlib.suppress(ClientError):
                 await self.client.close()
 
@@ -374,6 +385,12 @@ class Chat:
                 self.out(f"! ack failed: {exc}")
             return
         self._acked_seq = max(self._acked_seq, seq)
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive_s)
+            with contextlib.suppress(ClientError):  # a lost connection shows on its own
+                await self.client.ping()
 
     # --- input side ----------------------------------------------------------------
 

@@ -31,8 +31,11 @@ def render(settings: Settings, layout: Layout, name: str = "haproxy") -> str:
 
 def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
     host = settings.host
+    # send-proxy-v2: each client connection opens with a PROXY header naming the
+    # client (a worker refuses it without one). The health and agent checks go to
+    # other ports and get none (HAProxy adds it to checks only without `port`).
     workers = "\n".join(
-        f"    server {wid} {host}:{settings.worker_port(wid)} check port "
+        f"    server {wid} {host}:{settings.worker_port(wid)} send-proxy-v2 check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
         f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
         for wid in settings.worker_ids()
@@ -60,7 +63,23 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         worker_servers=workers,
         primary_servers=db,
         replica_servers=db,
+        edge_timeout=_ms(settings.edge_timeout_s()),
+        tcp_user_timeout=f"{settings.tcp_user_timeout_s()}s",
+        keepalive_idle=f"{settings.tcp_keepalive_idle_s}s",
+        keepalive_interval=f"{settings.tcp_keepalive_interval_s}s",
+        keepalive_count=settings.tcp_keepalive_count,
+        max_conns_per_addr=settings.max_conns_per_addr,
+        max_conn_rate_per_addr=settings.max_conn_rate_per_addr,
+        conn_rate_period=f"{settings.conn_rate_period_s}s",
+        # Entries outlive the rate's period (an entry with open connections never expires).
+        conn_table_expire=f"{max(60, 2 * settings.conn_rate_period_s)}s",
+        conn_cap_exempt=" ".join(str(net) for net in settings.conn_cap_exempt_networks()),
     )
+
+
+def _ms(seconds: float) -> str:
+    """A duration for HAProxy, in whole milliseconds."""
+    return f"{round(seconds * 1000)}ms"
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     SESSION_REPLACED = "session_replaced"  # the same device logged in elsewhere (fatal)
     KICKED = "kicked"  # an administrator closed the session or disabled the account (fatal)
     SHUTTING_DOWN = "shutting_down"  # the worker is stopping (fatal)
+    AUTH_TIMEOUT = "auth_timeout"  # not logged in within auth_timeout_s of connecting (fatal)
+    IDLE_TIMEOUT = "idle_timeout"  # logged in, but silent for idle_timeout_s (fatal)
 
     @property
     def fatal(self) -> bool:
@@ -48,6 +50,8 @@ FATAL_CODES: Final = frozenset(
         ErrorCode.SESSION_REPLACED,
         ErrorCode.KICKED,
         ErrorCode.SHUTTING_DOWN,
+        ErrorCode.AUTH_TIMEOUT,
+        ErrorCode.IDLE_TIMEOUT,
     }
 )
 

@@ -3,6 +3,11 @@
 One ``ClientConnection`` per TCP connection. Requests are handled strictly in
 order by a task that exists only while there is work, so an idle connection
 costs a protocol object, a decoder and a small buffer, not a coroutine.
+
+Only HAProxy connects here (edge.py): the first bytes are its PROXY v2 header,
+which names the client; ``peer`` is that client's ``host:port`` (``[v6]:port``).
+Deadlines (log in within auth_timeout_s, never silent for idle_timeout_s) are
+kept by timeouts.py, which only reads the time of the last frame stamped here.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from app.protocol import (
     Send,
     encode_error,
 )
+from app.protocol.proxy import Refusal, format_peer, parse_proxy_header
 from app.settings import Settings
 from app.worker import metrics
 from app.worker.delivery import Delivery
 from app.worker.dispatch import Dispatcher
+from app.worker.edge import Edge
 from app.worker.errors import error_reply
 from app.worker.session import Sessions
 from app.worker.states import Session, SessionState
+from app.worker.timeouts import NO_SLOT, Deadlines
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,8 @@ class ConnectionParts:
     dispatcher: Dispatcher
     sessions: Sessions
     delivery: Delivery
+    edge: Edge
+    deadlines: Deadlines
 
 
 class ClientConnection(asyncio.Protocol):
@@ -49,10 +59,13 @@ class ClientConnection(asyncio.Protocol):
         "_out",
         "_paused",
         "_pending",
+        "_preamble",
         "_send_waiter",
         "_slow_timer",
         "_task",
         "closed",
+        "connected_at",
+        "deadline_slot",
         "decoder",
         "inflight_sends",
         "parts",
@@ -68,7 +81,10 @@ class ClientConnection(asyncio.Protocol):
         self.settings = parts.settings
         self.decoder = Decoder(parts.limits)
         self.transport: asyncio.Transport | None = None
+        # The client's "host:port" once the PROXY header has named it.
         self.peer = "?"
+        # Bytes of the PROXY header received so far; None once it has been read.
+        self._preamble: bytes | None = b""
         # Changed only by states.set_session_state.
         self.state = SessionState.ANONYMOUS
         self.session: Session | None = None
@@ -80,7 +96,9 @@ class ClientConnection(asyncio.Protocol):
         # Frames written during one event-loop iteration leave in one syscall.
         self._out: list[bytes] | None = None
         self._bucket = float(parts.settings.frame_burst)
-        self._bucket_at = time.monotonic()
+        # The flood bucket's clock, stamped at every frame: also the idle deadline's.
+        self._bucket_at = self.connected_at = time.monotonic()
+        self.deadline_slot = NO_SLOT  # timeouts.py's bookkeeping
         # Sends queued for a group commit and not yet answered (see send_slot).
         self.inflight_sends = 0
         self._send_waiter: asyncio.Future[None] | None = None
@@ -90,12 +108,23 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if not peer:
+            self._refuse(Refusal.UNTRUSTED_SOURCE)
+            return
+        self.peer = format_peer(peer[0], peer[1])  # HAProxy's, until its header names the client
+        if not self.parts.edge.trusted(peer[0]):
+            self._refuse(Refusal.UNTRUSTED_SOURCE)
+            return
         # Past this much unsent output the kernel buffer is full: see write().
         self.transport.set_write_buffer_limits(high=self.settings.max_write_buffer_bytes)
+        self.parts.deadlines.watch(self)
         self.parts.sessions.opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._preamble is not None:
+            data = self._read_preamble(data)
+            if not data:
+                return
         items = self.decoder.receive_data(data)
         if not items:
             return
@@ -115,6 +144,29 @@ class ClientConnection(asyncio.Protocol):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def _read_preamble(self, data: bytes) -> bytes:
+        """Read HAProxy's PROXY header; return the bytes after it (the client's)."""
+        if self.closed:
+            return b""
+        buffered = self._preamble + data if self._preamble else data
+        header = parse_proxy_header(buffered)
+        if header is None:  # bounded: a header has at most 16 + MAX_PAYLOAD_BYTES
+            self._preamble = buffered
+            return b""
+        if isinstance(header, Refusal):
+            self._refuse(header)
+            return b""
+        self._preamble = None
+        if header.source is not None:  # LOCAL (the proxy's own connection): no client
+            self.peer = format_peer(*header.source)
+        return buffered[header.length :]
+
+    def _refuse(self, reason: Refusal) -> None:
+        """Not HAProxy, or no valid header: close without a word (counted, logged)."""
+        self.parts.edge.refused(reason, self.peer)
+        self._preamble = b""
+        self.abort()
+
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
@@ -124,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
             self._slow_timer.cancel()
             self._slow_timer = None
         self._pending.clear()
+        self.parts.deadlines.forget(self)
         self.parts.sessions.lost(self)
 
     def pause_writing(self) -> None:
@@ -150,6 +203,16 @@ class ClientConnection(asyncio.Protocol):
     @property
     def writable(self) -> bool:
         return not self.closed and self._slow_timer is None
+
+    @property
+    def last_frame_at(self) -> float:
+        """When the client last sent a frame (a blank line is none), time.monotonic()."""
+        return self._bucket_at
+
+    @property
+    def busy(self) -> bool:
+        """A request is being handled or a send awaits its commit: not idle."""
+        return self._task is not None or self.inflight_sends > 0
 
     # ---- used by the session -----------------------------------------------
     def write(self, data: bytes) -> None:

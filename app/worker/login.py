@@ -21,6 +21,7 @@ from app.protocol import (
     Resume,
     frames,
 )
+from app.protocol.proxy import address_key
 from app.settings import Settings
 from app.store import accounts
 from app.store import messages as message_store
@@ -86,7 +87,7 @@ class Login:
                 ErrorCode.UNSUPPORTED_VERSION, f"this server speaks v{PROTOCOL_VERSION}"
             )
         pool = self._pool
-        addr = peer.peer.rsplit(":", 1)[0]
+        addr = address_key(peer.peer)  # the client's (PROXY header); an IPv6 /64
         keys = [f"user:{req.user}", f"addr:{addr}"]
         s = self._settings
         async with self._admission.slot():

@@ -5,8 +5,8 @@ stored, frames delivered, resumes, slow readers, the DB pool) is read at scrape
 time by `WorkerCollector`, so the hot path pays nothing for it. Only what has
 no counter elsewhere is counted here, with module-level metrics the hooks in
 ``session.py``, ``connection.py``, ``delivery.py`` and ``writer.py`` update:
-logins by result, error frames by code, delivery latency, group-commit time,
-items a group commit refused.
+logins by result, error frames by code, refused connections, delivery latency,
+group-commit time, items a group commit refused.
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ BATCH_ITEMS_REJECTED = Counter(
     "switchboard_batch_items_rejected",
     "Group-commit items the database refused for good (the rest of their batch committed).",
     ["batcher"],
+    registry=REGISTRY,
+)
+PROXY_REFUSED = Counter(
+    "switchboard_proxy_refused",
+    "Connections refused before the protocol: not from HAProxy (untrusted_source) "
+    "or without a valid PROXY v2 header (the other reasons).",
+    ["reason"],
     registry=REGISTRY,
 )
 

@@ -7,6 +7,7 @@ below it)::
 
     server        this file: pools, parts, start and stop
     connection    the asyncio adapter: bytes -> codec -> dispatcher, flood and write limits
+    edge  timeouts  who may connect (HAProxy), the client's address; auth and idle deadlines
     health        /health, /metrics, /admin (aiohttp, typed AppKeys)
     dispatch      the session table's gate, then one handler per request type
     login  messaging  contacts      the request handlers
@@ -57,6 +58,7 @@ from app.worker.contacts import Contacts
 from app.worker.delivery import Delivery
 from app.worker.dispatch import Dispatcher
 from app.worker.drain import Drain
+from app.worker.edge import Edge, tune_listener
 from app.worker.health import Sources, health_report, start_http
 from app.worker.listener import Listener
 from app.worker.liveness import Liveness, PgLeases
@@ -66,6 +68,7 @@ from app.worker.presence import Presence
 from app.worker.registry import Registry
 from app.worker.session import Sessions
 from app.worker.states import WorkerState, WorkerStatus
+from app.worker.timeouts import Deadlines
 
 log = get_logger("worker")
 
@@ -143,7 +146,8 @@ class Worker:
             max_errors_per_connection=s.max_errors_per_connection,
             max_body_chars=s.max_body_chars,
         )
-        parts = ConnectionParts(s, limits, dispatcher, sessions, delivery)
+        deadlines = Deadlines(s)
+        parts = ConnectionParts(s, limits, dispatcher, sessions, delivery, Edge(s), deadlines)
         sources = Sources(
             status=self.status,
             registry=registry,
@@ -176,6 +180,8 @@ class Worker:
             backlog=4096,
             reuse_address=True,
         )
+        for listening in server.sockets:  # accepted sockets inherit keepalive
+            tune_listener(listening, s)
         agent = await asyncio.start_server(
             drain.agent, s.host, s.worker_agent_port(wid), reuse_address=True
         )
@@ -184,6 +190,7 @@ class Worker:
             loop.create_task(liveness.run_lease()),
             loop.create_task(liveness.run_reaper()),
             loop.create_task(liveness.run_lag_probe()),
+            loop.create_task(deadlines.run()),
         ]
         # What start-up made (modules, pools, the app) lives as long as the process:
         # move it out of the cyclic GC's reach. A full collection over it paused the

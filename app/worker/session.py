@@ -97,6 +97,11 @@ class Sessions:
     ) -> None:
         """Send welcome, then the replay after ``session.delivered_seq``, then live entries."""
         set_session_state(peer, SessionEvent.LOGIN, why, session)
+        if peer.closed:
+            # The connection went while the login was in flight (its auth_timeout, or
+            # the client hung up): nobody holds the session here, so leave it resumable.
+            await self.end(peer, "disconnected", resumable=True)
+            return
         welcome = frames.Welcome(
             session.username,
             session.device,

@@ -135,6 +135,7 @@ class Peer(Protocol):
     state: SessionState
     session: Session | None
     peer: str
+    closed: bool  # closing or gone: nothing written reaches the client any more
 
     @property
     def writable(self) -> bool: ...

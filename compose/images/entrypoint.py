@@ -27,6 +27,9 @@ cluster is arranged here:
   ``haproxy:5000`` (and 5001 for replicas).
 - The dashboard expects the local cluster's 127.0.0.1 port layout for Patroni's REST
   APIs, the workers' health ports and HAProxy's runtime socket: relays provide it.
+- A worker accepts client connections (each with HAProxy's PROXY header) from the
+  compose network it is attached to, not from loopback only, since HAProxy is another
+  container (SWITCHBOARD_PROXY_TRUSTED_ADDRS, unless set).
 """
 
 from __future__ import annotations
@@ -208,10 +211,31 @@ def worker_env(env: dict[str, str]) -> None:
     say(f"worker id {wid}, ports {WORKER_PORT}/{WORKER_HEALTH_PORT}/{WORKER_AGENT_PORT}")
 
 
+def attached_networks(route_table: str = "/proc/net/route") -> list[str]:
+    """The IPv4 networks this container is directly attached to (its compose networks)."""
+    networks = []
+    with open(route_table) as fh:
+        next(fh)  # the header line
+        for line in fh:
+            fields = line.split()
+            destination, gateway, mask = (int(fields[i], 16) for i in (1, 2, 7))
+            if gateway == 0 and mask != 0:  # a directly connected network
+                # /proc/net/route prints addresses as little-endian hex.
+                net = socket.inet_ntoa(struct.pack("<I", destination))
+                networks.append(f"{net}/{bin(mask).count('1')}")
+    return networks
+
+
 def run_worker() -> None:
     env = dict(os.environ, SWITCHBOARD_HOST="0.0.0.0")
     write_secrets(("app",))
     worker_env(env)
+    # A worker takes connections only from HAProxy, each with a PROXY header. HAProxy's
+    # address may change when its container is recreated: trust the compose network.
+    if "SWITCHBOARD_PROXY_TRUSTED_ADDRS" not in env:
+        trusted = ["127.0.0.0/8", *attached_networks()]
+        env["SWITCHBOARD_PROXY_TRUSTED_ADDRS"] = ",".join(trusted)
+        say(f"PROXY headers accepted from {', '.join(trusted)}")
     relay_db_ports()
     os.execve(sys.executable, [sys.executable, "-m", "app.worker"], env)
 

@@ -59,6 +59,23 @@ VALUES = {
     "dashboard_port": 8080,
     "dashboard_app_port": 8081,
     "dashboard_tls": "",
+    # The edge, as app/settings.py's defaults: edge_timeout_s() (idle_timeout_s 90 s + 30),
+    # tcp_user_timeout_s() (60 + 10 x 3) and the tcp_keepalive_* settings.
+    "edge_timeout": "120000ms",
+    "tcp_user_timeout": "90s",
+    "keepalive_idle": "60s",
+    "keepalive_interval": "10s",
+    "keepalive_count": 3,
+    # Connection caps per client address (max_conns_per_addr, max_conn_rate_per_addr per
+    # conn_rate_period_s; the table expiry as app/cluster/haproxy.py derives it). Exempt:
+    # the container's own loopback only. Clients on other machines keep their address
+    # through the published port (iptables DNAT); clients on the Docker host itself come
+    # through docker-proxy from the network's gateway and share its caps.
+    "max_conns_per_addr": 50,
+    "max_conn_rate_per_addr": 100,
+    "conn_rate_period": "10s",
+    "conn_table_expire": "60s",
+    "conn_cap_exempt": "127.0.0.1/32 ::1/128",
 }
 
 # The dashboard reads "show stat" through HAProxy's runtime API; in compose it reaches it
@@ -78,7 +95,7 @@ def fix_servers(text: str) -> str:
 
 def render(template: str) -> str:
     workers = (
-        f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_PORT} check port "
+        f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_PORT} send-proxy-v2 check port "
         f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
         f"{DNS} init-addr none"
     )

@@ -868,6 +868,34 @@ async def test_chat_exits_with_1_when_the_server_closes(server: FakeServer) -> N
     ]
 
 
+async def test_chat_pings_while_the_user_says_nothing(server: FakeServer) -> None:
+    """A quiet chat must not be closed for idle_timeout: it pings every keepalive_s."""
+    client, peer = await connect(server)
+    pinged = asyncio.Event()
+
+    async def serve() -> None:
+        while True:
+            request = await peer.recv()
+            if request["op"] == "ping":
+                await peer.reply(request, {"op": "pong"})
+                pinged.set()
+            else:
+                await peer.reply(request, {"op": "ok"})
+            if request["op"] == "bye":
+                await peer.close()
+                return
+
+    async def typed() -> AsyncIterator[str]:
+        await asyncio.wait_for(pinged.wait(), 5)  # the user types nothing meanwhile
+        return
+        yield ""
+
+    server_task = asyncio.create_task(serve())
+    code = await Chat(client, to="bob", out=[].append, keepalive_s=0.05).run(typed())
+    await server_task
+    assert code == 0 and pinged.is_set()
+
+
 async def test_stdin_lines_reads_a_pipe_without_blocking_the_loop() -> None:
     read_fd, write_fd = os.pipe()
     try:

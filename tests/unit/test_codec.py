@@ -348,6 +348,8 @@ def test_decoder_codes_are_documented_subset() -> None:
         ErrorCode.SESSION_REPLACED,
         ErrorCode.KICKED,
         ErrorCode.SHUTTING_DOWN,
+        ErrorCode.AUTH_TIMEOUT,
+        ErrorCode.IDLE_TIMEOUT,
     } == FATAL_CODES
 
 

@@ -521,3 +521,65 @@ class Harness:
         """Run the fire-and-forget tasks the registry holds to their end."""
         while self.registry._background:
             await asyncio.gather(*self.registry._background, return_exceptions=True)
+
+
+# ---- the real connection adapter over the fakes ---------------------------------
+
+
+class FakeTransport:
+    """What the connection uses of an asyncio transport; records writes and closes."""
+
+    def __init__(self, peer: tuple[str, int] | None) -> None:
+        self.peer = peer
+        self.out = bytearray()
+        self.closed = False
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def real_connection(
+    h: Harness, peer: tuple[str, int] | None = ("127.0.0.1", 43210), deadlines: Any = None
+) -> tuple[Any, FakeTransport]:
+    """A real `ClientConnection` on the harness's request path, connected over a
+    `FakeTransport` from ``peer`` (HAProxy's address by default)."""
+    from app.protocol import Limits
+    from app.worker.connection import ClientConnection, ConnectionParts
+    from app.worker.edge import Edge
+    from app.worker.timeouts import Deadlines
+
+    parts = ConnectionParts(
+        h.settings,
+        Limits(),
+        h.dispatcher,
+        h.sessions,
+        h.delivery,  # type: ignore[arg-type]
+        Edge(h.settings),
+        Deadlines(h.settings) if deadlines is None else deadlines,
+    )
+    conn = ClientConnection(parts)
+    transport = FakeTransport(peer)
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport

@@ -1,0 +1,115 @@
+"""The edge as HAProxy's rendered configs say it, local (`switchboard up`) and compose
+(compose/images/haproxy_render.py, which no Docker engine here runs): both from the
+same template, with the same directives, and both accepted by ``haproxy -c``."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from app.cluster import haproxy
+from app.cluster.layout import Layout
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose_renderer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "haproxy_render", ROOT / "compose" / "images" / "haproxy_render.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def local_config(tmp_path: Path, **settings: object) -> str:
+    s = Settings(state_dir=tmp_path, **settings)  # type: ignore[arg-type]
+    return haproxy.render(s, Layout.for_settings(s))
+
+
+def compose_config() -> str:
+    text: str = compose_renderer().render(haproxy.TEMPLATE.read_text())
+    return text
+
+
+def section(config: str, header: str) -> str:
+    start = config.index("\n" + header + "\n") + 1
+    end = config.find("\n\n", start)
+    return config[start : end if end > 0 else None]
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_only_client_connections_carry_a_proxy_header(tmp_path: Path, which: str) -> None:
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    servers = [line for line in config.splitlines() if re.match(r"\s*server(-template)?\s", line)]
+    workers = [line for line in servers if "agent-check" in line]
+    assert workers and all("send-proxy-v2" in line for line in workers)
+    # Health checks go to the health port: HAProxy sends them no header.
+    assert all(" check port " in line and "check-send-proxy" not in line for line in workers)
+    assert all("send-proxy" not in line for line in servers if line not in workers)
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_timeouts_keepalive_and_caps_on_the_client_port(tmp_path: Path, which: str) -> None:
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    clients = section(config, "frontend clients")
+    for directive in (
+        "tcp-ut 90s",
+        "timeout client 120000ms",
+        "option clitcpka",
+        "clitcpka-idle 60s",
+        "clitcpka-intvl 10s",
+        "clitcpka-cnt 3",
+        "stick-table type ipv6 size 1m expire 60s store conn_cur,conn_rate(10s)",
+        "acl conn_cap_exempt src -- 127.0.0.1/32 ::1/128",
+        "tcp-request connection track-sc0 src,ipmask(32,64) unless conn_cap_exempt",
+        "tcp-request connection reject if { sc0_conn_cur gt 50 } || { sc0_conn_rate gt 100 }",
+    ):
+        assert directive in clients, directive
+    assert "timeout server 120000ms" in section(config, "backend workers")
+    # The database ports keep the long defaults: idle LISTEN connections must survive.
+    assert "timeout client 30m" in section(config, "defaults")
+
+
+def test_settings_reach_the_local_config(tmp_path: Path) -> None:
+    config = local_config(
+        tmp_path,
+        idle_timeout_s=4.5,
+        tcp_keepalive_idle_s=30,
+        tcp_keepalive_interval_s=5,
+        tcp_keepalive_count=2,
+        max_conns_per_addr=7,
+        max_conn_rate_per_addr=9,
+        conn_rate_period_s=45,
+        conn_cap_exempt_addrs="",
+    )
+    clients = section(config, "frontend clients")
+    assert "timeout client 34500ms" in clients
+    assert "tcp-ut 40s" in clients and "clitcpka-cnt 2" in clients
+    assert "expire 90s store conn_cur,conn_rate(45s)" in clients
+    assert "acl conn_cap_exempt src -- \n" in clients + "\n"  # nobody exempt
+    assert "sc0_conn_cur gt 7 } || { sc0_conn_rate gt 9 }" in clients
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_haproxy_accepts_the_config(tmp_path: Path, which: str) -> None:
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    # The runtime API socket must be somewhere writable for the check.
+    config = re.sub(r"stats socket \S+", f"stats socket {tmp_path}/admin.sock", config)
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run(
+        [Settings().haproxy_bin, "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "[WARNING]" not in check.stdout + check.stderr, check.stdout + check.stderr
