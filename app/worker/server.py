@@ -19,7 +19,7 @@ below it)::
     commits  announce  admission    group commits; NOTIFY/push out; login slots
     writer  errors                  the batcher; the exception tree -> error frames
     registry  metrics               who is connected; Prometheus
-    states        the state tables and their logged setters
+    states  decisions             the state tables and their logged setters; loop decisions
 
 pyproject.toml's ``worker-parts`` contract checks this order (``make lint``).
 
