@@ -34,7 +34,7 @@ from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import NotFound, UserExists
+from app.store.errors import AccountDisabled, NotFound, UserExists
 from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import OpenedSession, Reaped, ResumedSession, ResumeRequest
@@ -335,6 +335,8 @@ class FakeStore:
         resume_token_hash: bytes | None = None,
     ) -> OpenedSession:
         self._call("open_session", user_id, device, worker_id)
+        if any(a.id == user_id and a.disabled for a in self.users.values()):
+            raise AccountDisabled(f"user {user_id} is disabled")
         old_id, epoch = None, 1
         for sid, row in self.sessions.items():
             if row.user_id == user_id and row.device == device and row.state != "closed":
