@@ -81,6 +81,11 @@ class Settings:
     reaper_interval_s: float = 1.0
     # How long a detached session stays resumable with its token.
     resume_grace_s: float = 120.0
+    # Each worker re-reads the rows of the sessions it holds this often, and at once
+    # when its listener reconnects, and drops the connections whose session was
+    # closed, taken over or disabled meanwhile: a kick or replacement whose NOTIFY
+    # it missed (a failover) takes effect within this long. One query per interval.
+    session_recheck_interval_s: float = 5.0
     # The events log (docs/reporting.md): buffered in each worker, written in
     # batches every flush interval (or at batch_max); past buffer_max (database
     # away) new events are dropped. Daily partitions older than the retention
@@ -165,6 +170,8 @@ class Settings:
             raise SettingsError("db_nodes must be at least 1")
         if self.haproxy_processes < 1:
             raise SettingsError("haproxy_processes must be at least 1")
+        if self.session_recheck_interval_s <= 0:
+            raise SettingsError("session_recheck_interval_s must be positive")
         if self.max_frame_bytes < 1024:
             raise SettingsError("max_frame_bytes must be at least 1024")
         for f in fields(self):

@@ -289,3 +289,49 @@ async def detach_worker_sessions(pool: asyncpg.Pool, worker_id: str, reason: str
     )
     return sorted({int(r["user_id"]) for r in rows})
 
+
+# Session ids per recheck statement: a worker with 100k sessions sends 10 of them.
+RECHECK_CHUNK = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class StaleSession:
+    """A session a worker holds (at ``held_epoch``) whose row says otherwise. ``state``
+    is None when the row is gone; ``disabled`` when the user's account is disabled."""
+
+    session_id: int
+    held_epoch: int
+    state: str | None
+    epoch: int | None
+    worker_id: str | None
+    close_reason: str | None
+    disabled: bool
+
+
+_RECHECK = """
+SELECT h.id AS session_id, h.epoch AS held_epoch, s.state, s.epoch, s.worker_id, s.close_reason,
+       coalesce(u.disabled, false) AS disabled
+FROM unnest($1::bigint[], $2::int[]) AS h(id, epoch)
+LEFT JOIN sessions s ON s.id = h.id
+LEFT JOIN users u ON u.id = s.user_id
+WHERE s.id IS NULL OR s.state <> 'active' OR s.epoch <> h.epoch OR s.worker_id <> $3
+   OR u.disabled
+"""
+
+
+async def stale_sessions(
+    pool: asyncpg.Pool, worker_id: str, held: list[tuple[int, int]]
+) -> list[StaleSession]:
+    """Of the (session id, epoch) pairs ``worker_id`` holds, those whose row is no longer
+    this worker's active session of that epoch, or whose user is disabled.
+
+    Read-only, two primary-key lookups per session; only stale rows come back.
+    """
+    stale: list[StaleSession] = []
+    for i in range(0, len(held), RECHECK_CHUNK):
+        chunk = held[i : i + RECHECK_CHUNK]
+        rows = await pool.fetch(
+            _RECHECK, [sid for sid, _ in chunk], [epoch for _, epoch in chunk], worker_id
+        )
+        stale.extend(StaleSession(**dict(row)) for row in rows)
+    return stale
