@@ -48,6 +48,13 @@ REVOKED = Counter(
     ["found", "end"],
     registry=REGISTRY,
 )
+RECHECKS = Counter(
+    "switchboard_session_rechecks",
+    "Rechecks of this worker's session rows, by what started them: the timer, or the"
+    " listener's (re)connect.",
+    ["trigger"],
+    registry=REGISTRY,
+)
 ERRORS = Counter(
     "switchboard_errors",
     "Error frames sent to clients, by protocol error code.",

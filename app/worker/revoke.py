@@ -63,6 +63,8 @@ KICKED_MESSAGES = {
     "disabled": "this account was disabled",
 }
 CLOSED_MESSAGE = "this session was closed"
+# What started a recheck (the metric's label), as its decision says it.
+TRIGGERS = {"timer": "on the timer", "listener": "after the listener reconnected"}
 REPLACED_MESSAGE = "this device logged in on another connection"
 
 
@@ -246,11 +248,12 @@ class Revoker:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), interval)
-                why = "after the listener reconnected"
+                trigger = "listener"
             except TimeoutError:
-                why = "on the timer"
+                trigger = "timer"
             self._wake.clear()
-            self._decisions.say("recheck", await self.recheck_tick(why))
+            metrics.RECHECKS.labels(trigger).inc()
+            self._decisions.say("recheck", await self.recheck_tick(TRIGGERS[trigger]))
 
 
 def still_mine(row: StaleSession, worker_id: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from app.protocol import Hello, Ping
-from app.worker import revoke
+from app.worker import metrics, revoke
 from app.worker.decisions import Decision
 from app.worker.revoke import (
     CLOSED_MESSAGE,
@@ -258,6 +258,15 @@ async def test_a_recheck_tells_two_epochs_of_one_session_apart(h: Harness) -> No
 # ---- the loop ---------------------------------------------------------------------------------
 
 
+def sample(name: str, labels: dict[str, str]) -> float:
+    """A sample of the worker's metrics (0 before its first count)."""
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+RECHECKS_BY_LISTENER = ("switchboard_session_rechecks_total", {"trigger": "listener"})
+KICKED_BY_RECHECK = ("switchboard_sessions_revoked_total", {"found": "recheck", "end": "kicked"})
+
+
 async def run_until(h: Harness, done: Callable[[], bool]) -> None:
     task = asyncio.get_running_loop().create_task(h.revoker.run())
     try:
@@ -278,9 +287,12 @@ async def test_the_loop_rechecks_at_once_when_the_listener_reconnects(
     h = Harness(monkeypatch, session_recheck_interval_s=60.0)
     alice = await h.log_in("alice")
     row_kicked(h, session_of(alice))
+    rechecks, revoked = sample(*RECHECKS_BY_LISTENER), sample(*KICKED_BY_RECHECK)
     h.revoker.recheck_soon()
     await run_until(h, lambda: alice.closed)
     assert_kicked(alice, ADMIN_CLOSED)
+    assert sample(*RECHECKS_BY_LISTENER) == rechecks + 1
+    assert sample(*KICKED_BY_RECHECK) == revoked + 1
     said = [r.fields["decision"] for r in caplog.records if r.getMessage() == "recheck_decision"]  # type: ignore[attr-defined]
     assert said == ["dropped 1 of 1 sessions (after the listener reconnected): 1 kicked"]
 
