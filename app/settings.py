@@ -142,6 +142,9 @@ class Settings:
     max_login_failures_per_user: int = 10
     max_login_failures_per_addr: int = 50
     log_level: str = "INFO"
+    # TEST HOOK, never set in production: each password verification first sleeps
+    # this long, so an integration test can disable an account during a login.
+    test_verify_delay_s: float = 0.0
 
     # Admin dashboard. HAProxy serves it on dashboard_port and forwards to the
     # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
