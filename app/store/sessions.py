@@ -290,15 +290,13 @@ async def detach_worker_sessions(pool: asyncpg.Pool, worker_id: str, reason: str
     return sorted({int(r["user_id"]) for r in rows})
 
 
-# Session ids per recheck statement: a worker with 100k sessions sends 10 of them.
-RECHECK_CHUNK = 10_000
-
-
 @dataclass(frozen=True, slots=True)
 class StaleSession:
-    """A session a worker holds (at ``held_epoch``) whose row says otherwise. ``state``
-    is None when the row is gone; ``disabled`` when the user's account is disabled."""
+    """A session a worker holds (at ``held_epoch``; ``index``: its place in the arrays
+    asked about) whose row says otherwise. ``state`` is None when the row is gone;
+    ``disabled`` when the user's account is disabled."""
 
+    index: int
     session_id: int
     held_epoch: int
     state: str | None
@@ -308,30 +306,25 @@ class StaleSession:
     disabled: bool
 
 
+# A merge join of the held ids with the primary key; the disabled users are read once
+# per statement (a hashed subplan over the partial index ix_users_disabled), not
+# joined per session: ~10 ms per 10,000 sessions.
 _RECHECK = """
-SELECT h.id AS session_id, h.epoch AS held_epoch, s.state, s.epoch, s.worker_id, s.close_reason,
-       coalesce(u.disabled, false) AS disabled
-FROM unnest($1::bigint[], $2::int[]) AS h(id, epoch)
+SELECT h.ord - 1 AS index, h.id AS session_id, h.epoch AS held_epoch, s.state, s.epoch,
+       s.worker_id, s.close_reason,
+       coalesce(s.user_id IN (SELECT id FROM users WHERE disabled), false) AS disabled
+FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS h(id, epoch, ord)
 LEFT JOIN sessions s ON s.id = h.id
-LEFT JOIN users u ON u.id = s.user_id
 WHERE s.id IS NULL OR s.state <> 'active' OR s.epoch <> h.epoch OR s.worker_id <> $3
-   OR u.disabled
+   OR s.user_id IN (SELECT id FROM users WHERE disabled)
 """
 
 
 async def stale_sessions(
-    pool: asyncpg.Pool, worker_id: str, held: list[tuple[int, int]]
+    pool: asyncpg.Pool, worker_id: str, session_ids: list[int], epochs: list[int]
 ) -> list[StaleSession]:
-    """Of the (session id, epoch) pairs ``worker_id`` holds, those whose row is no longer
-    this worker's active session of that epoch, or whose user is disabled.
-
-    Read-only, two primary-key lookups per session; only stale rows come back.
-    """
-    stale: list[StaleSession] = []
-    for i in range(0, len(held), RECHECK_CHUNK):
-        chunk = held[i : i + RECHECK_CHUNK]
-        rows = await pool.fetch(
-            _RECHECK, [sid for sid, _ in chunk], [epoch for _, epoch in chunk], worker_id
-        )
-        stale.extend(StaleSession(**dict(row)) for row in rows)
-    return stale
+    """Of the sessions ``worker_id`` holds (``session_ids[i]`` at ``epochs[i]``), those
+    whose row is no longer this worker's active session of that epoch, or whose user is
+    disabled. Read-only; only the stale rows come back."""
+    rows = await pool.fetch(_RECHECK, session_ids, epochs, worker_id)
+    return [StaleSession(**dict(row)) for row in rows]

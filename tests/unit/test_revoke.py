@@ -184,7 +184,8 @@ async def test_a_recheck_ends_a_session_whose_row_moved_on(h: Harness, change: s
     decision = await h.revoker.recheck_tick("on the timer")
     await h.settle()
     assert decision == Decision(f"dropped 1 of 2 sessions (on the timer): 1 {reason}", "warning")
-    assert h.rows.asked == [("w1", [(s.session_id, 1), (session_of(bob).session_id, 1)])]
+    [(worker, held)] = h.rows.asked
+    assert (worker, sorted(held)) == ("w1", [(s.session_id, 1), (session_of(bob).session_id, 1)])
     last = alice.frames[-1]
     if code == "reconnect":  # resumable: the client is sent to resume it
         assert last["op"] == "reconnect" and 0 <= last["after_ms"] <= 1000
@@ -209,10 +210,47 @@ async def test_a_recheck_with_every_row_current_drops_nothing(h: Harness) -> Non
 
 
 async def test_a_recheck_without_sessions_asks_nothing(h: Harness) -> None:
-    await h.log_in("alice", peer=h.connect())
-    h.registry.by_user.clear()
+    h.connect()  # connected, not logged in: no session to check
     assert await h.revoker.recheck_tick("on the timer") == Decision("every session current")
     assert h.rows.asked == []
+
+
+async def test_a_recheck_asks_in_chunks_and_ends_what_each_finds(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(revoke, "RECHECK_CHUNK", 2)
+    peers = [await h.log_in(f"user{i}") for i in range(5)]
+    row_kicked(h, session_of(peers[3]))
+    decision = await h.revoker.recheck_tick("on the timer")
+    assert decision == Decision("dropped 1 of 5 sessions (on the timer): 1 kicked", "warning")
+    assert [len(held) for _, held in h.rows.asked] == [2, 2, 1]
+    assert sorted(sid for _, held in h.rows.asked for sid, _ in held) == sorted(
+        session_of(p).session_id for p in peers
+    )
+    assert_kicked(peers[3], ADMIN_CLOSED)
+    for peer in (*peers[:3], peers[4]):
+        await assert_untouched(h, peer)
+
+
+async def test_a_recheck_failing_midway_keeps_what_it_did(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(revoke, "RECHECK_CHUNK", 1)
+    first, second = await h.log_in("alice"), await h.log_in("bob")
+    row_kicked(h, session_of(first))
+    row_kicked(h, session_of(second))
+    fail_second = iter([None, OSError("connection reset")])
+
+    def during() -> None:
+        h.rows.error = next(fail_second)
+
+    h.rows.during = during
+    decision = await h.revoker.recheck_tick("on the timer")
+    assert decision == Decision(
+        "recheck of 2 sessions failed (OSError) after dropping 1 kicked; next in 5.0 s",
+        "warning",
+    )
+    assert [p.closed for p in (first, second)].count(True) == 1
 
 
 async def test_a_failed_recheck_drops_nothing_and_says_so(h: Harness) -> None:

@@ -451,20 +451,23 @@ class FakeSessionRows:
         self.asked: list[tuple[str, list[tuple[int, int]]]] = []
         self.closed: list[tuple[int, int, str]] = []
 
-    async def stale(self, worker_id: str, held: list[tuple[int, int]]) -> list[StaleSession]:
-        self.asked.append((worker_id, list(held)))
+    async def stale(
+        self, worker_id: str, session_ids: list[int], epochs: list[int]
+    ) -> list[StaleSession]:
+        self.asked.append((worker_id, list(zip(session_ids, epochs, strict=True))))
         if self.during is not None:
             self.during()
         if self.error is not None:
             raise self.error
         disabled = {a.id for a in self.store.users.values() if a.disabled}
         out = []
-        for session_id, epoch in held:
+        for index, (session_id, epoch) in enumerate(zip(session_ids, epochs, strict=True)):
             row = self.store.sessions.get(session_id)
             if row is None:
-                out.append(StaleSession(session_id, epoch, None, None, None, None, False))
+                out.append(StaleSession(index, session_id, epoch, None, None, None, None, False))
                 continue
             stale = StaleSession(
+                index,
                 session_id,
                 epoch,
                 row.state,
