@@ -4,10 +4,11 @@
 handed to the delivery pump. ``sb_push`` carries ephemeral frames (written to
 local sessions, never stored), session replacements (a new login of the
 device) and kicks (the dashboard), which close the connection holding the
-session (revoke.py), and catch-up requests. On every (re)connect of the
-listener all local users are caught up from the tables and the rows of their
-sessions are rechecked: notifications sent while it was away are lost, the
-entries and the rows are not.
+session (revoke.py), and catch-up requests. A push is acted on only if it is
+signed with the cluster key, once, and within ``push_max_age_s`` of its
+signature. On every (re)connect of the listener all local users are caught up
+from the tables and the rows of their sessions are rechecked: notifications
+sent while it was away are lost, the entries and the rows are not.
 
 Its connection's ``application_name`` is ``switchboard-<worker>-listener``.
 """
@@ -25,7 +26,7 @@ from app.store.db import dsn
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog, primary_identity
 from app.store.messages import INBOX_CHANNEL
-from app.store.social import PUSH_CHANNEL, verify_push
+from app.store.social import PUSH_CHANNEL, PushWindow, verify_push
 from app.worker.delivery import Delivery
 from app.worker.registry import Registry
 from app.worker.revoke import Ending, Revoker
@@ -46,6 +47,7 @@ class Listener:
     ) -> None:
         self._settings = settings
         self._key = push_key
+        self._window = PushWindow(settings.push_max_age_s)
         self._registry = registry
         self._delivery = delivery
         self._revoker = revoker
@@ -112,11 +114,15 @@ class Listener:
         self._delivery.mark_moved(moved)
 
     def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        event = verify_push(payload, self._key)
-        if event is None:
+        signed = verify_push(payload, self._key)
+        if signed is None:
             log.warning("unsigned_push_dropped", sender_pid=pid)
             return
-        pushed = parse_push(event)
+        refused = self._window.refuses(signed)
+        if refused is not None:  # stale_push_dropped, replayed_push_dropped
+            log.warning(f"{refused}_push_dropped", sender_pid=pid, signed_at=signed.signed_at_ms)
+            return
+        pushed = parse_push(signed.event)
         by_user = self._registry.by_user
         if isinstance(pushed, Forward):
             data = pushed.frame.encode()

@@ -1,15 +1,17 @@
-"""Revocation that sticks (review item H3), against a real cluster.
+"""Revocation that sticks (review item H3), and signed pushes that cannot be replayed
+(M6), against a real cluster.
 
 The attacker is a user who keeps a session the administrator means to end: a
 `hello` in flight while the account is disabled, or a connection whose kick is
-sent while its worker's listener is reconnecting (the NOTIFY is lost). Each
-attack has bystanders on the same worker and on another one, who must stay
-connected and keep sending and receiving.
+sent while its worker's listener is reconnecting (the NOTIFY is lost); or
+someone who can LISTEN and NOTIFY on the database and replays a captured push.
+Each attack has bystanders on the same worker and on another one, who must
+stay connected and keep sending and receiving.
 
 The cluster is this module's own: two workers, a session recheck every
-RECHECK_S, and the test-only hook that delays each password verification by
-VERIFY_DELAY_S (settings.test_verify_delay_s), which opens the window a disable
-must hit during a login.
+RECHECK_S, pushes fresh for PUSH_MAX_AGE_S, and the test-only hook that delays
+each password verification by VERIFY_DELAY_S (settings.test_verify_delay_s),
+which opens the window a disable must hit during a login.
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ from app.store.db import create_pool, dsn
 from app.store.errors import AccountDisabled
 from app.store.social import push_key
 from tests.cluster_fixture import make_settings, running_cluster
-from tests.integration.helpers import PASSWORD, login, new_user, only_worker, register
+from tests.integration.helpers import (
+    PASSWORD,
+    contacts_on_two_workers,
+    login,
+    new_user,
+    only_worker,
+    register,
+)
 from tests.linechat import LineClient
 
 RECHECK_S = 3.0
 VERIFY_DELAY_S = 1.5
+PUSH_MAX_AGE_S = 4.0
 # How long past the recheck interval a stale connection may live (a tick's query,
 # the write, the close, a loaded 2-core machine).
 SLACK_S = 3.0
@@ -46,7 +56,10 @@ SLACK_S = 3.0
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     settings = make_settings(
-        workers=2, session_recheck_interval_s=RECHECK_S, test_verify_delay_s=VERIFY_DELAY_S
+        workers=2,
+        session_recheck_interval_s=RECHECK_S,
+        push_max_age_s=PUSH_MAX_AGE_S,
+        test_verify_delay_s=VERIFY_DELAY_S,
     )
     with running_cluster(settings) as c:
         yield c
@@ -291,3 +304,39 @@ async def test_a_session_closed_without_any_notify_is_dropped_by_the_timer(
     await client.close()
     await bystanders.still_served()
     await bystanders.close()
+
+
+# ---- a captured push replayed -------------------------------------------------------------------
+
+
+async def nothing_arrives(client: LineClient, within_s: float) -> None:
+    with pytest.raises(TimeoutError):
+        frame = await client.recv(timeout=within_s)
+        raise AssertionError(f"got {frame}")
+
+
+async def test_a_captured_push_replayed_at_once_or_later_is_dropped(cluster: LocalCluster) -> None:
+    """A spy on sb_push captures bob's signed "away" and NOTIFYs it again, at once
+    (the same nonce: replayed) and after the window (stale). Alice, his contact, is
+    told once; both keep messaging."""
+    alice, bob, a, b, _ = await contacts_on_two_workers(cluster)
+    spy = await asyncpg.connect(dsn(cluster.settings))
+    captured: list[str] = []
+    await spy.add_listener("sb_push", lambda *args: captured.append(args[3]))
+    try:
+        assert (await b.request({"op": "presence", "state": "away", "text": "lunch"}))["op"] == "ok"
+        assert (await a.recv_until("presence"))["text"] == "lunch"
+        await asyncio.sleep(0.2)
+        [away] = [p for p in captured if '"lunch"' in p]
+        assert (await b.request({"op": "presence", "state": "online"}))["op"] == "ok"
+        assert (await a.recv_until("presence"))["state"] == "online"
+        await spy.execute("SELECT pg_notify('sb_push', $1)", away)
+        await nothing_arrives(a, within_s=1.5)
+        await asyncio.sleep(PUSH_MAX_AGE_S)
+        await spy.execute("SELECT pg_notify('sb_push', $1)", away)
+        await nothing_arrives(a, within_s=1.5)
+    finally:
+        await spy.close()
+    messaging = Bystanders(a, b, (alice, bob))
+    await messaging.still_served()
+    await messaging.close()
