@@ -86,6 +86,14 @@ class Settings:
     reaper_interval_s: float = 1.0
     # How long a detached session stays resumable with its token.
     resume_grace_s: float = 120.0
+    # Each worker re-reads the rows of the sessions it holds this often, and at once
+    # when its listener reconnects, and drops the connections whose session was
+    # closed, taken over or disabled meanwhile: a kick or replacement whose NOTIFY
+    # it missed (a failover) takes effect within this long. One query per interval.
+    session_recheck_interval_s: float = 5.0
+    # A signed push (sb_push) is acted on once, within this long of its signature
+    # (either way, for clock skew); a captured one replayed later is dropped.
+    push_max_age_s: float = 30.0
     # The events log (docs/reporting.md): buffered in each worker, written in
     # batches every flush interval (or at batch_max); past buffer_max (database
     # away) new events are dropped. Daily partitions older than the retention
@@ -142,6 +150,9 @@ class Settings:
     max_login_failures_per_user: int = 10
     max_login_failures_per_addr: int = 50
     log_level: str = "INFO"
+    # TEST HOOK, never set in production: each password verification first sleeps
+    # this long, so an integration test can disable an account during a login.
+    test_verify_delay_s: float = 0.0
 
     # The edge (docs/security.md): workers take connections only from these addresses
     # (HAProxy's), each opened by a PROXY protocol v2 header that names the client.
@@ -199,6 +210,8 @@ class Settings:
             raise SettingsError("db_nodes must be at least 1")
         if self.haproxy_processes < 1:
             raise SettingsError("haproxy_processes must be at least 1")
+        if self.session_recheck_interval_s <= 0 or self.push_max_age_s <= 0:
+            raise SettingsError("session_recheck_interval_s and push_max_age_s must be positive")
         if self.max_frame_bytes < 1024:
             raise SettingsError("max_frame_bytes must be at least 1024")
         for f in fields(self):

@@ -2,8 +2,9 @@
 every worker: one frozen dataclass per kind, defined once.
 
 Not part of the client protocol. app/store/social.py signs and sends a payload
-(``push``); a worker checks the signature (``verify_push``), then reads it with
-`parse_push`, which returns None for a payload that is not one of these.
+(``push``, with the time of signing and a nonce); a worker checks the signature
+(``verify_push``) and that it is fresh and new (``PushWindow``), then reads it
+with `parse_push`, which returns None for a payload that is not one of these.
 ``encode()`` is the JSON the signature covers (no newline: it is not a line).
 """
 

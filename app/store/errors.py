@@ -2,6 +2,7 @@
 
 StoreError
  +-- UserExists          the username is taken
+ +-- AccountDisabled     the account is disabled (``open_session`` refuses it)
  +-- AdminExists         an admin of that name exists (``admin create``)
  +-- NotFound            a user, room or message does not exist (or is not visible)
  +-- Forbidden           the caller may not do this
@@ -32,6 +33,10 @@ class StoreError(Exception):
 
 class UserExists(StoreError):
     pass
+
+
+class AccountDisabled(StoreError):
+    """The account is disabled: no session may be opened for it."""
 
 
 class AdminExists(StoreError):

@@ -23,6 +23,8 @@ class Passwords:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
         # Verifying against this makes a login for an unknown user cost the same.
         self._dummy = self._hasher.hash("switchboard-dummy-password")
+        # A test hook (settings.test_verify_delay_s), 0 outside tests.
+        self._test_delay_s = settings.test_verify_delay_s
 
     async def hash(self, password: str) -> str:
         return await asyncio.get_running_loop().run_in_executor(
@@ -30,6 +32,9 @@ class Passwords:
         )
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
+        if self._test_delay_s > 0:
+            await asyncio.sleep(self._test_delay_s)
+
         def check() -> bool:
             try:
                 return self._hasher.verify(password_hash or self._dummy, password) and (

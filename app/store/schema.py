@@ -66,6 +66,8 @@ users = Table(
     Column("status_text", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     CheckConstraint("presence_state in ('online', 'away', 'dnd')", name="presence_state"),
+    # The few disabled accounts: the workers' session recheck reads them once per query.
+    Index("ix_users_disabled", "id", postgresql_where=text("disabled")),
 )
 
 sessions = Table(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,29 +80,91 @@ def push_key(admin_secret: str) -> bytes:
     return hashlib.sha256(b"switchboard sb_push v1:" + admin_secret.encode()).digest()
 
 
-def sign_push(event: Push, key: bytes) -> str:
-    """``<mac>|<json>``. Any role that can connect may NOTIFY, PostgreSQL has no
-    permission against it: workers act only on payloads signed with the cluster key.
-    ``event`` is one of app/protocol/push.py's payloads.
+def sign_push(
+    event: Push, key: bytes, *, signed_at_ms: int | None = None, nonce: str | None = None
+) -> str:
+    """``<mac>|<signed at, ms since the epoch>|<nonce>|<json>``, the MAC over all after
+    the first ``|``. Any role that can connect may NOTIFY, PostgreSQL has no permission
+    against it: workers act only on payloads signed with the cluster key, and each
+    only once and while fresh (`PushWindow`). ``event`` is one of app/protocol/push.py's
+    payloads; ``signed_at_ms`` and ``nonce`` are for tests (default: now, 64 random bits).
     """
-    body = event.encode()
-    mac = hmac.new(key, body, hashlib.sha256).hexdigest()[:32]
-    return f"{mac}|{body.decode()}"
+    if signed_at_ms is None:
+        signed_at_ms = int(time.time() * 1000)
+    if nonce is None:
+        nonce = secrets.token_hex(NONCE_BYTES)
+    signed = f"{signed_at_ms}|{nonce}|".encode() + event.encode()
+    mac = hmac.new(key, signed, hashlib.sha256).hexdigest()[:32]
+    return f"{mac}|{signed.decode()}"
 
 
-def verify_push(payload: str, key: bytes) -> dict[str, Any] | None:
-    """The decoded payload if ``key`` signed it, else None; `parse_push` reads it."""
-    mac, sep, body = payload.partition("|")
+NONCE_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPush:
+    """A payload ``verify_push`` found signed: when and with which nonce, and the event."""
+
+    signed_at_ms: int
+    nonce: int
+    event: dict[str, Any]
+
+
+def verify_push(payload: str, key: bytes) -> SignedPush | None:
+    """The decoded payload if ``key`` signed it, else None; `parse_push` reads its event."""
+    mac, sep, signed = payload.partition("|")
     if not sep:
         return None
-    expected = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()[:32]
+    expected = hmac.new(key, signed.encode(), hashlib.sha256).hexdigest()[:32]
     if not hmac.compare_digest(mac, expected):
+        return None
+    signed_at, _, rest = signed.partition("|")
+    nonce, _, body = rest.partition("|")
+    if not signed_at.isdigit() or len(nonce) != 2 * NONCE_BYTES:
         return None
     try:
         event = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        nonce_bits = int(nonce, 16)
+    except (orjson.JSONDecodeError, ValueError):
         return None
-    return event if isinstance(event, dict) else None
+    if not isinstance(event, dict):
+        return None
+    return SignedPush(int(signed_at), nonce_bits, event)
+
+
+class PushWindow:
+    """Admits each signed push once, and only within ``max_age_s`` of its signature
+    (either way: the signer's clock may run ahead). A captured push replayed later
+    is refused: stale once the window has passed, replayed within it.
+
+    It remembers the nonces of the window: about 100 bytes for each push the
+    cluster sends in ``max_age_s`` (forgeries never get this far).
+    """
+
+    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._max_age_ms = int(max_age_s * 1000)
+        self._clock = clock
+        # nonce -> when it may be forgotten (ms): past it the push is stale anyway.
+        self._seen: dict[int, int] = {}
+
+    def refuses(self, signed: SignedPush) -> str | None:
+        """None to admit it (and remember it); else why not: ``stale`` or ``replayed``."""
+        now_ms = int(self._clock() * 1000)
+        seen = self._seen
+        while seen:  # forget, oldest first, what would be stale by now
+            oldest = next(iter(seen))
+            if seen[oldest] > now_ms:
+                break
+            del seen[oldest]
+        if abs(now_ms - signed.signed_at_ms) > self._max_age_ms:
+            return "stale"
+        if signed.nonce in seen:
+            return "replayed"
+        seen[signed.nonce] = max(signed.signed_at_ms, now_ms) + self._max_age_ms
+        return None
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 async def push(

@@ -4,9 +4,13 @@
 handed to the delivery pump. ``sb_push`` carries ephemeral frames (written to
 local sessions, never stored), session replacements (a new login of the
 device) and kicks (the dashboard), which close the connection holding the
-session, and catch-up requests. On every (re)connect of the listener all local
-users are caught up from the tables: notifications sent while it was away are
-lost, the entries are not.
+session (revoke.py), and catch-up requests. A push is acted on only if it is
+signed with the cluster key, once, and within ``push_max_age_s`` of its
+signature. On every (re)connect of the listener all local users are caught up
+from the tables and the rows of their sessions are rechecked: notifications
+sent while it was away are lost, the entries and the rows are not.
+
+Its connection's ``application_name`` is ``switchboard-<worker>-listener``.
 """
 
 from __future__ import annotations
@@ -16,26 +20,19 @@ import asyncio
 import asyncpg
 
 from app.logs import get_logger
-from app.protocol import ErrorCode
 from app.protocol.push import CatchUp, Forward, Kicked, Replaced, parse_push
 from app.settings import Settings
 from app.store.db import dsn
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog, primary_identity
 from app.store.messages import INBOX_CHANNEL
-from app.store.social import PUSH_CHANNEL, verify_push
+from app.store.social import PUSH_CHANNEL, PushWindow, verify_push
 from app.worker.delivery import Delivery
-from app.worker.presence import Presence
 from app.worker.registry import Registry
-from app.worker.states import Peer, SessionEvent, set_session_state
+from app.worker.revoke import Ending, Revoker
+from app.worker.states import SessionEvent
 
 log = get_logger("delivery")
-
-# The `kicked` error's message, by the reason the dashboard gave.
-KICKED_MESSAGES = {
-    "kicked": "an administrator closed this session",
-    "disabled": "this account was disabled",
-}
 
 
 class Listener:
@@ -45,14 +42,15 @@ class Listener:
         push_key: bytes,
         registry: Registry,
         delivery: Delivery,
-        presence: Presence,
+        revoker: Revoker,
         events: EventLog,
     ) -> None:
         self._settings = settings
         self._key = push_key
+        self._window = PushWindow(settings.push_max_age_s)
         self._registry = registry
         self._delivery = delivery
-        self._presence = presence
+        self._revoker = revoker
         self._events = events
         self._task: asyncio.Task[None] | None = None
         self.listening = False
@@ -71,7 +69,11 @@ class Listener:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(
-                    dsn(self._settings), timeout=self._settings.db_connect_timeout_s
+                    dsn(self._settings),
+                    timeout=self._settings.db_connect_timeout_s,
+                    server_settings={
+                        "application_name": f"switchboard-{self._settings.worker_id}-listener"
+                    },
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, ev=lost: ev.set())
@@ -80,8 +82,10 @@ class Listener:
                 self._events.primary_connected(*await primary_identity(conn))
                 self.listening = True
                 delay = 0.2
-                # Anything notified while we were not listening: catch up from the tables.
+                # Anything notified while we were not listening: catch up from the tables
+                # (inboxes), and recheck the session rows (kicks and replacements).
                 self._delivery.mark_dirty(list(self._registry.by_user))
+                self._revoker.recheck_soon()
                 log.info("listening", channels=[INBOX_CHANNEL, PUSH_CHANNEL])
                 while not lost.is_set():
                     try:
@@ -110,11 +114,15 @@ class Listener:
         self._delivery.mark_moved(moved)
 
     def _on_push(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        event = verify_push(payload, self._key)
-        if event is None:
+        signed = verify_push(payload, self._key)
+        if signed is None:
             log.warning("unsigned_push_dropped", sender_pid=pid)
             return
-        pushed = parse_push(event)
+        refused = self._window.refuses(signed)
+        if refused is not None:  # stale_push_dropped, replayed_push_dropped
+            log.warning(f"{refused}_push_dropped", sender_pid=pid, signed_at=signed.signed_at_ms)
+            return
+        pushed = parse_push(signed.event)
         by_user = self._registry.by_user
         if isinstance(pushed, Forward):
             data = pushed.frame.encode()
@@ -122,48 +130,19 @@ class Listener:
                 for target in by_user.get(user_id, ()):
                     target.write(data)
         elif isinstance(pushed, Replaced):
+            why = "a newer login or resume of this device"
             for user_id, session_id, epoch in pushed.sessions:
-                self._close_replaced(user_id, session_id, epoch)
+                ending = Ending(SessionEvent.REPLACED, "replaced", epoch)
+                self._revoker.pushed(user_id, session_id, ending, why)
         elif isinstance(pushed, CatchUp):
             # A worker died (or restarted) and may have committed messages it
             # never announced: read every local user's inbox from the tables.
             log.info("catch_up", reason=pushed.reason, users=len(by_user))
             self._delivery.mark_dirty(list(by_user))
         elif isinstance(pushed, Kicked):
+            # The row is closed already, so it cannot be resumed.
+            ending = Ending(SessionEvent.KICKED, pushed.reason)
             for user_id, session_id in pushed.sessions:
-                self._close_kicked(user_id, session_id, pushed.reason)
+                self._revoker.pushed(user_id, session_id, ending, pushed.reason)
         else:
             log.warning("bad_push_payload")
-
-    def _drop(
-        self, peer: Peer, event: SessionEvent, code: ErrorCode, message: str, why: str
-    ) -> None:
-        """Close a connection whose session row someone else already closed or took."""
-        self._registry.detach(peer)
-        set_session_state(peer, event, why)
-        peer.fail(code, message)
-
-    def _close_replaced(self, user_id: int, session_id: int, epoch: int | None) -> None:
-        for peer in self._registry.holding(user_id, session_id):
-            session = peer.session
-            assert session is not None
-            if epoch is None or session.epoch < epoch:
-                self._drop(
-                    peer,
-                    SessionEvent.REPLACED,
-                    ErrorCode.SESSION_REPLACED,
-                    "this device logged in on another connection",
-                    "a newer login or resume of this device",
-                )
-
-    def _close_kicked(self, user_id: int, session_id: int, reason: str) -> None:
-        """An administrator closed this session (``reason``: kicked, or disabled for
-        a disabled account). Its row is closed already, so it cannot be resumed;
-        the contacts learn the presence that leaves."""
-        for peer in self._registry.holding(user_id, session_id):
-            session = peer.session
-            assert session is not None
-            message = KICKED_MESSAGES.get(reason, KICKED_MESSAGES["kicked"])
-            self._drop(peer, SessionEvent.KICKED, ErrorCode.KICKED, message, reason)
-            self._events.session_ended(user_id, session_id, session.epoch, reason, resumable=False)
-            self._registry.spawn(self._presence.broadcast(user_id))

@@ -23,7 +23,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import asyncpg
@@ -37,6 +36,7 @@ from app.store.eventlog import EventLog
 from app.store.sessions import Reaped
 from app.worker import metrics
 from app.worker.announce import Announcer
+from app.worker.decisions import Decision, DecisionLog
 from app.worker.presence import Presence
 from app.worker.registry import Registry
 from app.worker.states import SessionEvent, WorkerState, WorkerStatus, set_session_state
@@ -45,15 +45,6 @@ log = get_logger("liveness")
 
 # The window of the worst event-loop lag that /health reports.
 LAG_WINDOW_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What one tick saw and did; ``level`` (info or warning) is how loudly it is
-    logged when it differs from the loop's previous decision."""
-
-    text: str
-    level: str = "info"
 
 
 class LeaseStore(Protocol):
@@ -105,7 +96,7 @@ class Liveness:
         self._lease_ok_at = 0.0
         # Since when the DB answered without a break: reaping waits one full lease.
         self._db_ok_since: float | None = None
-        self._said: dict[str, str] = {}
+        self._decisions = DecisionLog(log)
         # The worst event-loop lag of the current and the previous LAG_WINDOW_S.
         self._lag_now = 0.0
         self._lag_before = 0.0
@@ -227,11 +218,7 @@ class Liveness:
     # ---- the loops ---------------------------------------------------------------
     def say(self, loop: str, decision: Decision) -> None:
         """Log a decision when it differs from the loop's previous one."""
-        if self._said.get(loop) == decision.text:
-            return
-        self._said[loop] = decision.text
-        log_at = log.warning if decision.level == "warning" else log.info
-        log_at(f"{loop}_decision", decision=decision.text)
+        self._decisions.say(loop, decision)
 
     async def run_lease(self) -> None:
         while True:

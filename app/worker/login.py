@@ -26,7 +26,7 @@ from app.settings import Settings
 from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
-from app.store.errors import UserExists
+from app.store.errors import AccountDisabled, UserExists
 from app.store.eventlog import EventLog
 from app.store.passwords import Passwords
 from app.store.sessions import ResumeRequest
@@ -115,9 +115,12 @@ class Login:
             if counts[keys[0]]:
                 await accounts.clear_failures(pool, keys[0])
         token = secrets.token_urlsafe(24)  # 192 random bits; only its hash is stored
-        opened = await session_store.open_session(
-            pool, account.id, req.device, s.worker_id, peer.peer, token_hash(token)
-        )
+        try:
+            opened = await session_store.open_session(
+                pool, account.id, req.device, s.worker_id, peer.peer, token_hash(token)
+            )
+        except AccountDisabled:  # disabled since find_user read the account
+            raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled") from None
         if opened.replaced_session_id is not None:  # logged first: never two at once
             self._events.session_replaced(
                 account.id, opened.replaced_session_id, opened.epoch - 1, opened.replaced_worker_id

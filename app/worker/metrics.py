@@ -4,9 +4,9 @@ What the worker already counts for ``/health`` (connections, sessions, messages
 stored, frames delivered, resumes, slow readers, the DB pool) is read at scrape
 time by `WorkerCollector`, so the hot path pays nothing for it. Only what has
 no counter elsewhere is counted here, with module-level metrics the hooks in
-``session.py``, ``connection.py``, ``delivery.py`` and ``writer.py`` update:
-logins by result, error frames by code, refused connections, delivery latency,
-group-commit time, items a group commit refused.
+``session.py``, ``connection.py``, ``delivery.py``, ``revoke.py`` and ``writer.py``
+update: logins by result, revoked sessions, error frames by code, refused
+connections, delivery latency, group-commit time, items a group commit refused.
 """
 
 from __future__ import annotations
@@ -38,6 +38,21 @@ LOGINS = Counter(
     "switchboard_logins",
     "Password logins (hello) by result: ok or failed.",
     ["result"],
+    registry=REGISTRY,
+)
+REVOKED = Counter(
+    "switchboard_sessions_revoked",
+    "Connections ended because their session was revoked elsewhere, by how the worker"
+    " found out (push, attach, recheck: the rows, after a missed push) and how it ended"
+    " (kicked, replaced, fenced).",
+    ["found", "end"],
+    registry=REGISTRY,
+)
+RECHECKS = Counter(
+    "switchboard_session_rechecks",
+    "Rechecks of this worker's session rows, by what started them: the timer, or the"
+    " listener's (re)connect.",
+    ["trigger"],
     registry=REGISTRY,
 )
 ERRORS = Counter(

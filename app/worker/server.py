@@ -15,12 +15,13 @@ below it)::
     drain         drain/undrain, HAProxy's agent check
     session       the lifecycle: opened, attach (login), end (bye, disconnect)
     listener      LISTEN: inbox pointers and signed pushes from the other workers
+    revoke        kicks and replacements: from pushes, at attach, and rechecked in the rows
     delivery      inbox entries to local connections, in seq order
     presence      a user's presence, pushed to the contacts
     commits  announce  admission    group commits; NOTIFY/push out; login slots
     writer  errors                  the batcher; the exception tree -> error frames
     registry  metrics               who is connected; Prometheus
-    states        the state tables and their logged setters
+    states  decisions             the state tables and their logged setters; loop decisions
 
 pyproject.toml's ``worker-parts`` contract checks this order (``make lint``).
 
@@ -66,6 +67,7 @@ from app.worker.login import Login
 from app.worker.messaging import Messaging
 from app.worker.presence import Presence
 from app.worker.registry import Registry
+from app.worker.revoke import PgSessionRows, Revoker
 from app.worker.session import Sessions
 from app.worker.states import WorkerState, WorkerStatus
 from app.worker.timeouts import Deadlines
@@ -121,8 +123,11 @@ class Worker:
             on_receipt=delivery.inbox_moved,
             uncertain=announcer.request_catch_up,
         )
-        listener = Listener(s, push_key, registry, delivery, presence, self.events)
-        sessions = Sessions(pool, self.status, registry, delivery, announcer, presence, self.events)
+        revoker = Revoker(s, PgSessionRows(pool), registry, presence, self.events)
+        listener = Listener(s, push_key, registry, delivery, revoker, self.events)
+        sessions = Sessions(
+            pool, self.status, registry, delivery, announcer, presence, self.events, revoker
+        )
         drain = Drain(s, pool, self.status, registry, self.events)
         liveness = Liveness(
             s,
@@ -191,6 +196,7 @@ class Worker:
             loop.create_task(liveness.run_reaper()),
             loop.create_task(liveness.run_lag_probe()),
             loop.create_task(deadlines.run()),
+            loop.create_task(revoker.run()),
         ]
         # What start-up made (modules, pools, the app) lives as long as the process:
         # move it out of the cyclic GC's reach. A full collection over it paused the

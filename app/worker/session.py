@@ -22,6 +22,7 @@ from app.worker.announce import Announcer
 from app.worker.delivery import Delivery
 from app.worker.presence import Presence
 from app.worker.registry import Registry
+from app.worker.revoke import Revoker
 from app.worker.states import (
     Peer,
     Session,
@@ -51,6 +52,7 @@ class Sessions:
         announcer: Announcer,
         presence: Presence,
         events: EventLog,
+        revoker: Revoker,
     ) -> None:
         self._pool = pool
         self._status = status
@@ -59,6 +61,7 @@ class Sessions:
         self._announcer = announcer
         self._presence = presence
         self._events = events
+        self._revoker = revoker
 
     # ---- the connection ------------------------------------------------------
     def opened(self, peer: Peer) -> None:
@@ -113,6 +116,9 @@ class Sessions:
         )
         peer.write(welcome.encode(rid))
         self._registry.attach(peer)
+        self._revoker.attached(peer)
+        if peer.state is not SessionState.ACTIVE:
+            return  # kicked or replaced before it attached: the end frame follows welcome
         self._delivery.mark_dirty([session.user_id])
         if has_contacts:  # nobody to tell otherwise: spare the query in a resume storm
             # In the background: `welcome` is this request's one reply, whatever

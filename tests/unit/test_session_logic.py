@@ -6,6 +6,7 @@ and every other collaborator records what it was asked to do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import typing
 from dataclasses import dataclass
@@ -200,6 +201,28 @@ async def test_hello_of_a_disabled_account_is_refused(h: Harness) -> None:
     frame = error(await h.request(peer, Hello(user="alice", password=GOOD_PASSWORD, device="d")))
     assert frame["code"] == "account_disabled"
     assert h.store.called("open_session") == []
+
+
+async def test_hello_of_an_account_disabled_while_its_password_is_checked_is_refused(
+    h: Harness,
+) -> None:
+    """find_user read the account enabled and the disable committed during argon2:
+    the store's open_session (which locks the user's row in PostgreSQL) refuses it."""
+    h.store.add_user("alice")
+    verify = h.passwords.verify
+
+    async def verify_while_disabled(password_hash: str | None, password: str) -> bool:
+        account = h.store.users["alice"]
+        h.store.users["alice"] = dataclasses.replace(account, disabled=True)
+        return await verify(password_hash, password)
+
+    h.passwords.verify = verify_while_disabled  # type: ignore[method-assign]
+    peer = h.connect()
+    frame = error(await h.request(peer, Hello(user="alice", password=GOOD_PASSWORD, device="d")))
+    assert frame["code"] == "account_disabled"
+    assert h.store.called("open_session") == [(1, "d", WORKER_ID)]
+    assert peer.state is SessionState.ANONYMOUS and not peer.closed
+    assert h.store.sessions == {} and h.registry.by_user == {}
 
 
 async def test_a_second_hello_is_refused_without_touching_the_store(h: Harness) -> None:

@@ -34,16 +34,23 @@ from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import NotFound, UserExists
+from app.store.errors import AccountDisabled, NotFound, UserExists
 from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
-from app.store.sessions import OpenedSession, Reaped, ResumedSession, ResumeRequest
+from app.store.sessions import (
+    OpenedSession,
+    Reaped,
+    ResumedSession,
+    ResumeRequest,
+    StaleSession,
+)
 from app.worker.admission import Admission
 from app.worker.contacts import Contacts
 from app.worker.dispatch import Dispatcher
 from app.worker.login import Login
 from app.worker.messaging import Messaging
 from app.worker.registry import Registry
+from app.worker.revoke import Revoker
 from app.worker.session import Sessions
 from app.worker.states import Session, SessionState, WorkerState, WorkerStatus
 
@@ -241,6 +248,7 @@ class SessionRow:
     token_hash: bytes | None
     state: str = "active"
     reason: str | None = None
+    worker_id: str = WORKER_ID
 
 
 @dataclass
@@ -335,13 +343,17 @@ class FakeStore:
         resume_token_hash: bytes | None = None,
     ) -> OpenedSession:
         self._call("open_session", user_id, device, worker_id)
+        if any(a.id == user_id and a.disabled for a in self.users.values()):
+            raise AccountDisabled(f"user {user_id} is disabled")
         old_id, epoch = None, 1
         for sid, row in self.sessions.items():
             if row.user_id == user_id and row.device == device and row.state != "closed":
                 row.state, row.reason = "closed", "replaced"
                 old_id, epoch = sid, row.epoch + 1
         session_id = 1000 + len(self.sessions)
-        self.sessions[session_id] = SessionRow(user_id, device, epoch, resume_token_hash)
+        self.sessions[session_id] = SessionRow(
+            user_id, device, epoch, resume_token_hash, worker_id=worker_id
+        )
         return OpenedSession(session_id, epoch, old_id, worker_id if old_id else None)
 
     async def close_session(self, pool: Any, session_id: int, epoch: int, reason: str) -> bool:
@@ -423,6 +435,61 @@ class FakeLeases:
         return sum(1 for call in self.calls if call[0] == name)
 
 
+# ---- revocation -------------------------------------------------------------------
+
+
+class FakeSessionRows:
+    """The `SessionRows` of revoke.py over a FakeStore's session rows (and its users'
+    disabled flags), answering as the real query does: only the stale ones.
+    ``error``, when set, is raised by `stale` (the database is away)."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+        self.error: BaseException | None = None
+        # Called while the query "runs": what happens to the connections meanwhile.
+        self.during: Callable[[], None] | None = None
+        self.asked: list[tuple[str, list[tuple[int, int]]]] = []
+        self.closed: list[tuple[int, int, str]] = []
+
+    async def stale(
+        self, worker_id: str, session_ids: list[int], epochs: list[int]
+    ) -> list[StaleSession]:
+        self.asked.append((worker_id, list(zip(session_ids, epochs, strict=True))))
+        if self.during is not None:
+            self.during()
+        if self.error is not None:
+            raise self.error
+        disabled = {a.id for a in self.store.users.values() if a.disabled}
+        out = []
+        for index, (session_id, epoch) in enumerate(zip(session_ids, epochs, strict=True)):
+            row = self.store.sessions.get(session_id)
+            if row is None:
+                out.append(StaleSession(index, session_id, epoch, None, None, None, None, False))
+                continue
+            stale = StaleSession(
+                index,
+                session_id,
+                epoch,
+                row.state,
+                row.epoch,
+                row.worker_id,
+                row.reason,
+                row.user_id in disabled,
+            )
+            if (
+                row.state != "active"
+                or row.epoch != epoch
+                or row.worker_id != worker_id
+                or stale.disabled
+            ):
+                out.append(stale)
+        return out
+
+    async def close(self, session_id: int, epoch: int, reason: str) -> bool:
+        self.closed.append((session_id, epoch, reason))
+        return await self.store.close_session(None, session_id, epoch, reason)
+
+
 # ---- the worker's session parts, wired -------------------------------------------
 
 
@@ -461,6 +528,11 @@ class Harness:
         self.commits = FakeCommits()
         self.passwords = FakePasswords()
         self.admission = Admission(self.settings)
+        self.rows = FakeSessionRows(self.store)
+        self.clock = FakeClock()
+        self.revoker = Revoker(
+            self.settings, self.rows, self.registry, self.presence, self.events, self.clock
+        )
         self.sessions = Sessions(
             NO_POOL,
             self.status,
@@ -469,6 +541,7 @@ class Harness:
             self.announcer,
             self.presence,
             self.events,
+            self.revoker,
         )
         self.login = Login(
             NO_POOL,
