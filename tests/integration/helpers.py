@@ -27,15 +27,19 @@ def only_worker(cluster: LocalCluster, worker: str) -> Any:
 
     Uses HAProxy's runtime API, in every HAProxy process (the kernel hands a new
     connection to any of them): the real balancer decides, existing connections stay.
+    The others' agent checks are paused meanwhile: a worker's agent answers "ready"
+    every agent_interval_s, which would end the maintenance.
     """
     others = [w for w in cluster.settings.worker_ids() if w != worker]
     for w in others:
+        haproxy.runtime_command_all(cluster.layout, f"disable agent workers/{w}")
         haproxy.runtime_command_all(cluster.layout, f"set server workers/{w} state maint")
     try:
         yield
     finally:
         for w in others:
             haproxy.runtime_command_all(cluster.layout, f"set server workers/{w} state ready")
+            haproxy.runtime_command_all(cluster.layout, f"enable agent workers/{w}")
 
 
 async def register(cluster: LocalCluster, user: str) -> None:
