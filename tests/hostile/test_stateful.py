@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -114,6 +114,7 @@ class ClientMachine(RuleBasedStateMachine):
         self.rooms: list[int] = []
         self.msg_ids: list[int] = []
         self.last_seq = 0
+        self.protocol_errors = 0  # the decoder's, on this connection
 
     # ---- the connection -------------------------------------------------------
     @initialize()
@@ -133,6 +134,22 @@ class ClientMachine(RuleBasedStateMachine):
         s = self.cluster.settings
         self.line = Line(s.host, s.client_port)
         self.logged_in = False
+        self.protocol_errors = 0
+
+    def _counted(self, code: str) -> None:
+        """Every decoder error counts; the first one over max_errors_per_connection is
+        followed by the fatal too_many_errors (docs/protocol.md, Errors)."""
+        if code not in DECODER:
+            return
+        self.protocol_errors += 1
+        if self.protocol_errors > self.cluster.settings.max_errors_per_connection:
+            assert self.line is not None
+            while (frame := self.line.recv()) is not None:
+                if frame.get("op") == "error" and "rid" not in frame:
+                    assert frame["code"] == "too_many_errors", frame
+                else:
+                    self._note(frame)
+            self._reconnect()
 
     def _note(self, frame: dict[str, Any]) -> None:
         """A frame that answers no request: documented, and remembered where useful."""
@@ -165,6 +182,8 @@ class ClientMachine(RuleBasedStateMachine):
                 while (frame := self.line.recv()) is not None:
                     self._note(frame)
                 self._reconnect()
+            else:
+                self._counted(reply["code"])
         else:
             assert reply["op"] == REPLY[op], (op, reply)
             if reply["op"] == "welcome":
@@ -192,6 +211,7 @@ class ClientMachine(RuleBasedStateMachine):
                 break
             self._note(reply)
         assert reply["code"] in DECODER, reply
+        self._counted(reply["code"])
 
     # ---- rules ------------------------------------------------------------------
     @rule(right=st.booleans(), device=st.sampled_from(["a", "b"]))
@@ -300,6 +320,9 @@ def test_random_sessions_get_only_documented_replies(cluster: LocalCluster) -> N
     run_state_machine_as_test(
         ClientMachine,
         settings=settings(
+            # No shrinking: against a live cluster it costs minutes; the failing
+            # sequence is printed as it ran.
+            phases=[Phase.explicit, Phase.reuse, Phase.generate],
             max_examples=12,
             stateful_step_count=40,
             deadline=None,
