@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -88,14 +87,7 @@ def switchover(cluster: LocalCluster) -> tuple[str, str]:
     assert view is not None and view.leader is not None
     leader = view.leader.name
     candidate = next(m.name for m in view.members if m.role == "sync_standby")
-    request = urllib.request.Request(
-        f"http://{s.host}:{s.patroni_rest_port(leader)}/switchover",
-        data=json.dumps({"leader": leader, "candidate": candidate}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        assert response.status == 200
+    patroni.switchover(s, leader, candidate)  # raises unless Patroni answers 200
     cluster.wait_db_healthy(90)
     return leader, candidate
 
