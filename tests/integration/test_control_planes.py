@@ -188,6 +188,9 @@ async def test_the_gate_follows_a_switchover(ccluster: LocalCluster) -> None:
     held.terminate()
     assert "rejects connection" in await refused(node_dsn(s, standby))
     assert "rejects connection" in await refused(dsn(s, role="reporting"))
+    # The callback says what it did in the node's log.
+    log = "".join(ccluster.log_tail(standby, 400))
+    assert "reporting gate closed: on_role_change as primary" in log
 
     async def old_leader_admits() -> bool:
         try:
