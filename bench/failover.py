@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import random
 import signal
 import statistics
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,12 +187,7 @@ async def _switchover(cluster: Any) -> str:
     view = patroni.cluster_view(cluster.settings)
     assert view is not None and view.leader is not None
     candidate = next(m.name for m in view.members if m.role == "sync_standby")
-    port = cluster.settings.patroni_rest_port(view.leader.name)
-    body = json.dumps({"leader": view.leader.name, "candidate": candidate}).encode()
-    request = urllib.request.Request(
-        f"http://{cluster.settings.host}:{port}/switchover", data=body, method="POST"
-    )
-    await asyncio.to_thread(urllib.request.urlopen, request, None, 30)
+    await asyncio.to_thread(patroni.switchover, cluster.settings, view.leader.name, candidate, 30)
     return f"switchover {view.leader.name} -> {candidate}"
 
 

@@ -1,4 +1,9 @@
-"""etcd, Patroni's distributed configuration store."""
+"""etcd, Patroni's distributed configuration store.
+
+It listens on loopback only, whatever ``host`` says: Patroni, its only client, runs
+on the same machine, and etcd has no authentication here (docs/security.md,
+"Control planes"). Compose puts it on a network only the DB tier joins.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,16 @@ import urllib.request
 from app.cluster.layout import Layout
 from app.settings import Settings
 
+LOOPBACK = "127.0.0.1"
+
+
+def client_address(settings: Settings) -> str:
+    return f"{LOOPBACK}:{settings.etcd_client_port}"
+
 
 def argv(settings: Settings, layout: Layout) -> list[str]:
-    client = f"http://{settings.host}:{settings.etcd_client_port}"
-    peer = f"http://{settings.host}:{settings.etcd_peer_port}"
+    client = f"http://{client_address(settings)}"
+    peer = f"http://{LOOPBACK}:{settings.etcd_peer_port}"
     return [
         settings.etcd_bin,
         "--name=etcd0",
@@ -27,7 +38,7 @@ def argv(settings: Settings, layout: Layout) -> list[str]:
 
 
 def healthy(settings: Settings, timeout: float = 1.0) -> bool:
-    url = f"http://{settings.host}:{settings.etcd_client_port}/health"
+    url = f"http://{client_address(settings)}/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return bool(json.load(response).get("health") == "true")

@@ -35,7 +35,7 @@ from app.cluster.process import (
     stop_all,
     write_pidfile,
 )
-from app.secrets import read_secrets
+from app.secrets import read_secrets, worker_admin_token
 from app.settings import Settings
 from app.store.db import dsn
 from app.store.errors import DB_ERRORS
@@ -221,6 +221,7 @@ class LocalCluster:
             node_dir.mkdir(exist_ok=True)
             node_dir.chmod(0o700)
             run_as.chown(node_dir)
+            run_as.chown(patroni.close_gate(node_dir))
             cfg = self.layout.patroni_cfg(node)
             cfg.write_text(patroni.node_config(self.settings, self.layout, node, secrets))
             cfg.chmod(0o600)
@@ -392,7 +393,9 @@ class LocalCluster:
         s = self.settings
         url = f"http://{s.host}:{s.worker_health_port(wid)}/admin/{'undrain' if undo else 'drain'}"
         request = urllib.request.Request(
-            url, method="POST", headers={"X-Switchboard-Admin": read_secrets(s)["admin"]}
+            url,
+            method="POST",
+            headers={"X-Switchboard-Admin": worker_admin_token(read_secrets(s)["admin"])},
         )
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
@@ -484,7 +487,7 @@ class LocalCluster:
             pid = rec.pid if rec else None
             if name == "etcd":
                 ok = running and etcd.healthy(s)
-                endpoint = f"http://{s.host}:{s.etcd_client_port}"
+                endpoint = f"http://{etcd.client_address(s)}"
                 detail = "healthy" if ok else "not answering"
             elif name in members or name in s.node_names():
                 m = members.get(name)

@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import shlex
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from app.cluster import etcd, reporting_gate
 from app.cluster.layout import Layout
+from app.secrets import PATRONI_REST_USER, read_secrets
 from app.settings import Settings
 
 SCOPE = "switchboard"
+GATE_SCRIPT = Path(reporting_gate.__file__).resolve()
+
+
+def gate_file(node_dir: Path) -> Path:
+    """The node's list of roles pg_hba refuses (``reporting_gate.py``)."""
+    return node_dir / "reporting_gate"
+
+
+def close_gate(node_dir: Path) -> Path:
+    """Before PostgreSQL starts: refuse ``reporting`` until Patroni says "replica"."""
+    path = gate_file(node_dir)
+    reporting_gate.write_gate(path, "unknown")
+    return path
+
+
+def gate_callbacks(node_dir: Path, pg_port: int) -> dict[str, str]:
+    """Patroni callbacks that keep the gate file in step with the node's role
+    (reporting_gate.py), reaching PostgreSQL on its socket in ``node_dir``."""
+    command = shlex.join(
+        [sys.executable, str(GATE_SCRIPT), str(gate_file(node_dir)), str(node_dir), str(pg_port)]
+    )
+    return {"on_start": command, "on_restart": command, "on_role_change": command}
 
 
 def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str, str]) -> str:
@@ -20,12 +48,21 @@ def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str
     pg_port = settings.pg_port(node)
     rest_port = settings.patroni_rest_port(node)
     node_dir = layout.node_dir(node)
+    # Unsafe methods (POST /switchover, PATCH /config, ...) need basic auth; GET
+    # /primary, /replica and /health (HAProxy's checks) stay open.
+    rest_auth = {"username": PATRONI_REST_USER, "password": secrets["patroni"]}
     config: dict[str, Any] = {
         "scope": SCOPE,
         "name": node,
         "log": {"level": "INFO", "format": "%(asctime)s %(levelname)s: %(message)s"},
-        "restapi": {"listen": f"{host}:{rest_port}", "connect_address": f"{host}:{rest_port}"},
-        "etcd3": {"hosts": f"{host}:{settings.etcd_client_port}", "protocol": "http"},
+        "restapi": {
+            "listen": f"{host}:{rest_port}",
+            "connect_address": f"{host}:{rest_port}",
+            "authentication": rest_auth,
+        },
+        # patronictl -c patroni.yml (switchover, restart, ...) authenticates with this.
+        "ctl": {"authentication": rest_auth},
+        "etcd3": {"hosts": etcd.client_address(settings), "protocol": "http"},
         "bootstrap": {
             "dcs": {
                 "ttl": settings.patroni_ttl,  # Patroni's minimum is 20
@@ -74,8 +111,11 @@ def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str
             "pg_hba": [
                 "local all all trust",
                 f"host replication replicator {host}/32 scram-sha-256",
+                # The roles in the gate file are refused: `reporting` except on a replica.
+                f"host all @{gate_file(node_dir)} {host}/32 reject",
                 f"host all all {host}/32 scram-sha-256",
             ],
+            "callbacks": gate_callbacks(node_dir, pg_port),
         },
         "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False},
     }
@@ -140,3 +180,22 @@ def cluster_view(settings: Settings, timeout: float = 1.0) -> ClusterView | None
         )
         return ClusterView(members)
     return None
+
+
+def rest_auth_header(settings: Settings) -> dict[str, str]:
+    """The basic-auth header Patroni's REST API wants for unsafe methods."""
+    token = f"{PATRONI_REST_USER}:{read_secrets(settings)['patroni']}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(token).decode()}
+
+
+def switchover(settings: Settings, leader: str, candidate: str, timeout: float = 60.0) -> str:
+    """Ask ``leader``'s Patroni (with credentials) to hand the primary role to
+    ``candidate``; Patroni's answer. Raises ``urllib.error.HTTPError`` on a refusal."""
+    request = urllib.request.Request(
+        f"http://{settings.host}:{settings.patroni_rest_port(leader)}/switchover",
+        data=json.dumps({"leader": leader, "candidate": candidate}).encode(),
+        headers={"Content-Type": "application/json", **rest_auth_header(settings)},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return str(response.read().decode(errors="replace")).strip()

@@ -1,9 +1,10 @@
 """What the dashboard asks of the running tier over HTTP: worker health, drain, switchover.
 
 Workers answer on their health port (``/health``, ``POST /admin/drain|undrain``
-with the ``admin`` secret); Patroni on each node's REST port (``/history``,
-``POST /switchover``). Every call has a timeout and maps failure to a
-readable `ControlError`, never a traceback on a page.
+with the worker admin token derived from the ``admin`` secret); Patroni on each
+node's REST port (``/history``, and ``POST /switchover`` with basic auth: the
+``patroni`` secret). Every call has a timeout and maps failure to a readable
+`ControlError`, never a traceback on a page.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from app.secrets import read_secrets
+from app.secrets import PATRONI_REST_USER, read_secrets, worker_admin_token
 from app.settings import Settings
 
 
@@ -64,10 +65,12 @@ class Control:
             raise ControlError(f"no worker {worker_id!r}")
         action = "undrain" if undo else "drain"
         secret = await asyncio.to_thread(lambda: read_secrets(self.settings).get("admin", ""))
+        if not secret:
+            raise ControlError("no admin secret: cannot ask a worker")
         try:
             async with self.http.post(
                 self._worker_url(worker_id, f"/admin/{action}"),
-                headers={"X-Switchboard-Admin": secret},
+                headers={"X-Switchboard-Admin": worker_admin_token(secret)},
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as response:
                 body = await response.json(content_type=None)
@@ -107,6 +110,10 @@ class Control:
         nodes = self.settings.node_names()
         if leader not in nodes or candidate not in nodes or leader == candidate:
             raise ControlError("choose a current leader and a different candidate")
+        password = await asyncio.to_thread(lambda: read_secrets(self.settings).get("patroni", ""))
+        if not password:
+            raise ControlError("no patroni secret: Patroni refuses unauthenticated switchovers")
+        auth = aiohttp.BasicAuth(PATRONI_REST_USER, password)
         last = "no Patroni REST API answered"
         # Any member can take the request; try the leader first.
         for node in [leader, *[n for n in nodes if n != leader]]:
@@ -114,6 +121,7 @@ class Control:
                 async with self.http.post(
                     self._patroni_url(node, "/switchover"),
                     json={"leader": leader, "candidate": candidate},
+                    auth=auth,
                     timeout=aiohttp.ClientTimeout(total=60),
                 ) as response:
                     text = (await response.text()).strip()

@@ -17,7 +17,8 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
 async def ensure_roles_and_database(settings: Settings) -> None:
-    """Create the application and reporting roles and the database, if missing."""
+    """Create the application and reporting roles and the database, if missing, and
+    let only those two roles connect to it."""
     secrets = read_secrets(settings)
     conn = await asyncpg.connect(dsn(settings, role="superuser"), timeout=5)
     try:
@@ -38,6 +39,14 @@ async def ensure_roles_and_database(settings: Settings) -> None:
                 f"CREATE DATABASE {_quote_ident(settings.db_name)} "
                 f"OWNER {_quote_ident(settings.db_user)}"
             )
+        # Only the two roles may connect, not every role there is (PUBLIC's default).
+        # Where `reporting` may connect (replicas only) is pg_hba's business:
+        # app/cluster/reporting_gate.py.
+        database = _quote_ident(settings.db_name)
+        await conn.execute(f"REVOKE CONNECT ON DATABASE {database} FROM PUBLIC")
+        await conn.execute(
+            f"GRANT CONNECT ON DATABASE {database} TO {_quote_ident(settings.db_user)}, reporting"
+        )
     finally:
         await conn.close()
 

@@ -1,17 +1,18 @@
 """The worker's HTTP side, on its health port: ``/health`` for HAProxy and humans,
-``/metrics`` for Prometheus, ``/admin/{drain,undrain}`` for the CLI (with the
-cluster's admin secret).
+``/metrics`` for Prometheus, ``/admin/{drain,undrain}`` for the CLI and the dashboard
+(with a token derived from the cluster's admin secret, ``worker_admin_token``).
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from app.secrets import read_secrets
+from app.secrets import read_secrets, worker_admin_token
 from app.settings import Settings
 from app.worker import metrics
 from app.worker.drain import Drain
@@ -69,10 +70,17 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["healthy"] else 503)
 
 
+def _admin_allowed(settings: Settings, offered: str) -> bool:
+    """Whether ``offered`` is the worker admin token, compared in constant time."""
+    secret = read_secrets(settings).get("admin")
+    if not secret:
+        return False
+    expected = worker_admin_token(secret).encode()
+    return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), expected)
+
+
 async def _admin(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    token = read_secrets(settings).get("admin")
-    if not token or request.headers.get("X-Switchboard-Admin") != token:
+    if not _admin_allowed(request.app[SETTINGS], request.headers.get("X-Switchboard-Admin", "")):
         return web.json_response({"error": "forbidden"}, status=403)
     drain = request.app[DRAIN]
     action = request.match_info["action"]

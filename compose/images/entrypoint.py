@@ -13,8 +13,9 @@ cluster is arranged here:
   compose env file) and are written to ``$SWITCHBOARD_STATE_DIR/secrets.json``
   (mode 0600), where the application reads them.
 - Patroni's config is ``app.cluster.patroni.node_config`` (synchronous mode, pg_rewind,
-  data checksums, scram-sha-256, the same timings), with the addresses changed from
-  127.0.0.1 to the container's service name and pg_hba opened to the compose network.
+  data checksums, scram-sha-256, the same timings, REST credentials for unsafe methods,
+  the reporting gate), with the addresses changed from 127.0.0.1 to the container's
+  service name and pg_hba opened to the DB network (the only one the nodes join).
 - A worker's id must be unique while its ports stay fixed (HAProxy finds every replica
   at worker:7001/7101/7201). The id is ``w<N>`` with N the compose replica number,
   read from the container's name (Docker's DNS answers a reverse lookup of the
@@ -47,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting", "admin")
+SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting", "admin", "patroni")
 WORKER_PORT, WORKER_HEALTH_PORT, WORKER_AGENT_PORT = 7001, 7101, 7201
 PG_PORT, PATRONI_REST_PORT = 5432, 8008
 NODE_ROOT = Path("/var/lib/switchboard")
@@ -251,7 +252,7 @@ def run_dashboard() -> None:
     from app.settings import Settings
 
     env = dict(os.environ, SWITCHBOARD_HOST="0.0.0.0")
-    write_secrets(("app", "admin"))
+    write_secrets(("app", "admin", "patroni"))  # patroni: for POST /switchover
     settings = Settings.load(env=env)
     relay_db_ports()
     for node in settings.node_names():
@@ -300,10 +301,11 @@ def run_migrate() -> None:
 
 def node_config(node: str) -> dict[str, Any]:
     from app.cluster.layout import Layout
+    from app.cluster.patroni import gate_callbacks, gate_file
     from app.cluster.patroni import node_config as local_node_config
     from app.settings import Settings
 
-    passwords = write_secrets(("superuser", "replication", "rewind"))
+    passwords = write_secrets(("superuser", "replication", "rewind", "patroni"))
     settings = Settings.load()
     layout = Layout(root=NODE_ROOT, etcd_data=Path("/nonexistent"))
     config: dict[str, Any] = json.loads(local_node_config(settings, layout, node, passwords))
@@ -316,11 +318,15 @@ def node_config(node: str) -> dict[str, Any]:
     pg["connect_address"] = f"{node}:{PG_PORT}"
     # Peers, HAProxy and the migration job connect from the compose network ("samenet":
     # any subnet this container is on); every network login needs a scram-sha-256 password.
+    # The reporting role only on a replica (app/cluster/reporting_gate.py), as locally.
+    node_dir = layout.node_dir(node)
     pg["pg_hba"] = [
         "local all all trust",
         "host replication replicator samenet scram-sha-256",
+        f"host all @{gate_file(node_dir)} samenet reject",
         "host all all samenet scram-sha-256",
     ]
+    pg["callbacks"] = gate_callbacks(node_dir, PG_PORT)
     return config
 
 
@@ -336,6 +342,10 @@ def run_node() -> None:
     NODE_ROOT.chmod(0o755)
     (NODE_ROOT / "db").chmod(0o755)
     node_dir.chmod(0o700)
+    from app.cluster.patroni import close_gate
+
+    # Refuse the reporting role until Patroni's callback says this node is a replica.
+    shutil.chown(close_gate(node_dir), "postgres", "postgres")
     cfg = node_dir / "patroni.yml"
     fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -172,7 +172,10 @@ async def test_a_reader_that_never_reads_is_dropped_without_hurting_others(
 
 
 async def test_a_forged_push_notification_is_ignored(cluster: LocalCluster) -> None:
-    """Any role that can connect may NOTIFY; workers act only on signed payloads."""
+    """Any role that can connect to the primary may NOTIFY (LISTEN and NOTIFY need no
+    privilege). The reporting role cannot connect there any more (tests/integration/
+    test_control_planes.py), so the forger here is the application role itself, whose
+    password every worker holds: workers act only on signed payloads."""
     import asyncpg
     import orjson
 
@@ -183,15 +186,15 @@ async def test_a_forged_push_notification_is_ignored(cluster: LocalCluster) -> N
     async with db(cluster) as conn:
         user_id = await conn.fetchval("SELECT id FROM users WHERE username = $1", bob)
     forged = {"replaced": [[user_id, int(welcome["session"]), None]]}
-    reporting = await asyncpg.connect(dsn(cluster.settings, role="reporting"))
+    forger = await asyncpg.connect(dsn(cluster.settings, role="app"))
     try:
         for payload in (
             orjson.dumps(forged).decode(),
             "0" * 32 + "|" + orjson.dumps(forged).decode(),
         ):
-            await reporting.execute("SELECT pg_notify('sb_push', $1)", payload)
+            await forger.execute("SELECT pg_notify('sb_push', $1)", payload)
     finally:
-        await reporting.close()
+        await forger.close()
     await asyncio.sleep(0.5)
     assert (await b.request({"op": "ping"}))["op"] == "pong"
     await b.close()

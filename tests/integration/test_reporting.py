@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -88,14 +87,7 @@ def switchover(cluster: LocalCluster) -> tuple[str, str]:
     assert view is not None and view.leader is not None
     leader = view.leader.name
     candidate = next(m.name for m in view.members if m.role == "sync_standby")
-    request = urllib.request.Request(
-        f"http://{s.host}:{s.patroni_rest_port(leader)}/switchover",
-        data=json.dumps({"leader": leader, "candidate": candidate}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        assert response.status == 200
+    patroni.switchover(s, leader, candidate)  # raises unless Patroni answers 200
     cluster.wait_db_healthy(90)
     return leader, candidate
 
@@ -352,9 +344,17 @@ async def test_cli_prints_table_csv_and_json(rcluster: LocalCluster, activity: A
 async def test_reporting_role_reads_only_the_reporting_schema(
     rcluster: LocalCluster, activity: Activity
 ) -> None:
-    """On the primary, so that privileges (not recovery) are what refuses."""
-    conn = await asyncpg.connect(dsn(rcluster.settings, role="reporting"))
+    """On the primary, so that privileges (not recovery) are what refuses. The role
+    cannot log in there (tests/integration/test_control_planes.py): the superuser
+    takes it on with SET ROLE, and every check below is made for `reporting`."""
+    s = rcluster.settings
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(dsn(s, role="reporting"))
+    superuser = dsn(s, role="superuser").rsplit("/", 1)[0] + f"/{s.db_name}"
+    conn = await asyncpg.connect(superuser)
     try:
+        await conn.execute("SET ROLE reporting")
+        assert await conn.fetchval("SELECT current_user") == "reporting"
         assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
         for sql in (
             "SELECT password_hash FROM public.users",
