@@ -17,11 +17,11 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 ENV_PREFIX = "SWITCHBOARD_"
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 # How far HAProxy's client/server timeouts sit above idle_timeout_s (edge_timeout_s).
 EDGE_TIMEOUT_MARGIN_S = 30.0
 
@@ -135,20 +135,50 @@ class Settings:
     # Sends one connection may pipeline before their `sent` replies; past this the
     # connection's further requests wait.
     max_inflight_sends: int = 32
-    # Admission control: logins and resumes handled at once per worker.
+    # Admission control (app/worker/admission.py): logins, registrations and resumes
+    # each have their own slots and their own queue, so a flood of one kind never
+    # makes another answer `overloaded`. Logins (and password changes) handled at
+    # once per worker, and how many may wait for a slot; past that, `overloaded`
+    # with retry_after.
     max_concurrent_auth: int = 16
-    # Resumes hash no password and share batched statements: many more at once.
-    max_concurrent_resumes: int = 256
-    # Logins and resumes waiting for a slot; past this, `overloaded` with retry_after.
     max_auth_queue: int = 256
+    # Registrations hash a password too; fewer at once, so a register flood
+    # holds at most this many places in the argon2 threads' queue ahead of logins.
+    max_concurrent_registers: int = 2
+    max_register_queue: int = 64
+    # Resumes hash no password and share batched statements: many more at once,
+    # and a long queue for the reconnect storm after a worker dies.
+    max_concurrent_resumes: int = 256
+    max_resume_queue: int = 1024
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
     argon2_parallelism: int = 1
     min_password_chars: int = 12
-    login_failure_window_s: float = 300.0
-    max_login_failures_per_user: int = 10
+    # Password throttling (app/store/throttle.py, docs/security.md). Every password
+    # attempt (`hello`, the old password of `password`) is counted before it is
+    # checked, per (user, client address): the first login_free_failures go through
+    # at once, each further one only after a wait that doubles from
+    # login_backoff_base_s up to login_backoff_max_s. A right password clears the
+    # pair; so does login_backoff_forget_s without an attempt once the wait is over.
+    login_free_failures: int = 5
+    login_backoff_base_s: float = 1.0
+    login_backoff_max_s: float = 300.0
+    login_backoff_forget_s: float = 900.0
+    # Per client address, whatever the user (credential stuffing): at most this
+    # many password attempts that were not right per fixed window.
     max_login_failures_per_addr: int = 50
+    login_failure_window_s: float = 300.0
+    # `register` per client address per fixed window.
+    max_registers_per_addr: int = 20
+    register_window_s: float = 3600.0
+    # Addresses or networks (comma-separated) that stand for many clients: the
+    # per-address budgets above do not apply to them (the per-user backoff does).
+    # Client addresses that many people share, where a per-address budget would be
+    # everyone's: the machine's own by default (the CLI, tests and benchmarks connect
+    # from it). Workers see each client's real address (HAProxy's PROXY header), so
+    # add a NAT gateway's or a corporate proxy's address here if one fronts many users.
+    shared_client_addrs: str = "127.0.0.1,::1"
     log_level: str = "INFO"
     # TEST HOOK, never set in production: each password verification first sleeps
     # this long, so an integration test can disable an account during a login.
@@ -192,8 +222,10 @@ class Settings:
     # An admin session ends after this long without a request, and after the maximum age.
     dashboard_idle_timeout_s: float = 1800.0
     dashboard_session_max_age_s: float = 43200.0
-    # Failed admin logins per admin name and per address within login_failure_window_s.
-    dashboard_login_failures_per_admin: int = 5
+    # Admin sign-ins are throttled like client logins: failures per (admin name,
+    # address) before the doubling wait (login_backoff_*), and failures per address
+    # within login_failure_window_s.
+    dashboard_login_free_failures: int = 5
     dashboard_login_failures_per_addr: int = 20
     # How often the live view samples the cluster, and how many samples the charts keep.
     dashboard_refresh_s: float = 1.0
@@ -233,6 +265,16 @@ class Settings:
                 "max_conns_per_addr, max_conn_rate_per_addr and conn_rate_period_s must be positive"
             )
         _networks("conn_cap_exempt_addrs", self.conn_cap_exempt_addrs)
+        for name in (
+            "login_free_failures",
+            "max_login_failures_per_addr",
+            "max_registers_per_addr",
+            "dashboard_login_free_failures",
+            "dashboard_login_failures_per_addr",
+        ):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        self.shared_client_networks()  # raises SettingsError when one is not an address
 
     @classmethod
     def load(
@@ -323,6 +365,19 @@ class Settings:
     def haproxy_names(self) -> list[str]:
         """haproxy (the full config), then haproxy2, haproxy3, ... (client port only)."""
         return ["haproxy", *(f"haproxy{i}" for i in range(2, self.haproxy_processes + 1))]
+
+    def shared_client_networks(self) -> tuple[IPNetwork, ...]:
+        """``shared_client_addrs`` parsed: each an address (a network of one) or a network."""
+        networks = []
+        for item in self.shared_client_addrs.split(","):
+            if item.strip():
+                try:
+                    networks.append(ipaddress.ip_network(item.strip(), strict=False))
+                except ValueError:
+                    raise SettingsError(
+                        f"shared_client_addrs: {item.strip()!r} is not an address or network"
+                    ) from None
+        return tuple(networks)
 
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.db_nodes + 1)]

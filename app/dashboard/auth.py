@@ -9,9 +9,11 @@
 - A session ends after ``dashboard_idle_timeout_s`` without a request (the live
   stream does not count as activity), after ``dashboard_session_max_age_s``, on
   logout, or when its admin is disabled.
-- Failed logins are counted per admin name and per address in ``login_failures``
-  (keys ``admin:NAME`` and ``admin-addr:ADDR``); past the limit, 429 until the
-  window (``login_failure_window_s``) passes.
+- Sign-ins are throttled like client logins (app/store/throttle.py): each attempt
+  is counted before the password is checked, per (admin name, address) with a
+  doubling wait after ``dashboard_login_free_failures``, and per address within
+  ``login_failure_window_s``; a refused attempt gets 429 with ``Retry-After``.
+  Nobody can lock an admin out from another address.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from app.dashboard import keys
 from app.dashboard.keys import Identity
 from app.dashboard.templating import render
 from app.logs import get_logger
-from app.store import accounts
 from app.store import dashboard as dash_store
+from app.store.throttle import Refused
 
 log = get_logger("dashboard")
 
@@ -229,31 +231,26 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not _tokens_equal(str(form.get("form_token", "")), request.cookies.get(LOGIN_COOKIE)):
         return _login_form(request, 403, "The login form expired; try again.", username)
     addr = client_addr(request)
-    user_key, addr_key = f"admin:{username}", f"admin-addr:{addr}"
-    counts = await accounts.failure_counts(pool, [user_key, addr_key], s.login_failure_window_s)
-    if (
-        counts[user_key] >= s.dashboard_login_failures_per_admin
-        or counts[addr_key] >= s.dashboard_login_failures_per_addr
-    ):
+    throttle = request.app[keys.THROTTLE]
+    attempt = await throttle.password_attempt(username, addr)
+    if isinstance(attempt, Refused):
         metrics.logins.labels("rate_limited").inc()
-        log.warning("admin_login_rate_limited", admin=username, addr=addr)
-        minutes = max(1, round(s.login_failure_window_s / 60))
-        return _login_form(
-            request,
-            429,
-            f"Too many failed sign-ins; wait up to {minutes} min and try again.",
-            username,
+        log.warning("admin_login_rate_limited", admin=username, addr=addr, by=attempt.by)
+        wait = attempt.retry_after
+        wait_text = f"{wait} s" if wait < 120 else f"{round(wait / 60)} min"
+        refused = _login_form(
+            request, 429, f"Too many failed sign-ins; wait {wait_text} and try again.", username
         )
+        refused.headers["Retry-After"] = str(wait)
+        return refused
     admin = await dash_store.find_admin(pool, username) if username else None
     passwords = request.app[keys.PASSWORDS]
     ok = await passwords.verify(admin.password_hash if admin else None, password)
     if not ok or admin is None or admin.disabled:
-        await accounts.record_failure(pool, [user_key, addr_key], s.login_failure_window_s)
         metrics.logins.labels("failed").inc()
         log.info("admin_login_failed", admin=username, addr=addr)
         return _login_form(request, 401, "Wrong admin name or password.", username)
-    if counts[user_key]:
-        await accounts.clear_failures(pool, user_key)
+    await throttle.password_right(attempt)
     await dash_store.prune_admin_sessions(
         pool, s.dashboard_idle_timeout_s, s.dashboard_session_max_age_s
     )

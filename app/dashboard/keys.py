@@ -15,6 +15,7 @@ from app.dashboard.metrics import DashboardMetrics
 from app.dashboard.sampler import Sampler
 from app.settings import Settings
 from app.store.passwords import Passwords
+from app.store.throttle import Throttle
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ CONTROL = web.AppKey("control", Control)
 SAMPLER = web.AppKey("sampler", Sampler)
 METRICS = web.AppKey("metrics", DashboardMetrics)
 PASSWORDS = web.AppKey("passwords", Passwords)
+THROTTLE = web.AppKey("throttle", Throttle)
 # Set when the app shuts down: live streams end instead of holding the shutdown up.
 STOPPING = web.AppKey("stopping", asyncio.Event)
 

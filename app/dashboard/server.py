@@ -27,6 +27,7 @@ from app.settings import Settings
 from app.store.db import create_pool
 from app.store.errors import DB_ERRORS
 from app.store.passwords import Passwords
+from app.store.throttle import Throttle
 
 log = get_logger("dashboard")
 
@@ -76,6 +77,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[keys.CONTROL] = control
     app[keys.SAMPLER] = sampler
     app[keys.PASSWORDS] = Passwords(settings)
+    app[keys.THROTTLE] = Throttle(pool, settings, scope="admin")
     app[keys.METRICS].watch(sampler, pool)
     stopping = asyncio.Event()
     task = asyncio.get_running_loop().create_task(_sample_forever(app, sampler, stopping))

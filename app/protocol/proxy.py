@@ -144,16 +144,3 @@ def build_proxy_header(
 def format_peer(host: str, port: int) -> str:
     """``host:port`` for IPv4, ``[host]:port`` for IPv6 (so the last ':' splits the port)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def address_key(peer: str) -> str:
-    """What a per-address limit counts for a ``format_peer`` string: an IPv4 address
-    as is, an IPv6 address as its /64 (one subscriber usually holds a whole /64)."""
-    host = peer.rsplit(":", 1)[0]
-    if not host.startswith("["):
-        return host
-    try:
-        network = ipaddress.IPv6Network((host[1:-1], 64), strict=False)
-    except ValueError:
-        return host
-    return str(network)

@@ -1,4 +1,6 @@
-"""Accounts and the login rate limiter's counters."""
+"""Accounts: create, find, change the password (which ends the other sessions).
+
+The counters that throttle password attempts are in throttle.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.store.errors import UserExists
+from app.store.social import push_kicked
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,38 +41,29 @@ async def find_user(pool: asyncpg.Pool, username: str) -> Account | None:
     return Account(**dict(row)) if row else None
 
 
-async def set_password(pool: asyncpg.Pool, user_id: int, password_hash: str) -> None:
-    await pool.execute("UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash)
+async def change_password(
+    pool: asyncpg.Pool, user_id: int, keep_session_id: int, password_hash: str, push_key: bytes
+) -> int:
+    """Set a new password and end every other session of the user, in one transaction.
 
-
-async def failure_counts(pool: asyncpg.Pool, keys: list[str], window_s: float) -> dict[str, int]:
-    """Failed logins per key within the current window (absent keys count 0)."""
-    rows = await pool.fetch(
-        "SELECT key, failures FROM login_failures "
-        "WHERE key = ANY($1::text[]) AND window_started_at > now() - make_interval(secs => $2)",
-        keys,
-        window_s,
-    )
-    counts = dict.fromkeys(keys, 0)
-    counts.update({row["key"]: int(row["failures"]) for row in rows})
-    return counts
-
-
-async def record_failure(pool: asyncpg.Pool, keys: list[str], window_s: float) -> None:
-    await pool.execute(
-        """
-        INSERT INTO login_failures AS f (key, failures, window_started_at)
-        SELECT k, 1, now() FROM unnest($1::text[]) AS k
-        ON CONFLICT (key) DO UPDATE SET
-            failures = CASE WHEN f.window_started_at > now() - make_interval(secs => $2)
-                            THEN f.failures + 1 ELSE 1 END,
-            window_started_at = CASE WHEN f.window_started_at > now() - make_interval(secs => $2)
-                            THEN f.window_started_at ELSE now() END
-        """,
-        keys,
-        window_s,
-    )
-
-
-async def clear_failures(pool: asyncpg.Pool, key: str) -> None:
-    await pool.execute("DELETE FROM login_failures WHERE key = $1", key)
+    The other sessions are closed (``password_changed``) and their resume tokens
+    cleared, so no connection or token obtained with the old password outlives
+    the change; the signed ``kicked`` push that tells the workers holding them to
+    drop the connections leaves when the transaction commits. The session that
+    changed the password (``keep_session_id``) stays. Returns how many ended.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash
+        )
+        ended = await conn.fetch(
+            "UPDATE sessions SET state = 'closed', closed_at = now(), "
+            "close_reason = 'password_changed', resume_token_hash = NULL "
+            "WHERE user_id = $1 AND id <> $2 AND state <> 'closed' RETURNING id",
+            user_id,
+            keep_session_id,
+        )
+        await push_kicked(
+            conn, [(user_id, int(row["id"])) for row in ended], "password_changed", push_key
+        )
+    return len(ended)

@@ -51,12 +51,18 @@ async def create_admin(pool: asyncpg.Pool, username: str, password_hash: str) ->
 
 
 async def set_admin_password(pool: asyncpg.Pool, username: str, password_hash: str) -> bool:
-    result = await pool.execute(
-        "UPDATE admins SET password_hash = $2, disabled = false WHERE username = $1",
-        username,
-        password_hash,
-    )
-    return bool(result != "UPDATE 0")
+    """Set an admin's password (and re-enable it), signing out all its sessions."""
+    async with pool.acquire() as conn, conn.transaction():
+        admin_id = await conn.fetchval(
+            "UPDATE admins SET password_hash = $2, disabled = false WHERE username = $1 "
+            "RETURNING id",
+            username,
+            password_hash,
+        )
+        if admin_id is None:
+            return False
+        await conn.execute("DELETE FROM admin_sessions WHERE admin_id = $1", admin_id)
+    return True
 
 
 async def find_admin(pool: asyncpg.Pool, username: str) -> Admin | None:

@@ -101,13 +101,18 @@ devices = Table(
     PrimaryKeyConstraint("user_id", "device"),
 )
 
-login_failures = Table(
-    "login_failures",
+auth_throttle = Table(
+    "auth_throttle",
     metadata,
-    # "user:alice" or "addr:127.0.0.1": one fixed window counter per key.
+    # One counter per key (app/store/throttle.py): a backoff key such as
+    # "login|alice|203.0.113.5" (one user from one address) or a budget key such
+    # as "login-addr|203.0.113.5" (one address, any user).
     Column("key", Text, primary_key=True),
-    Column("failures", Integer, nullable=False),
-    Column("window_started_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("first_attempt_at", DateTime(timezone=True), nullable=False),
+    # Backoff: when the next attempt is let through. Budget: when the window ends.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Index("ix_auth_throttle_next_attempt_at", "next_attempt_at"),
 )
 
 rooms = Table(

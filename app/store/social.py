@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from app.protocol.push import Push
+from app.protocol.push import Kicked, Push
 from app.store.errors import Forbidden, NotFound
 
 PUSH_CHANNEL = "sb_push"
@@ -167,9 +167,7 @@ class PushWindow:
         return len(self._seen)
 
 
-async def push(
-    conn: asyncpg.Pool | asyncpg.Connection, event: Push, key: bytes
-) -> None:
+async def push(conn: asyncpg.Pool | asyncpg.Connection, event: Push, key: bytes) -> None:
     """An ephemeral event for the workers (presence, typing, contact requests, kicks).
 
     On a pool it is a transaction of its own, committed without waiting for the
@@ -185,6 +183,20 @@ async def push(
         )
     else:
         await conn.execute("SELECT pg_notify($1, $2)", PUSH_CHANNEL, sign_push(event, key))
+
+
+# (user, session) pairs per signed kick: well under NOTIFY's 8000 bytes.
+KICKED_PER_PUSH = 150
+
+
+async def push_kicked(
+    conn: asyncpg.Connection, sessions: list[tuple[int, int]], reason: str, key: bytes
+) -> None:
+    """Tell the workers to drop these (user, session) connections with ``kicked``,
+    when ``conn``'s transaction commits; ``reason`` picks the message
+    (``KICKED_MESSAGES`` in app/worker/revoke.py)."""
+    for i in range(0, len(sessions), KICKED_PER_PUSH):
+        await push(conn, Kicked(sessions[i : i + KICKED_PER_PUSH], reason), key)
 
 
 # ---- contacts ----------------------------------------------------------------

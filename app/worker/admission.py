@@ -1,15 +1,18 @@
-"""Admission control for logins and resumes: bounded concurrency, a bounded queue.
+"""Admission control for logins, registrations and resumes: bounded concurrency, bounded queues.
 
 A reconnect storm queues instead of melting the CPU; past the queue, clients
-are told to come back later, with jitter so they spread out. Resumes hash no
-password and are committed in batches, so they have slots of their own
-(``max_concurrent_resumes``), many more than logins.
+are told to come back later, with jitter so they spread out. Each kind of work
+has its own slots and its own queue, so a flood of one never makes another
+answer ``overloaded``: a register flood fills the register queue only, and a
+resume never waits behind a password hash. Resumes hash no password and are
+committed in batches, so they have many more slots than logins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 from collections.abc import AsyncIterator
 
@@ -18,32 +21,58 @@ from app.settings import Settings
 from app.worker.errors import RequestError
 
 
+class Work(enum.Enum):
+    LOGIN = "login"  # hello and password changes: argon2id
+    REGISTER = "register"  # argon2id and a new account
+    RESUME = "resume"  # a SHA-256 and a share of a batched statement
+
+
+_OVERLOADED = {
+    Work.LOGIN: "too many logins in progress; retry later",
+    Work.REGISTER: "too many registrations in progress; retry later",
+    Work.RESUME: "too many resumes in progress; retry later",
+}
+
+
+class _Queue:
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.max_waiting = max_waiting
+        self.waiting = 0
+
+
 class Admission:
     def __init__(self, settings: Settings) -> None:
-        self._max_queue = settings.max_auth_queue
-        self._auth_slots = asyncio.Semaphore(settings.max_concurrent_auth)
-        self._resume_slots = asyncio.Semaphore(settings.max_concurrent_resumes)
-        self._waiting = 0
-        self.overloaded = 0
+        s = settings
+        self._queues = {
+            Work.LOGIN: _Queue(s.max_concurrent_auth, s.max_auth_queue),
+            Work.REGISTER: _Queue(s.max_concurrent_registers, s.max_register_queue),
+            Work.RESUME: _Queue(s.max_concurrent_resumes, s.max_resume_queue),
+        }
+        self.overloaded = 0  # refusals of every kind (the /metrics counter)
+        self.overloaded_by_work = dict.fromkeys(Work, 0)
+
+    def waiting(self, work: Work) -> int:
+        return self._queues[work].waiting
 
     @contextlib.asynccontextmanager
-    async def slot(self, resume: bool = False) -> AsyncIterator[None]:
-        """Hold a login (or, ``resume``, a resume) slot; `RequestError` overloaded
-        when the queue is full."""
-        if self._waiting >= self._max_queue:
+    async def slot(self, work: Work) -> AsyncIterator[None]:
+        """Hold a slot for ``work``; `RequestError` overloaded when its queue is full."""
+        queue = self._queues[work]
+        if queue.waiting >= queue.max_waiting:
             self.overloaded += 1
+            self.overloaded_by_work[work] += 1
             raise RequestError(
                 ErrorCode.OVERLOADED,
-                "too many logins in progress; retry later",
+                _OVERLOADED[work],
                 retry_after=round(random.uniform(0.5, 2.0), 2),
             )
-        slots = self._resume_slots if resume else self._auth_slots
-        self._waiting += 1
+        queue.waiting += 1
         try:
-            await slots.acquire()
+            await queue.slots.acquire()
         finally:
-            self._waiting -= 1
+            queue.waiting -= 1
         try:
             yield
         finally:
-            slots.release()
+            queue.slots.release()

@@ -1,7 +1,9 @@
 """Accounts on the wire: register, hello (password login), resume (token), password change.
 
-Logins and resumes pass admission control (admission.py); a password costs an
+Each kind passes its own admission queue (admission.py): a password costs an
 argon2id hash, a resume a SHA-256 and a share of one batched statement.
+Password attempts and registrations are counted per client address and per
+(user, address) before any hash is computed (app/store/throttle.py).
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from app.protocol import (
     Resume,
     frames,
 )
-from app.protocol.proxy import address_key
 from app.settings import Settings
 from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
+from app.store.accounts import Account
 from app.store.errors import AccountDisabled, UserExists
 from app.store.eventlog import EventLog
 from app.store.passwords import Passwords
 from app.store.sessions import ResumeRequest
+from app.store.throttle import Refused, Throttle, client_host
 from app.worker import metrics
-from app.worker.admission import Admission
+from app.worker.admission import Admission, Work
 from app.worker.announce import Announcer
 from app.worker.commits import Commits
 from app.worker.errors import RequestError
@@ -52,11 +55,14 @@ class Login:
         sessions: Sessions,
         announcer: Announcer,
         events: EventLog,
+        push_key: bytes,
     ) -> None:
         self._pool = pool
         self._settings = settings
         self._passwords = passwords
         self._admission = admission
+        self._throttle = Throttle(pool, settings)
+        self._push_key = push_key
         self._commits = commits
         self._sessions = sessions
         self._announcer = announcer
@@ -72,7 +78,11 @@ class Login:
 
     async def register(self, peer: Peer, req: Register) -> None:
         self._check_password_strength(req.password)
-        async with self._admission.slot():
+        async with self._admission.slot(Work.REGISTER):
+            refused = await self._throttle.register_attempt(client_host(peer.peer))
+            if refused is not None:
+                log.info("register_rate_limited", addr=peer.peer)
+                raise _rate_limited(refused, "too many registrations from this address")
             password_hash = await self._passwords.hash(req.password)
             try:
                 await accounts.create_user(self._pool, req.user, password_hash)
@@ -87,33 +97,14 @@ class Login:
                 ErrorCode.UNSUPPORTED_VERSION, f"this server speaks v{PROTOCOL_VERSION}"
             )
         pool = self._pool
-        addr = address_key(peer.peer)  # the client's (PROXY header); an IPv6 /64
-        keys = [f"user:{req.user}", f"addr:{addr}"]
         s = self._settings
-        async with self._admission.slot():
-            counts = await accounts.failure_counts(pool, keys, s.login_failure_window_s)
-            if (
-                counts[keys[0]] >= s.max_login_failures_per_user
-                or counts[keys[1]] >= s.max_login_failures_per_addr
-            ):
-                raise RequestError(
-                    ErrorCode.RATE_LIMITED,
-                    "too many failed logins; wait before trying again",
-                    retry_after=int(s.login_failure_window_s),
-                )
-            account = await accounts.find_user(pool, req.user)
-            ok = await self._passwords.verify(
-                account.password_hash if account else None, req.password
-            )
-            if not ok or account is None:
-                await accounts.record_failure(pool, keys, s.login_failure_window_s)
-                log.info("login_failed", user=req.user, addr=addr)
+        async with self._admission.slot(Work.LOGIN):
+            account = await self._check_password(peer, req.user, req.password)
+            if account is None:
                 metrics.LOGINS.labels("failed").inc()
                 raise RequestError(ErrorCode.AUTH_FAILED, "wrong username or password")
             if account.disabled:
                 raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
-            if counts[keys[0]]:
-                await accounts.clear_failures(pool, keys[0])
         token = secrets.token_urlsafe(24)  # 192 random bits; only its hash is stored
         try:
             opened = await session_store.open_session(
@@ -137,7 +128,7 @@ class Login:
 
     async def resume(self, peer: Peer, req: Resume) -> None:
         """Take over a session on this worker with its resume token: no password hash needed."""
-        async with self._admission.slot(resume=True):
+        async with self._admission.slot(Work.RESUME):
             token = secrets.token_urlsafe(24)  # rotated at every takeover
             resumed = await self._commits.take_over(
                 ResumeRequest(
@@ -145,9 +136,7 @@ class Login:
                 )
             )
         if resumed is None:
-            account = await accounts.find_user(self._pool, req.user)
-            if account is not None and account.disabled:
-                raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
+            # Also for a disabled account: resume says nothing about accounts.
             raise RequestError(
                 ErrorCode.BAD_TOKEN, "unknown or expired resume token; log in with hello"
             )
@@ -187,18 +176,43 @@ class Login:
             self._announcer.replace_session(resumed.user_id, resumed.session_id, resumed.epoch)
 
     async def change_password(self, peer: Peer, req: PasswordChange) -> None:
+        """Check the old password (throttled like a login), set the new one, and end
+        the user's other sessions and their resume tokens in the same transaction."""
         assert peer.session is not None, "the gate admits only ACTIVE sessions here"
         session = peer.session
         self._check_password_strength(req.new)
-        async with self._admission.slot():
-            account = await accounts.find_user(self._pool, session.username)
-            if account is None or not await self._passwords.verify(account.password_hash, req.old):
+        async with self._admission.slot(Work.LOGIN):
+            if await self._check_password(peer, session.username, req.old) is None:
                 raise RequestError(ErrorCode.AUTH_FAILED, "the old password is wrong")
-            await accounts.set_password(
-                self._pool, session.user_id, await self._passwords.hash(req.new)
+            ended = await accounts.change_password(
+                self._pool,
+                session.user_id,
+                session.session_id,
+                await self._passwords.hash(req.new),
+                self._push_key,
             )
-        log.info("password_changed", user=session.username)
+        log.info("password_changed", user=session.username, sessions_ended=ended)
         peer.write(OK.encode(req.rid))
+
+    async def _check_password(self, peer: Peer, username: str, password: str) -> Account | None:
+        """The account if ``password`` is its password, else None (after counting the
+        attempt; `RequestError` rate_limited when the attempt may not be made yet)."""
+        host = client_host(peer.peer)
+        attempt = await self._throttle.password_attempt(username, host)
+        if isinstance(attempt, Refused):
+            log.info("login_rate_limited", user=username, addr=host, by=attempt.by)
+            raise _rate_limited(attempt, "too many failed logins; wait before trying again")
+        account = await accounts.find_user(self._pool, username)
+        ok = await self._passwords.verify(account.password_hash if account else None, password)
+        if not ok or account is None:
+            log.info("login_failed", user=username, addr=host)
+            return None
+        await self._throttle.password_right(attempt)
+        return account
+
+
+def _rate_limited(refused: Refused, message: str) -> RequestError:
+    return RequestError(ErrorCode.RATE_LIMITED, message, retry_after=refused.retry_after)
 
 
 def token_hash(token: str) -> bytes:

@@ -189,7 +189,10 @@ class WorkerCollector(Collector):
             "switchboard_store_batches": ("Group-commit statements committed.", "batches"),
             "switchboard_resumes": ("Sessions taken over with a resume token.", "resumes"),
             "switchboard_slow_readers": ("Connections dropped as slow readers.", "slow_readers"),
-            "switchboard_overloaded": ("Logins refused by admission control.", "overloaded"),
+            "switchboard_overloaded": (
+                "Logins, registrations and resumes refused by admission control.",
+                "overloaded",
+            ),
         }
         for name, (help_text, key) in counters.items():
             yield CounterMetricFamily(name, help_text, value=_number(report.get(key)))

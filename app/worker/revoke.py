@@ -71,6 +71,7 @@ RECHECK_CHUNK = 10_000
 KICKED_MESSAGES = {
     "kicked": "an administrator closed this session",
     "disabled": "this account was disabled",
+    "password_changed": "the password was changed on another device; log in again",
 }
 CLOSED_MESSAGE = "this session was closed"
 # What started a recheck (the metric's label), as its decision says it.

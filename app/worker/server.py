@@ -18,7 +18,7 @@ below it)::
     revoke        kicks and replacements: from pushes, at attach, and rechecked in the rows
     delivery      inbox entries to local connections, in seq order
     presence      a user's presence, pushed to the contacts
-    commits  announce  admission    group commits; NOTIFY/push out; login slots
+    commits  announce  admission    group commits; NOTIFY/push out; login/register/resume slots
     writer  errors                  the batcher; the exception tree -> error frames
     registry  metrics               who is connected; Prometheus
     states  decisions             the state tables and their logged setters; loop decisions
@@ -139,7 +139,9 @@ class Worker:
             self.events,
         )
         passwords = Passwords(s)
-        login = Login(pool, s, passwords, admission, commits, sessions, announcer, self.events)
+        login = Login(
+            pool, s, passwords, admission, commits, sessions, announcer, self.events, push_key
+        )
         dispatcher = Dispatcher(
             sessions,
             login,

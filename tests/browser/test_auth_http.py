@@ -122,13 +122,15 @@ async def test_failed_logins_are_rate_limited(
     client: TestClient,
 ) -> None:
     name = await new_admin(cluster)
-    limit = cluster.settings.dashboard_login_failures_per_admin
-    for _ in range(limit):
+    free = cluster.settings.dashboard_login_free_failures
+    for _ in range(free):
         assert (await post_login(client, name, "wrong password, wrong")).status == 401
-    # Past the limit even the right password waits for the window to pass.
+    # Past the free failures even the right password waits: 1 s, then 2 s, 4 s, ...
     limited = await post_login(client, name, ADMIN_PASSWORD)
-    assert limited.status == 429
-    assert "Too many failed sign-ins" in await limited.text()
+    assert limited.status == 429 and limited.headers["Retry-After"] == "1"
+    assert "Too many failed sign-ins; wait 1 s" in await limited.text()
+    await asyncio.sleep(1.0)
+    assert (await post_login(client, name, ADMIN_PASSWORD)).status == 303
 
 
 async def test_cross_origin_posts_and_logout(

@@ -68,7 +68,7 @@ async def test_failed_logins_from_one_address_lock_out_only_that_address(
 ) -> None:
     """The review's C2 scenario: before, HAProxy's address was everybody's."""
     s = cluster.settings
-    attacker = await client_from(cluster, "127.0.0.9")
+    attacker = await client_from(cluster, "127.0.3.9")
     replies = []
     for i in range(s.max_login_failures_per_addr + 1):
         reply = await attacker.request(

@@ -389,10 +389,13 @@ async def test_accounts_password_change_and_rate_limited_logins(cluster: LocalCl
     await c.close()
     c = await LineClient.connect(s.host, s.client_port)
     assert (await c.request({**hello, "password": PASSWORD}))["code"] == "auth_failed"
-    for _ in range(s.max_login_failures_per_user - 1):
+    for _ in range(s.login_free_failures - 1):
         assert (await c.request({**hello, "password": "nope nope nope"}))["code"] == "auth_failed"
+    # Past the free failures every attempt waits (no lockout): 1 s, then 2 s, ...
     limited = await c.request({**hello, "password": new})
-    assert limited["code"] == "rate_limited" and limited["retry_after"] > 0
+    assert limited["code"] == "rate_limited" and limited["retry_after"] == 1
+    await asyncio.sleep(limited["retry_after"])
+    assert (await c.request({**hello, "password": new}))["op"] == "welcome"
     await c.close()
     unknown = await LineClient.connect(s.host, s.client_port)
     reply = await unknown.request({**hello, "user": new_user("ghost"), "password": PASSWORD})

@@ -106,7 +106,7 @@ async def test_the_client_address_is_what_the_session_and_the_limiter_see(
     await harness.dispatcher.handle(
         conn, Hello(user="alice", password="wrong password!", device="phone")
     )
-    assert harness.store.failures["addr:2001:db8:5:6::/64"] == 1  # the client's /64
+    assert harness.store.throttle["login-addr|2001:db8:5:6::/64"].attempts == 1  # its /64
     await harness.dispatcher.handle(
         conn, Hello(user="alice", password=GOOD_PASSWORD, device="phone")
     )

@@ -15,11 +15,11 @@ from app.protocol.proxy import (
     Command,
     ProxyHeader,
     Refusal,
-    address_key,
     build_proxy_header,
     format_peer,
     parse_proxy_header,
 )
+from app.store.throttle import address_key, client_host
 
 FUZZ = settings(
     max_examples=400,
@@ -263,4 +263,5 @@ def test_format_peer() -> None:
     ],
 )
 def test_address_key_is_the_ipv4_address_or_the_ipv6_64(peer: str, key: str) -> None:
-    assert address_key(peer) == key
+    """The login throttle keys what format_peer writes: IPv4 as is, IPv6 by /64."""
+    assert address_key(client_host(peer)) == key

@@ -110,7 +110,12 @@ async def test_hello_with_a_wrong_password_fails_and_counts_the_failure(h: Harne
     peer = h.connect("203.0.113.5:5555")
     frame = error(await h.request(peer, Hello(user="alice", password="wrong", device="d", rid=2)))
     assert (frame["code"], frame["rid"]) == ("auth_failed", 2)
-    assert h.store.failures == {"user:alice": 1, "addr:203.0.113.5": 1}
+    # Counted before the check, per (user, address) and per address; a failure
+    # leaves both counted.
+    assert {k: r.attempts for k, r in h.store.throttle.items()} == {
+        "login|alice|203.0.113.5": 1,
+        "login-addr|203.0.113.5": 1,
+    }
     assert not peer.closed
     assert peer.state is SessionState.ANONYMOUS
     assert h.registry.by_user == {}
@@ -121,7 +126,7 @@ async def test_hello_for_an_unknown_user_fails_the_same_way(h: Harness) -> None:
     peer = h.connect()
     frame = error(await h.request(peer, Hello(user="nobody", password=GOOD_PASSWORD, device="d")))
     assert frame["code"] == "auth_failed"
-    assert h.store.failures["user:nobody"] == 1
+    assert h.store.throttle["login|nobody|198.51.100.7"].attempts == 1
 
 
 async def test_hello_logs_in_with_a_welcome_as_the_protocol_describes(h: Harness) -> None:
@@ -169,21 +174,30 @@ async def test_hello_replacing_a_session_of_the_same_device_tells_the_others(h: 
     assert h.events.named("session_replaced") == [(alice.id, old_id, 1, WORKER_ID)]
 
 
-async def test_a_successful_hello_clears_the_users_failures(h: Harness) -> None:
+async def test_a_successful_hello_clears_the_pair_and_gives_the_attempt_back(
+    h: Harness,
+) -> None:
     h.store.add_user("alice")
-    h.store.failures.update({"user:alice": 3, "addr:198.51.100.7": 3})
-    await h.log_in("alice")
-    assert "user:alice" not in h.store.failures
-    assert h.store.failures["addr:198.51.100.7"] == 3
-
-
-async def test_hello_is_rate_limited_after_too_many_failures(h: Harness) -> None:
-    h.store.add_user("alice")
-    h.store.failures["user:alice"] = h.settings.max_login_failures_per_user
     peer = h.connect()
+    for _ in range(3):
+        await h.request(peer, Hello(user="alice", password="wrong", device="d"))
+    await h.log_in("alice", peer=peer)
+    assert "login|alice|198.51.100.7" not in h.store.throttle
+    # The three failures still count against the address; the right one does not.
+    assert h.store.throttle["login-addr|198.51.100.7"].attempts == 3
+
+
+async def test_hello_is_rate_limited_after_the_free_failures(h: Harness) -> None:
+    h.store.add_user("alice")
+    peer = h.connect()
+    for _ in range(h.settings.login_free_failures):
+        frame = error(await h.request(peer, Hello(user="alice", password="wrong", device="d")))
+        assert frame["code"] == "auth_failed"
+    checked = h.passwords.verified
     frame = error(await h.request(peer, Hello(user="alice", password=GOOD_PASSWORD, device="d")))
     assert frame["code"] == "rate_limited"
-    assert frame["retry_after"] == int(h.settings.login_failure_window_s)
+    assert frame["retry_after"] == 1  # login_backoff_base_s
+    assert h.passwords.verified == checked  # refused before any hash
     assert peer.state is SessionState.ANONYMOUS
 
 
@@ -280,6 +294,7 @@ async def test_password_change_checks_the_old_one(h: Harness) -> None:
     new = "a much better password"
     frame = error(await h.request(peer, PasswordChange(old="wrong", new=new)))
     assert frame["code"] == "auth_failed"
+    assert h.store.called("change_password") == []
     assert await h.request(peer, PasswordChange(old=GOOD_PASSWORD, new=new, rid=1)) == [
         {"op": "ok", "rid": 1}
     ]
@@ -299,10 +314,12 @@ async def test_resume_with_a_bad_token_is_refused(h: Harness) -> None:
     assert not peer.closed
 
 
-async def test_resume_of_a_disabled_account_says_disabled(h: Harness) -> None:
+async def test_resume_of_a_disabled_account_says_only_bad_token(h: Harness) -> None:
     h.store.add_user("alice", disabled=True)
-    req = Resume(user="alice", device="phone", token="t", last_seq=0)
-    assert error(await h.request(h.connect(), req))["code"] == "account_disabled"
+    req = Resume(user="alice", device="phone", token="t" * 16, last_seq=0)
+    assert error(await h.request(h.connect(), req))["code"] == "bad_token"
+    # Nothing about the account was looked up: the answer cannot depend on it.
+    assert h.store.called("find_user") == []
 
 
 @pytest.mark.parametrize("previous", ["active", "detached"])

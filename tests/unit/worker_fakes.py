@@ -11,16 +11,16 @@ frames out::
     assert frames[0]["op"] == "welcome"
 
 The store functions the worker modules call directly (app.store.accounts,
-app.store.sessions, app.store.messages) are replaced by `FakeStore` with
-pytest's monkeypatch; every pool handed to the parts is `NO_POOL`, which fails
-loudly if any real store code is reached.
+app.store.sessions, app.store.messages, and app.store.throttle's counters) are
+replaced by `FakeStore` with pytest's monkeypatch; every pool handed to the
+parts is `NO_POOL`, which fails loudly if any real store code is reached. The
+throttle counters run on the harness's `FakeClock` (``h.clock.advance(s)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +30,7 @@ import pytest
 
 from app.protocol import ErrorCode, Hello, Request, error_frame
 from app.settings import Settings
-from app.store import accounts
+from app.store import accounts, throttle
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
@@ -44,6 +44,7 @@ from app.store.sessions import (
     ResumeRequest,
     StaleSession,
 )
+from app.store.throttle import Backoff, Budget
 from app.worker.admission import Admission
 from app.worker.contacts import Contacts
 from app.worker.dispatch import Dispatcher
@@ -55,6 +56,7 @@ from app.worker.session import Sessions
 from app.worker.states import Session, SessionState, WorkerState, WorkerStatus
 
 WORKER_ID = "w1"
+PUSH_KEY = b"test push key"
 GOOD_PASSWORD = "correct horse battery"  # long enough for min_password_chars (12)
 
 
@@ -196,12 +198,16 @@ class FakeEvents:
 
 
 class FakePasswords:
-    """A "hash" anyone can read: ``hash:<password>``."""
+    """A "hash" anyone can read: ``hash:<password>``. ``verified`` counts the checks."""
+
+    def __init__(self) -> None:
+        self.verified = 0
 
     async def hash(self, password: str) -> str:
         return "hash:" + password
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
+        self.verified += 1
         return password_hash is not None and password_hash == "hash:" + password
 
 
@@ -252,12 +258,23 @@ class SessionRow:
 
 
 @dataclass
+class ThrottleRow:
+    """A row of auth_throttle, times on the FakeClock."""
+
+    attempts: int
+    first_attempt_at: float
+    next_attempt_at: float
+
+
+@dataclass
 class FakeStore:
     """The rows Sessions and Login read and write, in dicts. ``error``, when set, is
     raised by every call (the database is away)."""
 
+    clock: FakeClock = field(default_factory=lambda: FakeClock())
     users: dict[str, Account] = field(default_factory=dict)
-    failures: Counter[str] = field(default_factory=Counter)
+    throttle: dict[str, ThrottleRow] = field(default_factory=dict)
+    kicked: list[tuple[list[tuple[int, int]], str]] = field(default_factory=list)
     sessions: dict[int, SessionRow] = field(default_factory=dict)
     last_seq: dict[int, int] = field(default_factory=dict)
     acked: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -270,15 +287,9 @@ class FakeStore:
         for module, names in (
             (
                 accounts,
-                (
-                    "create_user",
-                    "find_user",
-                    "set_password",
-                    "failure_counts",
-                    "record_failure",
-                    "clear_failures",
-                ),
+                ("create_user", "find_user", "change_password"),
             ),
+            (throttle, ("count_backoff", "count_budget", "forget", "give_back", "prune")),
             (session_store, ("open_session", "close_session", "detach_session")),
             (message_store, ("inbox_position",)),
         ):
@@ -314,23 +325,64 @@ class FakeStore:
         self._call("find_user", username)
         return self.users.get(username)
 
-    async def set_password(self, pool: Any, user_id: int, password_hash: str) -> None:
-        self._call("set_password", user_id)
+    async def change_password(
+        self, pool: Any, user_id: int, keep_session_id: int, password_hash: str, key: bytes
+    ) -> int:
+        self._call("change_password", user_id, keep_session_id)
         for name, account in self.users.items():
             if account.id == user_id:
                 self.users[name] = Account(user_id, name, password_hash, account.disabled)
+        ended = []
+        for sid, row in self.sessions.items():
+            if row.user_id == user_id and sid != keep_session_id and row.state != "closed":
+                row.state, row.reason, row.token_hash = "closed", "password_changed", None
+                ended.append((user_id, sid))
+        self.kicked.append((ended, "password_changed"))
+        return len(ended)
 
-    async def failure_counts(self, pool: Any, keys: list[str], window_s: float) -> dict[str, int]:
-        self._call("failure_counts", tuple(keys))
-        return {key: self.failures[key] for key in keys}
+    # ---- app.store.throttle (the statements' rules, on the fake clock) ---------------
+    async def count_backoff(self, pool: Any, key: str, policy: Backoff) -> float | None:
+        self._call("count_backoff", key)
+        now, row = self.clock(), self.throttle.get(key)
+        if row is not None and row.next_attempt_at > now:
+            return row.next_attempt_at - now
+        if row is None or row.next_attempt_at < now - policy.forget_s:
+            row = ThrottleRow(0, now, now)
+        attempts = row.attempts + 1
+        self.throttle[key] = ThrottleRow(
+            attempts, row.first_attempt_at, now + policy.delay_s(attempts)
+        )
+        return None
 
-    async def record_failure(self, pool: Any, keys: list[str], window_s: float) -> None:
-        self._call("record_failure", tuple(keys))
-        self.failures.update(keys)
+    async def count_budget(self, pool: Any, key: str, policy: Budget) -> float | None:
+        self._call("count_budget", key)
+        now, row = self.clock(), self.throttle.get(key)
+        if row is None or row.next_attempt_at <= now:
+            self.throttle[key] = ThrottleRow(1, now, now + policy.window_s)
+        elif row.attempts < policy.limit:
+            row.attempts += 1
+        else:
+            return row.next_attempt_at - now
+        return None
 
-    async def clear_failures(self, pool: Any, key: str) -> None:
-        self._call("clear_failures", key)
-        self.failures.pop(key, None)
+    async def forget(self, pool: Any, key: str) -> None:
+        self._call("forget", key)
+        self.throttle.pop(key, None)
+
+    async def give_back(self, pool: Any, key: str) -> None:
+        self._call("give_back", key)
+        row = self.throttle.get(key)
+        if row is not None and row.attempts > 0 and row.next_attempt_at > self.clock():
+            row.attempts -= 1
+
+    async def prune(self, pool: Any, older_than_s: float) -> int:
+        self._call("prune", older_than_s)
+        old = [
+            k for k, r in self.throttle.items() if r.next_attempt_at < self.clock() - older_than_s
+        ]
+        for key in old:
+            del self.throttle[key]
+        return len(old)
 
     # ---- app.store.sessions ------------------------------------------------------
     async def open_session(
@@ -519,6 +571,7 @@ class Harness:
         self.settings = Settings(worker_id=WORKER_ID, **settings)
         self.status = status_in(state)
         self.store = FakeStore()
+        self.clock = self.store.clock
         self.store.install(monkeypatch)
         self.registry = Registry(self.store.require_user_id, self.store.usernames)
         self.announcer = FakeAnnouncer()
@@ -529,7 +582,6 @@ class Harness:
         self.passwords = FakePasswords()
         self.admission = Admission(self.settings)
         self.rows = FakeSessionRows(self.store)
-        self.clock = FakeClock()
         self.revoker = Revoker(
             self.settings, self.rows, self.registry, self.presence, self.events, self.clock
         )
@@ -552,6 +604,7 @@ class Harness:
             self.sessions,
             self.announcer,
             self.events,
+            PUSH_KEY,
         )
         self.messaging = Messaging(
             NO_POOL, self.settings, self.registry, self.commits, self.announcer, self.events
