@@ -90,27 +90,32 @@ def _delay(attempts: str) -> str:
 # transaction of the statement commits.
 _ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
 
-_RESTART = "t.next_attempt_at < now() - make_interval(secs => $5::float8)"
+# clock_timestamp(), not now(): now() is when the statement's transaction began, and
+# an attempt that waited on a parallel attempt's row lock began before that one
+# wrote its times. Compared with its own start it would find the other's "no wait"
+# (next_attempt_at = the other's now()) still in the future and refuse a free attempt.
+_NOW = "clock_timestamp()"
+_RESTART = f"t.next_attempt_at < {_NOW} - make_interval(secs => $5::float8)"
 _COUNT_BACKOFF = f"""
 INSERT INTO auth_throttle AS t (key, attempts, first_attempt_at, next_attempt_at)
-SELECT $1, 1, now(), now() + {_delay("1")} FROM {_ASYNC_COMMIT}
+SELECT $1, 1, {_NOW}, {_NOW} + {_delay("1")} FROM {_ASYNC_COMMIT}
 ON CONFLICT (key) DO UPDATE SET
     attempts = CASE WHEN {_RESTART} THEN 1 ELSE t.attempts + 1 END,
-    first_attempt_at = CASE WHEN {_RESTART} THEN now() ELSE t.first_attempt_at END,
-    next_attempt_at = now() + {_delay(f"CASE WHEN {_RESTART} THEN 1 ELSE t.attempts + 1 END")}
-WHERE t.next_attempt_at <= now()
+    first_attempt_at = CASE WHEN {_RESTART} THEN {_NOW} ELSE t.first_attempt_at END,
+    next_attempt_at = {_NOW} + {_delay(f"CASE WHEN {_RESTART} THEN 1 ELSE t.attempts + 1 END")}
+WHERE t.next_attempt_at <= {_NOW}
 RETURNING attempts
 """
 
-_NEW_WINDOW = "t.next_attempt_at <= now()"
+_NEW_WINDOW = f"t.next_attempt_at <= {_NOW}"
+_WINDOW = "make_interval(secs => $3::float8)"
 _COUNT_BUDGET = f"""
 INSERT INTO auth_throttle AS t (key, attempts, first_attempt_at, next_attempt_at)
-SELECT $1, 1, now(), now() + make_interval(secs => $3::float8) FROM {_ASYNC_COMMIT}
+SELECT $1, 1, {_NOW}, {_NOW} + {_WINDOW} FROM {_ASYNC_COMMIT}
 ON CONFLICT (key) DO UPDATE SET
     attempts = CASE WHEN {_NEW_WINDOW} THEN 1 ELSE t.attempts + 1 END,
-    first_attempt_at = CASE WHEN {_NEW_WINDOW} THEN now() ELSE t.first_attempt_at END,
-    next_attempt_at = CASE WHEN {_NEW_WINDOW} THEN now() + make_interval(secs => $3::float8)
-                           ELSE t.next_attempt_at END
+    first_attempt_at = CASE WHEN {_NEW_WINDOW} THEN {_NOW} ELSE t.first_attempt_at END,
+    next_attempt_at = CASE WHEN {_NEW_WINDOW} THEN {_NOW} + {_WINDOW} ELSE t.next_attempt_at END
 WHERE {_NEW_WINDOW} OR t.attempts < $2::int
 RETURNING attempts
 """
@@ -137,7 +142,7 @@ async def _wait_s(pool: asyncpg.Pool, key: str, otherwise: float) -> float:
     # statement's snapshot when it was inserted by an attempt that committed
     # after the refusing statement started; then say ``otherwise``.
     wait = await pool.fetchval(
-        "SELECT extract(epoch FROM next_attempt_at - now())::float8 "
+        f"SELECT extract(epoch FROM next_attempt_at - {_NOW})::float8 "
         "FROM auth_throttle WHERE key = $1",
         key,
     )

@@ -256,7 +256,9 @@ async def test_a_revocation_missed_across_a_listener_reconnect_is_applied_within
     try:
         pid = await listener_pid(conn, "w1")
         assert pid is not None
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        # pg_terminate_backend(pid, timeout) returns once the backend has exited: a
+        # backend still dying could take the revocation's NOTIFY and hand it over.
+        assert await conn.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
         started = time.monotonic()
         # While w1's listener reconnects (0.2 s), the revocation's NOTIFY reaches no one there.
         if revoke == "disable":
