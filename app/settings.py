@@ -112,9 +112,26 @@ class Settings:
     max_frame_bytes: int = 65536
     max_body_chars: int = 16384
     max_errors_per_connection: int = 20
-    # Per-connection flood control: a token bucket of frames.
+    # Per-connection flood control: a token bucket of frames. A frame beyond it is
+    # answered `rate_limited` (with retry_after) and the socket is not read until a
+    # token is back; only a connection that keeps sending flood_fatal_frames frames
+    # beyond it (they were already in flight) is closed with the fatal `flood`.
     frames_per_s: float = 200.0
     frame_burst: int = 400
+    flood_fatal_frames: int = 2000
+    # Per-op budgets per user on a worker (app/worker/ratelimit.py): ops that cost a
+    # commit, a NOTIFY or a query each, beyond which they are answered `rate_limited`.
+    presence_ops_per_s: float = 1.0
+    presence_ops_burst: int = 5
+    typing_ops_per_s: float = 5.0
+    typing_ops_burst: int = 10
+    social_ops_per_s: float = 1.0
+    social_ops_burst: int = 10
+    query_ops_per_s: float = 10.0
+    query_ops_burst: int = 20
+    # Sessions (devices) one user may have open (active or resumable) at once; a
+    # login from one more device is refused with too_many_devices.
+    max_devices_per_user: int = 10
     # Requests decoded but not yet handled; past this the socket stops being read.
     max_pending_requests: int = 64
     # Past this much unsent output a connection is a slow reader: inbox pushes pause,

@@ -490,4 +490,4 @@ def error_frame(
 
 def encode_error(error: FrameError) -> bytes:
     """The wire form of a decoder `FrameError`."""
-    return Error(error.code, error.message).encode(error.rid)
+    return Error(error.code, error.message, error.retry_after).encode(error.rid)

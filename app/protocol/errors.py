@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     BAD_TOKEN = "bad_token"  # resume: the token is invalid or expired
     NOT_FOUND = "not_found"  # the user, room or message does not exist
     FORBIDDEN = "forbidden"  # the target exists but this user may not do that
+    TOO_MANY_DEVICES = "too_many_devices"  # hello: max_devices_per_user other devices are in
     INTERNAL = "internal"  # a server fault; the request may be retried
     FLOOD = "flood"  # the client sent far too much too fast (fatal)
     SESSION_REPLACED = "session_replaced"  # the same device logged in elsewhere (fatal)
@@ -77,6 +78,8 @@ class FrameError:
     message: str
     rid: str | int | None = None
     fatal: bool = False
+    # Seconds before the request may be sent again (`rate_limited` only).
+    retry_after: float | None = None
 
 
 class BadServerFrame(ValueError):

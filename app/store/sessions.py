@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.store.db import columns
-from app.store.errors import AccountDisabled
+from app.store.errors import AccountDisabled, TooManyDevices
 from app.store.eventlog import EventKind, log_dead_workers_cte, log_sessions_cte
 
 
@@ -110,13 +110,21 @@ async def set_worker_state(pool: asyncpg.Pool, worker_id: str, state: str) -> No
     await pool.execute("UPDATE workers SET state = $2 WHERE id = $1", worker_id, state)
 
 
-# FOR SHARE conflicts with the disable's `UPDATE users` (dashboard.set_user_disabled),
-# and both take the user's row before any session row, so they serialise in one
-# order: if the disable locked the row first, this waits for its commit and reads
-# disabled = true; if this locked it first, the disable's UPDATE waits for this
-# commit, and its `UPDATE sessions` (a later statement, a later snapshot) sees and
-# closes the row opened here. (FOR KEY SHARE would not conflict: `disabled` is no key.)
-_LOCK_USER = "SELECT disabled FROM users WHERE id = $1 FOR SHARE"
+# FOR NO KEY UPDATE conflicts with the disable's `UPDATE users`
+# (dashboard.set_user_disabled), and both take the user's row before any session
+# row, so they serialise in one order: if the disable locked the row first, this
+# waits for its commit and reads disabled = true; if this locked it first, the
+# disable's UPDATE waits for this commit, and its `UPDATE sessions` (a later
+# statement, a later snapshot) sees and closes the row opened here. It also
+# serialises one user's logins, so the device count below cannot be raced past the
+# cap; it does not conflict with the FOR KEY SHARE of foreign-key checks (messages
+# to this user commit meanwhile). (FOR KEY SHARE would not do: `disabled` is no key.)
+_LOCK_USER = "SELECT disabled FROM users WHERE id = $1 FOR NO KEY UPDATE"
+
+# Live sessions (active or resumable) of the user's other devices.
+_OTHER_LIVE_DEVICES = (
+    "SELECT count(*) FROM sessions WHERE user_id = $1 AND device <> $2 AND state <> 'closed'"
+)
 
 
 async def open_session(
@@ -126,16 +134,22 @@ async def open_session(
     worker_id: str,
     remote_addr: str,
     resume_token_hash: bytes | None = None,
+    max_devices: int | None = None,
 ) -> OpenedSession:
     """Record a new session; a live session of the same device is replaced (one per device).
 
     Raises AccountDisabled if the account is disabled when the transaction runs,
     whatever the caller read before: a login racing a disable either fails here
-    or opens a row the disable then closes (see `_LOCK_USER`).
+    or opens a row the disable then closes (see `_LOCK_USER`). Raises
+    TooManyDevices if the user's other devices hold ``max_devices`` live sessions.
     """
     async with pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(_LOCK_USER, user_id) is not False:
             raise AccountDisabled(f"user {user_id} is disabled")
+        if max_devices is not None:
+            others = await conn.fetchval(_OTHER_LIVE_DEVICES, user_id, device)
+            if others >= max_devices:
+                raise TooManyDevices(f"user {user_id} has {others} devices logged in")
         old = await conn.fetchrow(
             "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = 'replaced' "
             "WHERE user_id = $1 AND device = $2 AND state <> 'closed' "

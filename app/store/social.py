@@ -75,6 +75,17 @@ async def accepted_contact_ids(pool: asyncpg.Pool, user_id: int) -> list[int]:
     return [int(r["contact_id"]) for r in rows]
 
 
+async def require_contact(pool: asyncpg.Pool, user_id: int, other_id: int) -> None:
+    """Forbidden unless ``other_id`` is an accepted contact of ``user_id``."""
+    accepted = await pool.fetchval(
+        "SELECT 1 FROM contacts WHERE owner_id = $1 AND contact_id = $2 AND status = 'accepted'",
+        user_id,
+        other_id,
+    )
+    if not accepted:
+        raise Forbidden("that user is not one of your contacts")
+
+
 def push_key(admin_secret: str) -> bytes:
     """The key that signs ``sb_push`` payloads (derived from the cluster's admin secret)."""
     return hashlib.sha256(b"switchboard sb_push v1:" + admin_secret.encode()).digest()

@@ -60,9 +60,11 @@ class ClientConnection(asyncio.Protocol):
         "_paused",
         "_pending",
         "_preamble",
+        "_reading_paused",
         "_send_waiter",
         "_slow_timer",
         "_task",
+        "_throttle_timer",
         "closed",
         "connected_at",
         "deadline_slot",
@@ -91,7 +93,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self._pending: deque[Request | FrameError] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._paused = False
+        self._paused = False  # too many requests pending
+        self._throttle_timer: asyncio.TimerHandle | None = None  # over the frame rate
+        self._reading_paused = False
         self._slow_timer: asyncio.TimerHandle | None = None
         # Frames written during one event-loop iteration leave in one syscall.
         self._out: list[bytes] | None = None
@@ -128,9 +132,12 @@ class ClientConnection(asyncio.Protocol):
         items = self.decoder.receive_data(data)
         if not items:
             return
-        if not self._take_tokens(len(items)):
-            self.fail(ErrorCode.FLOOD, "too many frames too fast")
-            return
+        admitted = self._take_tokens(len(items))
+        if admitted < len(items):
+            if self._bucket < -self.settings.flood_fatal_frames:
+                self.fail(ErrorCode.FLOOD, "far too many frames too fast")
+                return
+            self._over_rate(items, admitted)
         self._pending.extend(items)
         if self._task is None:
             self._send_now()
@@ -139,8 +146,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self._pending) >= self.settings.max_pending_requests and not self._paused:
             # Backpressure: stop reading until the backlog is handled.
             self._paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+            self._update_reading()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -167,6 +173,40 @@ class ClientConnection(asyncio.Protocol):
         self._preamble = b""
         self.abort()
 
+    def _over_rate(self, items: list[Request | FrameError], admitted: int) -> None:
+        """Answer the frames beyond the bucket `rate_limited` (in their place in the
+        order) and stop reading until the bucket holds a token again."""
+        retry_after = round((1.0 - self._bucket) / self.settings.frames_per_s, 3)
+        for i in range(admitted, len(items)):
+            item = items[i]
+            items[i] = FrameError(
+                ErrorCode.RATE_LIMITED,
+                "too many frames too fast; this one was not handled",
+                item.rid,
+                retry_after=retry_after,
+            )
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
+        self._throttle_timer = asyncio.get_running_loop().call_later(
+            retry_after, self._throttle_over
+        )
+        self._update_reading()
+
+    def _throttle_over(self) -> None:
+        self._throttle_timer = None
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read the socket unless requests are backed up or the client is over its rate."""
+        pause = self._paused or self._throttle_timer is not None
+        if pause == self._reading_paused or self.closed or self.transport is None:
+            return
+        self._reading_paused = pause
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
@@ -175,6 +215,9 @@ class ClientConnection(asyncio.Protocol):
         if self._slow_timer is not None:
             self._slow_timer.cancel()
             self._slow_timer = None
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
+            self._throttle_timer = None
         self._pending.clear()
         self.parts.deadlines.forget(self)
         self.parts.sessions.lost(self)
@@ -287,15 +330,19 @@ class ClientConnection(asyncio.Protocol):
                 return  # the task's handler reports whatever this was
             pending.popleft()
 
-    def _take_tokens(self, n: int) -> bool:
+    def _take_tokens(self, n: int) -> int:
+        """Spend a token per frame; return how many of the n frames had one. Frames
+        beyond still count, so a client that keeps pushing goes into debt (and waits
+        it off, or reaches flood_fatal_frames)."""
         now = time.monotonic()
         s = self.settings
         self._bucket = min(
             float(s.frame_burst), self._bucket + (now - self._bucket_at) * s.frames_per_s
         )
         self._bucket_at = now
+        admitted = min(n, max(0, int(self._bucket)))
         self._bucket -= n
-        return self._bucket >= 0
+        return admitted
 
     async def _run(self) -> None:
         try:
@@ -310,7 +357,6 @@ class ClientConnection(asyncio.Protocol):
                     await self.parts.dispatcher.handle(self, item)
                 if self._paused and len(self._pending) < self.settings.max_pending_requests // 2:
                     self._paused = False
-                    if self.transport is not None and not self.closed:
-                        self.transport.resume_reading()
+                    self._update_reading()
         finally:
             self._task = None

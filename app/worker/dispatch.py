@@ -1,7 +1,8 @@
 """Requests to handlers: the session table's gate first, then one handler per request type.
 
 Every request gets exactly one reply: the handler's, or the error frame that
-errors.py makes of whatever it raised.
+errors.py makes of whatever it raised. A logged-in user's costly ops pass its
+per-op budget (ratelimit.py) first.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from app.worker.contacts import Contacts
 from app.worker.errors import RequestError, reply_for
 from app.worker.login import Login
 from app.worker.messaging import Messaging
+from app.worker.ratelimit import OP_CLASSES, OpBudgets
 from app.worker.session import Sessions
 from app.worker.states import Peer, next_session_state, request_event
 
@@ -53,9 +55,15 @@ REFUSALS = {
 
 class Dispatcher:
     def __init__(
-        self, sessions: Sessions, login: Login, messaging: Messaging, contacts: Contacts
+        self,
+        sessions: Sessions,
+        login: Login,
+        messaging: Messaging,
+        contacts: Contacts,
+        budgets: OpBudgets,
     ) -> None:
         self.send_now = messaging.send_now
+        self._budgets = budgets
         self._handlers: dict[type, Handler] = {
             Hello: login.hello,
             Register: login.register,
@@ -89,6 +97,15 @@ class Dispatcher:
             handler = self._handlers.get(type(req))
             if handler is None:
                 raise RequestError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not supported yet")
+            session = peer.session
+            if session is not None:
+                retry_after = self._budgets.take(session.user_id, req)
+                if retry_after is not None:
+                    raise RequestError(
+                        ErrorCode.RATE_LIMITED,
+                        f"too many {OP_CLASSES[type(req)].value} requests; slow down",
+                        retry_after=round(retry_after, 3),
+                    )
             await handler(peer, req)
         except Exception as exc:
             frame, fatal = reply_for(exc, req.op, req.rid)

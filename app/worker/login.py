@@ -28,7 +28,7 @@ from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import AccountDisabled, UserExists
+from app.store.errors import AccountDisabled, TooManyDevices, UserExists
 from app.store.eventlog import EventLog
 from app.store.passwords import Passwords
 from app.store.sessions import ResumeRequest
@@ -108,10 +108,22 @@ class Login:
         token = secrets.token_urlsafe(24)  # 192 random bits; only its hash is stored
         try:
             opened = await session_store.open_session(
-                pool, account.id, req.device, s.worker_id, peer.peer, token_hash(token)
+                pool,
+                account.id,
+                req.device,
+                s.worker_id,
+                peer.peer,
+                token_hash(token),
+                max_devices=s.max_devices_per_user,
             )
         except AccountDisabled:  # disabled since find_user read the account
             raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled") from None
+        except TooManyDevices:
+            raise RequestError(
+                ErrorCode.TOO_MANY_DEVICES,
+                f"{s.max_devices_per_user} other devices of this user are logged in; "
+                "end one (bye) first",
+            ) from None
         if opened.replaced_session_id is not None:  # logged first: never two at once
             self._events.session_replaced(
                 account.id, opened.replaced_session_id, opened.epoch - 1, opened.replaced_worker_id

@@ -161,7 +161,14 @@ class Messaging:
     async def typing(self, conn: Peer, req: Typing) -> None:
         session = active_session(conn)
         if req.to is not None:
-            targets = [await self._registry.user_id(req.to)]
+            # Only to an accepted contact; an unknown name gets the same answer, so
+            # typing cannot tell who exists.
+            try:
+                target = await self._registry.user_id(req.to)
+            except NotFound:
+                raise Forbidden("that user is not one of your contacts") from None
+            await social.require_contact(self._pool, session.user_id, target)
+            targets = [target]
             frame = frames.Typing(session.username, req.to, None, req.active)
         else:
             room = req.room or 0

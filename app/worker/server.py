@@ -18,7 +18,8 @@ below it)::
     revoke        kicks and replacements: from pushes, at attach, and rechecked in the rows
     delivery      inbox entries to local connections, in seq order
     presence      a user's presence, pushed to the contacts
-    commits  announce  admission    group commits; NOTIFY/push out; login/register/resume slots
+    commits  announce  admission  ratelimit    group commits; NOTIFY/push out;
+                  login/register/resume slots; per-user op budgets
     writer  errors                  the batcher; the exception tree -> error frames
     registry  metrics               who is connected; Prometheus
     states  decisions             the state tables and their logged setters; loop decisions
@@ -66,6 +67,7 @@ from app.worker.liveness import Liveness, PgLeases
 from app.worker.login import Login
 from app.worker.messaging import Messaging
 from app.worker.presence import Presence
+from app.worker.ratelimit import OpBudgets
 from app.worker.registry import Registry
 from app.worker.revoke import PgSessionRows, Revoker
 from app.worker.session import Sessions
@@ -147,6 +149,7 @@ class Worker:
             login,
             Messaging(pool, s, registry, commits, announcer, self.events),
             Contacts(pool, registry, announcer, presence),
+            OpBudgets(s),
         )
         limits = Limits(
             max_frame_bytes=s.max_frame_bytes,

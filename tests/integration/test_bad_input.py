@@ -97,7 +97,11 @@ async def test_repeated_abuse_closes_the_connection(cluster: LocalCluster) -> No
     await c.close()
 
 
-async def test_a_flood_is_cut_off_while_other_clients_carry_on(cluster: LocalCluster) -> None:
+async def test_a_flood_far_beyond_the_budget_is_cut_off_while_others_carry_on(
+    cluster: LocalCluster,
+) -> None:
+    """Frames beyond the budget get `rate_limited` and pause the socket; a client that
+    keeps writing anyway has flood_fatal_frames beyond at the next read: `flood`."""
     alice, bob = new_user("alice"), new_user("bob")
     a, _ = await login(cluster, alice, worker="w1")
     b, _ = await login(cluster, bob, worker="w1")
@@ -112,15 +116,17 @@ async def test_a_flood_is_cut_off_while_other_clients_carry_on(cluster: LocalClu
         return seqs
 
     talk = asyncio.create_task(conversation())
-    burst = b'{"op":"ping"}\n' * (cluster.settings.frame_burst * 3)
+    s = cluster.settings
+    burst = b'{"op":"ping"}\n' * ((s.frame_burst + s.flood_fatal_frames) * 4)
     await flooder.send(burst)
     frames = []
     try:
         while True:
-            frames.append(await flooder.recv())
+            frames.append(await flooder.recv(timeout=30))
     except ConnectionError:
         pass
     assert frames[-1]["code"] == "flood"
+    assert {f["code"] for f in frames if f["op"] == "error"} == {"rate_limited", "flood"}
     assert await talk == list(range(1, 21))
     pid_after, health = _worker_pid_and_health(cluster, "w1")
     assert pid_after == pid_before and health == 200

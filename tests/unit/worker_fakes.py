@@ -34,7 +34,7 @@ from app.store import accounts, throttle
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import AccountDisabled, NotFound, UserExists
+from app.store.errors import AccountDisabled, NotFound, TooManyDevices, UserExists
 from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import (
@@ -50,6 +50,7 @@ from app.worker.contacts import Contacts
 from app.worker.dispatch import Dispatcher
 from app.worker.login import Login
 from app.worker.messaging import Messaging
+from app.worker.ratelimit import OpBudgets
 from app.worker.registry import Registry
 from app.worker.revoke import Revoker
 from app.worker.session import Sessions
@@ -393,10 +394,18 @@ class FakeStore:
         worker_id: str,
         remote_addr: str,
         resume_token_hash: bytes | None = None,
+        max_devices: int | None = None,
     ) -> OpenedSession:
         self._call("open_session", user_id, device, worker_id)
         if any(a.id == user_id and a.disabled for a in self.users.values()):
             raise AccountDisabled(f"user {user_id} is disabled")
+        others = sum(
+            1
+            for row in self.sessions.values()
+            if row.user_id == user_id and row.device != device and row.state != "closed"
+        )
+        if max_devices is not None and others >= max_devices:
+            raise TooManyDevices(f"user {user_id} has {others} devices logged in")
         old_id, epoch = None, 1
         for sid, row in self.sessions.items():
             if row.user_id == user_id and row.device == device and row.state != "closed":
@@ -610,7 +619,10 @@ class Harness:
             NO_POOL, self.settings, self.registry, self.commits, self.announcer, self.events
         )
         self.contacts = Contacts(NO_POOL, self.registry, self.announcer, self.presence)
-        self.dispatcher = Dispatcher(self.sessions, self.login, self.messaging, self.contacts)
+        self.budgets = OpBudgets(self.settings)
+        self.dispatcher = Dispatcher(
+            self.sessions, self.login, self.messaging, self.contacts, self.budgets
+        )
 
     def connect(self, peer: str = "198.51.100.7:40000") -> FakePeer:
         """A new connection, opened as connection_made does."""
@@ -660,6 +672,7 @@ class FakeTransport:
         self.out = bytearray()
         self.closed = False
         self.aborted = False
+        self.reading = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.peer if name == "peername" else default
@@ -680,10 +693,12 @@ class FakeTransport:
         self.aborted = True
 
     def pause_reading(self) -> None:
-        pass
+        assert self.reading, "paused twice"
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        assert not self.reading, "resumed while reading"
+        self.reading = True
 
 
 def real_connection(
