@@ -138,6 +138,9 @@ class Settings:
     # and it is dropped after slow_reader_timeout_s (or at 4x this much). It can resume.
     max_write_buffer_bytes: int = 1_048_576
     slow_reader_timeout_s: float = 30.0
+    # A `history` reply holds at most this many bytes of messages (at least one
+    # message); past it the reply says `more` and the client pages on.
+    max_history_reply_bytes: int = 524_288
     # Group commit: messages per statement, lanes (statements in flight; a sender
     # always uses the same lane, so its messages commit in order), and how long a
     # send may stall (e.g. through a DB failover) before it fails with `internal`.

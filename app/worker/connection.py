@@ -65,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
         "_slow_timer",
         "_task",
         "_throttle_timer",
+        "_write_waiter",
         "closed",
         "connected_at",
         "deadline_slot",
@@ -97,6 +98,8 @@ class ClientConnection(asyncio.Protocol):
         self._throttle_timer: asyncio.TimerHandle | None = None  # over the frame rate
         self._reading_paused = False
         self._slow_timer: asyncio.TimerHandle | None = None
+        # Set while a request waits for the peer to read what was written (_run).
+        self._write_waiter: asyncio.Future[None] | None = None
         # Frames written during one event-loop iteration leave in one syscall.
         self._out: list[bytes] | None = None
         self._bucket = float(parts.settings.frame_burst)
@@ -218,6 +221,7 @@ class ClientConnection(asyncio.Protocol):
         if self._throttle_timer is not None:
             self._throttle_timer.cancel()
             self._throttle_timer = None
+        self._wake_writer()
         self._pending.clear()
         self.parts.deadlines.forget(self)
         self.parts.sessions.lost(self)
@@ -234,6 +238,7 @@ class ClientConnection(asyncio.Protocol):
         if self._slow_timer is not None:
             self._slow_timer.cancel()
             self._slow_timer = None
+        self._wake_writer()
         if self.state is SessionState.ACTIVE and self.session is not None:
             self.parts.delivery.mark_dirty([self.session.user_id])
 
@@ -243,9 +248,26 @@ class ClientConnection(asyncio.Protocol):
         metrics.SLOW_READERS.value += 1
         self.abort()
 
+    def _wake_writer(self) -> None:
+        waiter, self._write_waiter = self._write_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     @property
     def writable(self) -> bool:
         return not self.closed and self._slow_timer is None
+
+    @property
+    def write_room(self) -> int:
+        """Bytes that may still be written before the peer is a slow reader (the
+        transport's high-water mark): writers of long output (delivery's pages) stop
+        once it is used up, and go on when ``resume_writing`` says the peer read."""
+        if self.transport is None or self.closed:
+            return 0
+        queued = sum(len(b) for b in self._out) if self._out else 0
+        return (
+            self.settings.max_write_buffer_bytes - self.transport.get_write_buffer_size() - queued
+        )
 
     @property
     def last_frame_at(self) -> float:
@@ -347,6 +369,12 @@ class ClientConnection(asyncio.Protocol):
     async def _run(self) -> None:
         try:
             while self._pending and not self.closed:
+                if self._slow_timer is not None:
+                    # The peer is not reading what we wrote: handle nothing more (and,
+                    # as pending requests pile up, read nothing more) until it does.
+                    self._write_waiter = asyncio.get_running_loop().create_future()
+                    await self._write_waiter
+                    continue
                 item = self._pending.popleft()
                 if isinstance(item, FrameError):
                     metrics.ERRORS.labels(item.code.value).inc()

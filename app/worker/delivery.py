@@ -236,7 +236,18 @@ class Delivery:
         now = time.time()
         first_seq = session.delivered_seq
         out: list[bytes] = []  # one write (one syscall) per round, not one per frame
+        # Paced: stop once the transport's high-water mark is crossed. Its
+        # pause_writing makes the connection unwritable, and resume_writing marks
+        # the user dirty again, so the rest of a long backlog follows as the peer
+        # reads, never past the hard cap (connection._flush).
+        room = conn.write_room
         for entry in items:
+            if room <= 0:
+                # The rest once this is read: resume_writing marks the user dirty if
+                # the transport pauses; if it does not, the next round goes on.
+                self._dirty.add(session.user_id)
+                self._wake.set()
+                break
             if entry.seq <= session.delivered_seq:
                 continue
             if entry.seq != session.delivered_seq + 1:
@@ -254,7 +265,9 @@ class Delivery:
                 and entry.sender_device == session.device
             )
             if not own_copy:  # the sending device already has it, as `sent`
-                out.append(entry_frame(entry, names))
+                frame = entry_frame(entry, names)
+                out.append(frame)
+                room -= len(frame)
                 self.delivered += 1
                 metrics.observe_delivery(entry.created_at.timestamp(), now)
             session.delivered_seq = entry.seq

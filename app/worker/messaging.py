@@ -22,6 +22,9 @@ from app.worker.registry import Registry
 from app.worker.session import OK
 from app.worker.states import Peer, Session, SessionState, active_session
 
+# Bytes of a history item besides its body: names, ids, the time, the cmid, JSON.
+_HISTORY_ITEM_OVERHEAD = 256
+
 log = get_logger("session")
 
 
@@ -37,6 +40,7 @@ class Messaging:
     ) -> None:
         self._pool = pool
         self._max_inflight = settings.max_inflight_sends
+        self._history_reply_bytes = settings.max_history_reply_bytes
         self._registry = registry
         self._commits = commits
         self._announcer = announcer
@@ -143,20 +147,29 @@ class Messaging:
             before=req.before,
             limit=req.limit,
         )
-        page = rows[: req.limit]
-        items = [
-            frames.HistoryMessage(
-                row.id,
-                row.sender,
-                row.recipient if row.room_id is None else None,
-                row.room_id,
-                row.body,
-                rfc3339(row.created_at),
-                row.cmid,
+        # At most max_history_reply_bytes of bodies (and at least one message) per
+        # reply, so one reply never fills the write buffer by itself: `more` says
+        # there is more, and the client pages on with `before`.
+        budget = self._history_reply_bytes
+        items: list[frames.HistoryMessage] = []
+        for row in rows[: req.limit]:
+            size = len(row.body.encode()) + _HISTORY_ITEM_OVERHEAD
+            if items and size > budget:
+                break
+            budget -= size
+            items.append(
+                frames.HistoryMessage(
+                    row.id,
+                    row.sender,
+                    row.recipient if row.room_id is None else None,
+                    row.room_id,
+                    row.body,
+                    rfc3339(row.created_at),
+                    row.cmid,
+                )
             )
-            for row in page
-        ]
-        conn.write(frames.HistoryPage(items, len(rows) > req.limit).encode(req.rid))
+        more = len(rows) > len(items)
+        conn.write(frames.HistoryPage(items, more).encode(req.rid))
 
     async def typing(self, conn: Peer, req: Typing) -> None:
         session = active_session(conn)

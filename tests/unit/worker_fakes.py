@@ -100,6 +100,13 @@ class FakePeer:
     def writable(self) -> bool:
         return not self.closed
 
+    # Bytes the fake accepts before it would be a slow reader (write_room).
+    room = 1 << 30
+
+    @property
+    def write_room(self) -> int:
+        return self.room
+
     def write(self, data: bytes) -> None:
         (self.written_after_close if self.closed else self.frames).extend(frames_of(data))
 
