@@ -52,6 +52,10 @@ CSP = (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# What the logs say for a login name that names no account.
+UNKNOWN_NAME = "(no such name)"
+
+
 def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -79,8 +83,17 @@ def redirect(location: str) -> web.Response:
 
 
 def safe_next(target: str | None) -> str:
-    """Only local paths: never redirect to another site after login."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Only local paths: never redirect to another site after login.
+
+    Browsers drop tabs and newlines from a Location and read a backslash as a
+    slash, so ``next=/%09/evil.com`` (a tab) would be ``//evil.com``: any control
+    character, space or backslash makes the target ``/`` (review L2)."""
+    if (
+        not target
+        or not target.startswith("/")
+        or target.startswith("//")
+        or any(c <= " " or c in "\\\x7f" for c in target)
+    ):
         return "/"
     return target
 
@@ -248,7 +261,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     ok = await passwords.verify(admin.password_hash if admin else None, password)
     if not ok or admin is None or admin.disabled:
         metrics.logins.labels("failed").inc()
-        log.info("admin_login_failed", admin=username, addr=addr)
+        # A name that is no admin's is not logged: it may be a password typed in
+        # the wrong field (review L12).
+        log.info("admin_login_failed", admin=username if admin else UNKNOWN_NAME, addr=addr)
         return _login_form(request, 401, "Wrong admin name or password.", username)
     await throttle.password_right(attempt)
     await dash_store.prune_admin_sessions(

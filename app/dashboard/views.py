@@ -396,7 +396,10 @@ async def metrics_page(request: web.Request) -> web.StreamResponse:
 
 
 def _int(value: str | None) -> int | None:
+    """A query or path number; None when absent, not a number, or beyond a bigint
+    (which the database would refuse: a 500 before, review L12)."""
     try:
-        return int(value) if value else None
+        number = int(value) if value else None
     except ValueError:
         return None
+    return number if number is not None and 0 <= number < 2**63 else None

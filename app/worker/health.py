@@ -35,6 +35,7 @@ class Sources:
     delivered: Callable[[], int]
     resumes: Callable[[], int]
     overloaded: Callable[[], int]
+    events_dropped: Callable[[], int]
 
 
 def health_report(src: Sources) -> dict[str, object]:
@@ -55,6 +56,8 @@ def health_report(src: Sources) -> dict[str, object]:
         "resumes": src.resumes(),
         "slow_readers": metrics.SLOW_READERS.value,
         "overloaded": src.overloaded(),
+        # Events the events log could not keep (database away too long, or refused).
+        "events_dropped": src.events_dropped(),
         # The worst of the last 10-20 s: what the dashboard's Workers page shows.
         "loop_lag_ms": round(src.loop_lag_s() * 1000, 1),
     }

@@ -217,7 +217,9 @@ class Login:
         account = await accounts.find_user(self._pool, username)
         ok = await self._passwords.verify(account.password_hash if account else None, password)
         if not ok or account is None:
-            log.info("login_failed", user=username, addr=host)
+            # A name that is no user's is not logged: it may be a password typed in
+            # the wrong field (review L12).
+            log.info("login_failed", user=username if account else "(no such user)", addr=host)
             return None
         await self._throttle.password_right(attempt)
         return account

@@ -193,6 +193,10 @@ class WorkerCollector(Collector):
                 "Logins, registrations and resumes refused by admission control.",
                 "overloaded",
             ),
+            "switchboard_events_dropped": (
+                "Events the events log dropped (its buffer full, or a batch refused).",
+                "events_dropped",
+            ),
         }
         for name, (help_text, key) in counters.items():
             yield CounterMetricFamily(name, help_text, value=_number(report.get(key)))

@@ -170,6 +170,7 @@ class Worker:
             delivered=lambda: delivery.delivered,
             resumes=lambda: login.resumes,
             overloaded=lambda: admission.overloaded,
+            events_dropped=lambda: self.events.dropped,
         )
         metrics.attach(lambda: health_report(sources), pool)
 

@@ -58,9 +58,12 @@ async def test_worker_metrics_parse_and_count(cluster: LocalCluster) -> None:
         "switchboard_lease_age_seconds",
         "switchboard_event_loop_lag_seconds",
         "switchboard_gc_pause_seconds",
+        "switchboard_events_dropped",
         "process_resident_memory_bytes",
     ):
         assert all(family in m for m in before), family
+    dropped = "switchboard_events_dropped"
+    assert all(value(m, dropped, dropped + "_total") == 0.0 for m in before)
     assert all(value(m, "switchboard_worker_state", state="serving") == 1.0 for m in before)
     for worker in s.worker_ids():
         code, health = await asyncio.to_thread(
@@ -124,10 +127,11 @@ async def test_dashboard_metrics_parse(cluster: LocalCluster) -> None:
         assert family in metrics, family
     assert value(metrics, "switchboard_cluster_db_up") == 1.0
     assert value(metrics, "switchboard_cluster_workers_serving") == s.workers
-    # The public port (HAProxy) serves the pages, not the metrics.
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        await asyncio.to_thread(
-            urllib.request.urlopen, f"http://{s.host}:{s.dashboard_port}/metrics", None, 5
-        )
-    assert refused.value.code == 403
-    refused.value.close()
+    # The public port (HAProxy) serves the pages, not the metrics, however spelled (L3).
+    for path in ("/metrics", "/%6Detrics", "/metrics/", "/%6detrics?x=1"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(
+                urllib.request.urlopen, f"http://{s.host}:{s.dashboard_port}{path}", None, 5
+            )
+        assert refused.value.code == 403, path
+        refused.value.close()

@@ -97,6 +97,7 @@ async def test_the_worker_admin_endpoint_wants_the_derived_token(
         delivered=lambda: 0,
         resumes=lambda: 0,
         overloaded=lambda: 0,
+        events_dropped=lambda: 0,
     )
     compared: list[tuple[bytes, bytes]] = []
     real_compare = hmac.compare_digest
