@@ -182,6 +182,8 @@ class ClientConnection(asyncio.Protocol):
         retry_after = round((1.0 - self._bucket) / self.settings.frames_per_s, 3)
         for i in range(admitted, len(items)):
             item = items[i]
+            if isinstance(item, FrameError) and item.fatal:
+                continue  # frame_too_large, too_many_errors: still closes the connection
             items[i] = FrameError(
                 ErrorCode.RATE_LIMITED,
                 "too many frames too fast; this one was not handled",
