@@ -138,9 +138,16 @@ class ClientConnection(asyncio.Protocol):
         admitted = self._take_tokens(len(items))
         if admitted < len(items):
             if self._bucket < -self.settings.flood_fatal_frames:
-                self.fail(ErrorCode.FLOOD, "far too many frames too fast")
-                return
-            self._over_rate(items, admitted)
+                # The frames within the budget are answered, then `flood` closes the
+                # connection; the frames beyond get nothing (docs/protocol.md).
+                del items[admitted:]
+                items.append(
+                    FrameError(ErrorCode.FLOOD, "far too many frames too fast", fatal=True)
+                )
+                self._paused = True  # read nothing more
+                self._update_reading()
+            else:
+                self._over_rate(items, admitted)
         self._pending.extend(items)
         if self._task is None:
             self._send_now()

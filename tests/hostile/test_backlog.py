@@ -58,13 +58,15 @@ async def fill_inbox(cluster: LocalCluster, user: str) -> list[str]:
 
 async def slow_client(cluster: LocalCluster) -> LineClient:
     """A connection whose receive buffer is 16 KiB (set before connecting, so the
-    window stays small), read through a 16 KiB stream limit."""
+    window stays small)."""
     s = cluster.settings
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (s.host, s.client_port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 17)
+    reader, writer = await asyncio.open_connection(
+        sock=sock, limit=1 << 20
+    )  # a history reply is up to 512 KiB
     return LineClient(reader, writer)
 
 
@@ -77,36 +79,38 @@ async def test_a_throttled_reader_receives_a_backlog_of_2000_large_messages(
     dropped_before = slow_readers(cluster)
 
     client = await slow_client(cluster)
-    await client.send({"op": "hello", "user": user, "password": PASSWORD, "device": "phone"})
-    welcome = await client.recv()
-    assert welcome["op"] == "welcome" and welcome["seq"] == MESSAGES, welcome
-    started = time.monotonic()
-    seqs: list[int] = []
-    reader = client.reader
-    while len(seqs) < MESSAGES:
-        line = await asyncio.wait_for(reader.readline(), 60)
-        assert line.endswith(b"\n"), f"connection closed after {len(seqs)} messages"
-        frame = orjson.loads(line)
-        if frame["op"] == "msg":
-            seqs.append(frame["seq"])
-        await asyncio.sleep(READ_PAUSE_S)  # about 3 MiB/s
-    elapsed = time.monotonic() - started
-    assert seqs == list(range(1, MESSAGES + 1))
-    assert slow_readers(cluster) == dropped_before, "the reader was dropped on the way"
-    assert (await client.request({"op": "ping"}))["op"] == "pong"  # the same connection
+    try:
+        await client.send({"op": "hello", "user": user, "password": PASSWORD, "device": "phone"})
+        welcome = await client.recv()
+        assert welcome["op"] == "welcome" and welcome["seq"] == MESSAGES, welcome
+        started = time.monotonic()
+        seqs: list[int] = []
+        reader = client.reader
+        while len(seqs) < MESSAGES:
+            line = await asyncio.wait_for(reader.readline(), 60)
+            assert line.endswith(b"\n"), f"connection closed after {len(seqs)} messages"
+            frame = orjson.loads(line)
+            if frame["op"] == "msg":
+                seqs.append(frame["seq"])
+            await asyncio.sleep(READ_PAUSE_S)  # about 3 MiB/s
+        elapsed = time.monotonic() - started
+        assert seqs == list(range(1, MESSAGES + 1))
+        assert slow_readers(cluster) == dropped_before, "the reader was dropped on the way"
+        assert (await client.request({"op": "ping"}))["op"] == "pong"  # the same connection
 
-    # history: at most max_history_reply_bytes a reply, the rest by paging.
-    page = await client.request({"op": "history", "with": senders[0], "limit": 100})
-    assert page["more"] is True
-    assert 0 < len(page["messages"]) < 100, len(page["messages"])
-    seen = len(page["messages"])
-    while page["more"]:
-        before = min(m["id"] for m in page["messages"])
-        page = await client.request(
-            {"op": "history", "with": senders[0], "limit": 100, "before": before}
-        )
-        seen += len(page["messages"])
-    assert seen == MESSAGES // SENDERS
-    await client.close()
+        # history: at most max_history_reply_bytes a reply, the rest by paging.
+        page = await client.request({"op": "history", "with": senders[0], "limit": 100})
+        assert page["more"] is True
+        assert 0 < len(page["messages"]) < 100, len(page["messages"])
+        seen = len(page["messages"])
+        while page["more"]:
+            before = min(m["id"] for m in page["messages"])
+            page = await client.request(
+                {"op": "history", "with": senders[0], "limit": 100, "before": before}
+            )
+            seen += len(page["messages"])
+        assert seen == MESSAGES // SENDERS
+    finally:
+        await client.close()
     await bystander_is_unaffected(cluster)
     print(f"backlog of {MESSAGES} x {BODY_CHARS} chars read in {elapsed:.1f} s")

@@ -71,6 +71,8 @@ async def test_only_far_beyond_the_budget_is_a_flood(monkeypatch: pytest.MonkeyP
     conn.data_received(pings(10 + 51))  # one more than that: fatal
     await settle()
     replies = frames_of(bytes(transport.out))
+    # The frames within the budget are answered, then flood; the rest get nothing.
+    assert [r["op"] for r in replies[:-1]] == ["pong"] * 10
     assert replies[-1]["code"] == "flood"
     assert transport.closed
 
