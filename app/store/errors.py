@@ -39,6 +39,10 @@ class AccountDisabled(StoreError):
     """The account is disabled: no session may be opened for it."""
 
 
+class PasswordChanged(StoreError):
+    """The password changed between its check and the session's opening."""
+
+
 class TooManyDevices(StoreError):
     """The user's other devices hold as many live sessions as one user may have."""
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.store.db import columns
-from app.store.errors import AccountDisabled, TooManyDevices
+from app.store.errors import AccountDisabled, PasswordChanged, TooManyDevices
 from app.store.eventlog import EventKind, log_dead_workers_cte, log_sessions_cte
 
 
@@ -119,7 +119,7 @@ async def set_worker_state(pool: asyncpg.Pool, worker_id: str, state: str) -> No
 # serialises one user's logins, so the device count below cannot be raced past the
 # cap; it does not conflict with the FOR KEY SHARE of foreign-key checks (messages
 # to this user commit meanwhile). (FOR KEY SHARE would not do: `disabled` is no key.)
-_LOCK_USER = "SELECT disabled FROM users WHERE id = $1 FOR NO KEY UPDATE"
+_LOCK_USER = "SELECT disabled, password_hash FROM users WHERE id = $1 FOR NO KEY UPDATE"
 
 # Live sessions (active or resumable) of the user's other devices.
 _OTHER_LIVE_DEVICES = (
@@ -135,17 +135,24 @@ async def open_session(
     remote_addr: str,
     resume_token_hash: bytes | None = None,
     max_devices: int | None = None,
+    password_hash: str | None = None,
 ) -> OpenedSession:
     """Record a new session; a live session of the same device is replaced (one per device).
 
     Raises AccountDisabled if the account is disabled when the transaction runs,
     whatever the caller read before: a login racing a disable either fails here
     or opens a row the disable then closes (see `_LOCK_USER`). Raises
-    TooManyDevices if the user's other devices hold ``max_devices`` live sessions.
+    TooManyDevices if the user's other devices hold ``max_devices`` live sessions,
+    and PasswordChanged if the password is no longer ``password_hash`` (the hash the
+    caller verified): a login checked just before a password change committed
+    cannot open a session after it (the change ended every other session).
     """
     async with pool.acquire() as conn, conn.transaction():
-        if await conn.fetchval(_LOCK_USER, user_id) is not False:
+        user = await conn.fetchrow(_LOCK_USER, user_id)
+        if user is None or user["disabled"] is not False:
             raise AccountDisabled(f"user {user_id} is disabled")
+        if password_hash is not None and user["password_hash"] != password_hash:
+            raise PasswordChanged(f"user {user_id} changed password during the login")
         if max_devices is not None:
             others = await conn.fetchval(_OTHER_LIVE_DEVICES, user_id, device)
             if others >= max_devices:

@@ -28,7 +28,7 @@ from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import AccountDisabled, TooManyDevices, UserExists
+from app.store.errors import AccountDisabled, PasswordChanged, TooManyDevices, UserExists
 from app.store.eventlog import EventLog
 from app.store.passwords import Passwords
 from app.store.sessions import ResumeRequest
@@ -115,9 +115,12 @@ class Login:
                 peer.peer,
                 token_hash(token),
                 max_devices=s.max_devices_per_user,
+                password_hash=account.password_hash,
             )
         except AccountDisabled:  # disabled since find_user read the account
             raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled") from None
+        except PasswordChanged:  # the password checked is not the account's any more
+            raise RequestError(ErrorCode.AUTH_FAILED, "wrong username or password") from None
         except TooManyDevices:
             raise RequestError(
                 ErrorCode.TOO_MANY_DEVICES,

@@ -9,6 +9,7 @@ workers will once HAProxy sends the PROXY protocol.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -226,6 +227,23 @@ async def test_a_password_change_ends_the_other_sessions_and_their_tokens(h: Har
     assert h.store.sessions[mine].state == "active"
     assert h.store.sessions[mine].token_hash is not None
     assert await h.request(a, Ping(rid=1)) == [{"op": "pong", "rid": 1}]
+
+
+async def test_a_login_checked_before_a_password_change_opens_no_session(h: Harness) -> None:
+    """The change commits between this login's check and its session: the session
+    is refused (the change ended every other session; this one must not outlive it)."""
+    alice = h.store.add_user("alice")
+    verify = h.passwords.verify
+
+    async def verify_then_change(password_hash: str | None, password: str) -> bool:
+        ok = await verify(password_hash, password)
+        h.store.users["alice"] = dataclasses.replace(alice, password_hash="hash:changed!")
+        return ok
+
+    h.passwords.verify = verify_then_change  # type: ignore[method-assign]
+    peer = h.connect(VICTIM)
+    assert code(await hello(h, peer, "alice", GOOD_PASSWORD)) == "auth_failed"
+    assert not [row for row in h.store.sessions.values() if row.user_id == alice.id]
 
 
 # ---- registrations ----------------------------------------------------------------------

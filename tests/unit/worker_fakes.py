@@ -34,7 +34,7 @@ from app.store import accounts, throttle
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import AccountDisabled, NotFound, TooManyDevices, UserExists
+from app.store.errors import AccountDisabled, NotFound, PasswordChanged, TooManyDevices, UserExists
 from app.store.eventlog import EventLog
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import (
@@ -402,10 +402,15 @@ class FakeStore:
         remote_addr: str,
         resume_token_hash: bytes | None = None,
         max_devices: int | None = None,
+        password_hash: str | None = None,
     ) -> OpenedSession:
         self._call("open_session", user_id, device, worker_id)
         if any(a.id == user_id and a.disabled for a in self.users.values()):
             raise AccountDisabled(f"user {user_id} is disabled")
+        if password_hash is not None and any(
+            a.id == user_id and a.password_hash != password_hash for a in self.users.values()
+        ):
+            raise PasswordChanged(f"user {user_id} changed password during the login")
         others = sum(
             1
             for row in self.sessions.values()
