@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from app.cluster.launcher import LocalCluster
 from tests.hostile.bystander import bystander_is_unaffected
 from tests.integration.helpers import (
@@ -79,6 +81,40 @@ async def test_contact_requests_cannot_become_a_stream(cluster: LocalCluster) ->
     oks = sum(1 for r in got if r["op"] == "ok")
     assert oks <= cluster.settings.social_ops_burst + 3, got
     assert any(r.get("code") == "rate_limited" for r in got)
+    await attacker.close()
+    await bystander_is_unaffected(cluster)
+
+
+@pytest.mark.parametrize(
+    ("op", "budget"),
+    [
+        ({"op": "typing"}, "typing_ops_burst"),
+        ({"op": "room_create", "name": "flood"}, "social_ops_burst"),
+        ({"op": "history"}, "query_ops_burst"),
+    ],
+    ids=["typing", "room_create", "history"],
+)
+async def test_each_costly_op_has_its_own_budget(
+    cluster: LocalCluster, op: dict[str, Any], budget: str
+) -> None:
+    """Three times an op class's burst, pipelined on one connection: about a burst
+    is served, the rest is refused `rate_limited`, the connection lives, and a
+    bystander notices nothing."""
+    attacker, _ = await login(cluster, new_user("opflood"))
+    room = (await attacker.request({"op": "room_create", "name": "mine"}))["room"]
+    if op["op"] in ("typing", "history"):
+        op = {**op, "room": room}
+    burst = int(getattr(cluster.settings, budget))
+    n = 3 * burst
+    for i in range(n):
+        await attacker.send({**op, "rid": i})
+    got = await replies(attacker, n)
+    assert [r["rid"] for r in got] == list(range(n))
+    served = [r for r in got if r["op"] != "error"]
+    refused = [r for r in got if r["op"] == "error"]
+    assert len(served) <= burst + 2, got
+    assert refused and {r["code"] for r in refused} == {"rate_limited"}, refused
+    assert (await attacker.request({"op": "ping"}))["op"] == "pong"
     await attacker.close()
     await bystander_is_unaffected(cluster)
 
