@@ -141,6 +141,17 @@ def cmd_restart_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tls(args: argparse.Namespace) -> int:
+    from app.cluster.launcher import LocalCluster
+
+    certs = LocalCluster(_settings(args), say=_say).reload_tls(renew=args.renew)
+    names = ", ".join(certs.names)
+    print(f"serving serial {certs.serial:x} for {names}, valid until {certs.not_after:%Y-%m-%d}")
+    if certs.ca_file is not None:
+        print(f"clients trust the cluster CA {certs.ca_file}")
+    return 0
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -247,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         "restart-workers",
         cmd_restart_workers,
         "rolling restart: each worker in turn drains, stops and starts again",
+    )
+
+    p = add(
+        "tls",
+        cmd_tls,
+        "reload the TLS certificate (tls_cert/tls_key, or the cluster's own) into every "
+        "HAProxy process without dropping connections",
+    )
+    p.add_argument("action", choices=["reload"])
+    p.add_argument(
+        "--renew", action="store_true", help="make a new server certificate (generated ones only)"
     )
 
     p = add(

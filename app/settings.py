@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,9 @@ from typing import Any, TypeAlias
 
 ENV_PREFIX = "SWITCHBOARD_"
 
+# A DNS name for a certificate: labels of letters, digits and hyphens; a leading `*.`.
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(\*\.)?({_DNS_LABEL}\.)*{_DNS_LABEL}")
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 # How far HAProxy's client/server timeouts sit above idle_timeout_s (edge_timeout_s).
 EDGE_TIMEOUT_MARGIN_S = 30.0
@@ -38,7 +42,24 @@ class Settings:
 
     # Client-facing tier.
     workers: int = 3
+    # The plaintext client port. It binds loopback only (127.0.0.1, or ::1 when the
+    # public address is IPv6), for tools on the cluster host, unless
+    # allow_plaintext_public: passwords and resume tokens cross it in clear text.
     client_port: int = 5222
+    allow_plaintext_public: bool = False
+    # The TLS client port (HAProxy terminates TLS; the same protocol inside).
+    client_tls_port: int = 5223
+    # The address the public client ports bind (TLS, and plaintext when allowed);
+    # empty: `host`. Lets a one-machine cluster keep its workers, databases and stats
+    # page on loopback and publish only the TLS port.
+    public_host: str = ""
+    # The server certificate and its key (PEM files) HAProxy serves on the TLS ports.
+    # Both empty: the cluster makes its own CA (<state_dir>/tls/ca.pem, which clients
+    # must trust) and a server certificate signed by it, for `host`, `public_host`,
+    # localhost, 127.0.0.1, ::1 and tls_names (comma-separated DNS names or addresses).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_names: str = ""
     worker_base_port: int = 7001
     worker_health_base_port: int = 7101
     # HAProxy's agent check asks each worker "ready" or "drain" on this port.
@@ -237,7 +258,10 @@ class Settings:
     # dashboard process on dashboard_port + dashboard_app_port_offset (an offset, so
     # every cluster that moves dashboard_port moves its app port along with it).
     dashboard_app_port_offset: int = 1
-    # HAProxy terminates TLS for the dashboard with this PEM (certificate + key), if set.
+    # HAProxy serves the dashboard over TLS (with HSTS) with the client ports'
+    # certificate; dashboard_tls_pem (certificate + key in one file) overrides it.
+    # dashboard_tls = false serves plain HTTP (a test cluster, a TLS proxy in front).
+    dashboard_tls: bool = True
     dashboard_tls_pem: str = ""
     # An admin session ends after this long without a request, and after the maximum age.
     dashboard_idle_timeout_s: float = 1800.0
@@ -274,6 +298,11 @@ class Settings:
         if not 1 <= self.dashboard_app_port() <= 65535 or self.dashboard_app_port_offset == 0:
             raise SettingsError("dashboard_port + dashboard_app_port_offset must be another port")
         _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
+        if self.client_port == self.client_tls_port:
+            raise SettingsError("client_port and client_tls_port must differ")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("tls_cert and tls_key go together: set both, or neither")
+        self.tls_name_list()  # raises SettingsError when one is not a name or address
         if self.auth_timeout_s <= 0 or self.idle_timeout_s <= 0:
             raise SettingsError("auth_timeout_s and idle_timeout_s must be positive")
         if min(self.tcp_keepalive_idle_s, self.tcp_keepalive_interval_s) < 1:
@@ -359,6 +388,42 @@ class Settings:
         """Where the dashboard process listens; HAProxy's dashboard_port forwards here."""
         return self.dashboard_port + self.dashboard_app_port_offset
 
+    def public_bind_host(self) -> str:
+        """Where the TLS client port (and a public plaintext one) listens."""
+        return self.public_host or self.host
+
+    def plaintext_bind_host(self) -> str:
+        """Where the plaintext client port listens: loopback, unless allowed in public."""
+        public = self.public_bind_host()
+        if self.allow_plaintext_public:
+            return public
+        try:
+            address = ipaddress.ip_address(public.strip("[]"))
+        except ValueError:
+            return "127.0.0.1"  # a name: loopback, by the address family we know works
+        if address.is_loopback:
+            return public
+        return "::1" if address.version == 6 else "127.0.0.1"
+
+    def plaintext_is_public(self) -> bool:
+        return self.allow_plaintext_public and not _is_loopback(self.plaintext_bind_host())
+
+    def tls_ca_file(self) -> Path:
+        """The cluster's own CA certificate (app/cluster/tls.py), which clients trust."""
+        return self.state_dir.resolve() / "tls" / "ca.pem"
+
+    def tls_name_list(self) -> tuple[str, ...]:
+        """``tls_names`` split and checked: each a DNS name (``*.`` allowed) or an address."""
+        names = []
+        for item in self.tls_names.split(","):
+            name = item.strip()
+            if not name:
+                continue
+            if not (is_address(name) or _DNS_NAME.fullmatch(name)):
+                raise SettingsError(f"tls_names: {name!r} is not a DNS name or an address")
+            names.append(name)
+        return tuple(names)
+
     def proxy_networks(self) -> tuple[IPNetwork, ...]:
         """Where a worker accepts connections from: proxy_trusted_addrs, and `host`."""
         networks = _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
@@ -412,6 +477,7 @@ class Settings:
         """Every listening port of the local cluster, named for error messages."""
         ports = {
             "client_port": self.client_port,
+            "client_tls_port": self.client_tls_port,
             "haproxy_stats_port": self.haproxy_stats_port,
             "dashboard_port": self.dashboard_port,
             "dashboard app": self.dashboard_app_port(),
@@ -440,6 +506,22 @@ def _networks(name: str, text: str) -> tuple[IPNetwork, ...]:
         )
     except ValueError as exc:
         raise SettingsError(f"setting {name}: {exc}") from None
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (not a name, not a network)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text.strip("[]")).is_loopback
+    except ValueError:
+        return text == "localhost"
 
 
 def _index(name: str) -> int:

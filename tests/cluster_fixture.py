@@ -51,6 +51,8 @@ def make_settings(workers: int = 3, **overrides: object) -> Settings:
         "etcd_client_port": base + 4,
         "etcd_peer_port": base + 5,
         "dashboard_port": base + 6,
+        # base + 7 is the dashboard app port (dashboard_port + dashboard_app_port_offset).
+        "client_tls_port": base + 8,
         "pg_base_port": base + 10,
         "patroni_rest_base_port": base + 15,
         "worker_base_port": base + 20,

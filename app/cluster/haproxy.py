@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from app.cluster.errors import ComponentFailed
 from app.cluster.layout import Layout
 from app.settings import Settings
 
@@ -50,16 +51,21 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         maxconn=MAXCONN,
         stats_socket=stats_socket,
         host=host,
+        client_plain_host=settings.plaintext_bind_host(),
         client_port=settings.client_port,
+        # Every process binds the TLS port too (SO_REUSEPORT) and loads the PEM itself;
+        # `switchboard tls reload` hands each one the new certificate.
+        client_tls_bind=(
+            f"    bind {settings.public_bind_host()}:{settings.client_tls_port} "
+            f"tcp-ut {settings.tcp_user_timeout_s()}s ssl crt {layout.haproxy_pem} "
+            "ssl-min-ver TLSv1.2"
+        ),
         db_primary_port=settings.db_primary_port,
         db_replica_port=settings.db_replica_port,
         haproxy_stats_port=settings.haproxy_stats_port,
         dashboard_port=settings.dashboard_port,
         dashboard_app_port=settings.dashboard_app_port(),
-        # With a PEM (certificate + key), HAProxy serves the dashboard over TLS.
-        dashboard_tls=(
-            f" ssl crt {settings.dashboard_tls_pem}" if settings.dashboard_tls_pem else ""
-        ),
+        dashboard_tls=_dashboard_tls(settings, layout),
         worker_servers=workers,
         primary_servers=db,
         replica_servers=db,
@@ -75,6 +81,15 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         conn_table_expire=f"{max(60, 2 * settings.conn_rate_period_s)}s",
         conn_cap_exempt=" ".join(str(net) for net in settings.conn_cap_exempt_networks()),
     )
+
+
+def _dashboard_tls(settings: Settings, layout: Layout) -> str:
+    """The dashboard bind's TLS options: its own PEM, the client ports' one, or none."""
+    if settings.dashboard_tls_pem:
+        return f" ssl crt {settings.dashboard_tls_pem}"
+    if settings.dashboard_tls:
+        return f" ssl crt {layout.haproxy_pem}"
+    return ""
 
 
 def _ms(seconds: float) -> str:
@@ -123,6 +138,28 @@ def _command_or_gone(layout: Layout, command: str, timeout: float, path: Path) -
         if path == layout.haproxy_socket:
             raise
         return None
+
+
+def push_certificate(layout: Layout, pem: Path, timeout: float = 5.0) -> int:
+    """Hand every running HAProxy process the current content of ``pem`` (the path its
+    config names after ``crt``) through the runtime API, without a restart: open
+    connections keep their sessions, new handshakes get the new certificate. Returns
+    how many processes took it; one that refuses raises ComponentFailed."""
+    # The payload ends at the first empty line: the PEM has none inside.
+    payload = "\n".join(line for line in pem.read_text().splitlines() if line.strip())
+    taken = 0
+    for path in layout.haproxy_sockets():
+        reply = _command_or_gone(layout, f"set ssl cert {pem} <<\n{payload}\n", timeout, path)
+        if reply is None:
+            continue
+        if "Transaction" not in reply:
+            raise ComponentFailed(f"{path.stem}: set ssl cert: {reply.strip()}")
+        reply = runtime_command(layout, f"commit ssl cert {pem}", timeout, stats_socket=path)
+        if "Success!" not in reply:
+            runtime_command(layout, f"abort ssl cert {pem}", timeout, stats_socket=path)
+            raise ComponentFailed(f"{path.stem}: commit ssl cert: {reply.strip()}")
+        taken += 1
+    return taken
 
 
 def server_states(layout: Layout) -> list[ServerState]:

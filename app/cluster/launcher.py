@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncpg
 
-from app.cluster import etcd, haproxy, patroni
+from app.cluster import etcd, haproxy, patroni, tls
 from app.cluster.errors import AlreadyRunning, ClusterError, ComponentFailed
 from app.cluster.health import http_json, port_free, wait_for
 from app.cluster.layout import Layout, load_or_create_secrets
@@ -228,6 +228,8 @@ class LocalCluster:
             run_as.chown(cfg)
         for stale in self.layout.haproxy_sockets():
             stale.unlink(missing_ok=True)  # a crashed run's: a new one must not look ready
+        certs = tls.ensure_certificates(self.settings)
+        self.say(f"    tls: {certs.decision}")
         for name in self.settings.haproxy_names():
             self.layout.haproxy_cfg_of(name).write_text(
                 haproxy.render(self.settings, self.layout, name)
@@ -292,6 +294,18 @@ class LocalCluster:
                 timeout=10,
                 alive=self._alive_check(name),
             )
+
+    def reload_tls(self, renew: bool = False) -> tls.TlsFiles:
+        """Read the certificate files again (or make a new server certificate, when
+        due or asked) and hand them to every running HAProxy process, without a
+        restart: open TLS connections stay, new ones get the new certificate."""
+        if not self.layout.haproxy_sockets():
+            raise ComponentFailed("no HAProxy is running here (`switchboard up`)")
+        certs = tls.ensure_certificates(self.settings, renew=renew)
+        self.say(f"tls: {certs.decision}")
+        taken = haproxy.push_certificate(self.layout, certs.haproxy_pem)
+        self.say(f"tls: {taken} HAProxy process(es) serve certificate serial {certs.serial:x}")
+        return certs
 
     def _wait_db(self) -> None:
         nodes = self.settings.node_names()
@@ -496,17 +510,20 @@ class LocalCluster:
                 ok = running and m is not None and m.state in ("running", "streaming")
             elif name == "haproxy":
                 endpoint = (
-                    f"clients {s.host}:{s.client_port}, db primary :{s.db_primary_port}, "
+                    f"{_client_ports(s)}, db primary :{s.db_primary_port}, "
                     f"replicas :{s.db_replica_port}, stats http://{s.host}:{s.haproxy_stats_port}/"
                 )
                 ok = running and self.layout.haproxy_socket.exists()
                 detail = "serving" if ok else "down"
             elif name.startswith("haproxy"):
-                endpoint = f"clients {s.host}:{s.client_port} (shared with haproxy)"
+                endpoint = f"{_client_ports(s)} (shared with haproxy)"
                 ok = running and self.layout.haproxy_socket_of(name).exists()
                 detail = "serving" if ok else "down"
             elif name == "dashboard":
-                endpoint = f"http://{s.host}:{s.dashboard_port}/ (app :{s.dashboard_app_port()})"
+                scheme = "https" if s.dashboard_tls or s.dashboard_tls_pem else "http"
+                endpoint = (
+                    f"{scheme}://{s.host}:{s.dashboard_port}/ (app :{s.dashboard_app_port()})"
+                )
                 code, body = http_json(f"http://{s.host}:{s.dashboard_app_port()}/healthz")
                 ok = running and code == 200
                 detail = (
@@ -537,6 +554,15 @@ class LocalCluster:
         except OSError:
             return []
         return data.splitlines()[-lines:]
+
+
+def _client_ports(s: Settings) -> str:
+    """Both client ports, and whether the plaintext one is reachable from other hosts."""
+    reach = "PUBLIC" if s.plaintext_is_public() else "loopback only"
+    return (
+        f"clients TLS {s.public_bind_host()}:{s.client_tls_port}, "
+        f"plaintext {s.plaintext_bind_host()}:{s.client_port} ({reach})"
+    )
 
 
 def format_status(rows: list[ComponentStatus]) -> str:

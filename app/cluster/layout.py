@@ -57,6 +57,15 @@ class Layout:
         """The runtime API sockets of the running HAProxy processes, the first one first."""
         return sorted(self.run.glob("haproxy*.sock"), key=lambda p: (len(p.name), p.name))
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def haproxy_pem(self) -> Path:
+        """The certificate chain and key HAProxy serves (app/cluster/tls.py writes it)."""
+        return self.tls_dir / "haproxy.pem"
+
     def node_dir(self, node: str) -> Path:
         return self.root / "db" / node
 

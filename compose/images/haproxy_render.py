@@ -53,6 +53,9 @@ VALUES = {
     "stats_socket": "/run/haproxy/admin.sock",
     "host": "",  # bind every address of the container; see fix_servers for server lines
     "client_port": 5222,
+    # Compose publishes the plaintext port as before; its TLS is the rest of issue #15.
+    "client_plain_host": "",
+    "client_tls_bind": "    # no TLS port in compose yet (issue #15)",
     "db_primary_port": 5000,
     "db_replica_port": 5001,
     "haproxy_stats_port": 8404,

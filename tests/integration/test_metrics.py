@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import urllib.error
 import urllib.request
 
@@ -128,10 +130,15 @@ async def test_dashboard_metrics_parse(cluster: LocalCluster) -> None:
     assert value(metrics, "switchboard_cluster_db_up") == 1.0
     assert value(metrics, "switchboard_cluster_workers_serving") == s.workers
     # The public port (HAProxy) serves the pages, not the metrics, however spelled (L3).
+    # It serves them over TLS, with the cluster's own CA.
+    context = ssl.create_default_context(cafile=s.tls_ca_file())
     for path in ("/metrics", "/%6Detrics", "/metrics/", "/%6detrics?x=1"):
         with pytest.raises(urllib.error.HTTPError) as refused:
             await asyncio.to_thread(
-                urllib.request.urlopen, f"http://{s.host}:{s.dashboard_port}{path}", None, 5
+                functools.partial(urllib.request.urlopen, context=context),
+                f"https://{s.host}:{s.dashboard_port}{path}",
+                None,
+                5,
             )
         assert refused.value.code == 403, path
         refused.value.close()

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from app.cluster import haproxy
+from app.cluster import haproxy, tls
 from app.cluster.layout import Layout
 from app.settings import Settings
 
@@ -100,6 +100,8 @@ def test_settings_reach_the_local_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("which", ["local", "compose"])
 def test_haproxy_accepts_the_config(tmp_path: Path, which: str) -> None:
+    if which == "local":
+        tls.ensure_certificates(Settings(state_dir=tmp_path))  # the PEM the binds load
     config = local_config(tmp_path) if which == "local" else compose_config()
     # The runtime API socket must be somewhere writable for the check.
     config = re.sub(r"stats socket \S+", f"stats socket {tmp_path}/admin.sock", config)
