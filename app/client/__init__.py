@@ -6,7 +6,14 @@ no internals with the worker. `Client` is one connection (app/client/sdk.py);
 worker restarts and failovers (app/client/resilient.py).
 """
 
-from app.client.errors import ClientError, ConnectionLost, ProtocolError, ServerError, Timeout
+from app.client.errors import (
+    ClientError,
+    ConnectionLost,
+    ProtocolError,
+    ServerError,
+    Timeout,
+    UntrustedServer,
+)
 from app.client.events import (
     Contact,
     ContactRequest,
@@ -28,7 +35,7 @@ from app.client.events import (
     Welcome,
 )
 from app.client.resilient import LinkState, ReconnectPolicy, ResilienceStats, ResilientClient
-from app.client.sdk import Client, new_cmid
+from app.client.sdk import Client, new_cmid, tls_context
 
 __all__ = [
     "Client",
@@ -58,6 +65,8 @@ __all__ = [
     "Timeout",
     "Typing",
     "Unknown",
+    "UntrustedServer",
     "Welcome",
     "new_cmid",
+    "tls_context",
 ]

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -35,7 +36,7 @@ from app.client.events import (
     ServerClosed,
     Typing,
 )
-from app.client.sdk import Client
+from app.client.sdk import Client, tls_context
 from app.protocol import CLIENT_PRESENCE_STATES
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,25 @@ def add_commands(
 
 def _add_login_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, help="server port (default: the client_port setting)")
+    p.add_argument(
+        "--port",
+        type=int,
+        help="server port (default: the client_tls_port setting with --tls, else client_port)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect over TLS, verifying the server's certificate and host name "
+        "(the plaintext port only listens on the server's loopback)",
+    )
+    p.add_argument(
+        "--cafile",
+        help="CA certificate(s) to trust with --tls (default: the local cluster's "
+        "<state_dir>/tls/ca.pem if it exists, else the system's CAs)",
+    )
+    p.add_argument(
+        "--server-name", help="the name the server's certificate must hold (default: --host)"
+    )
     p.add_argument("--user", required=True, help="your user name")
     p.add_argument(
         "--password",
@@ -121,14 +140,40 @@ class Login:
     user: str
     device: str
     password: str = field(repr=False)
+    tls: ssl.SSLContext | None = field(default=None, repr=False)  # None: plaintext
+    server_name: str | None = None
+
+    async def connect(self, *, keep_events: bool = True) -> Client:
+        return await Client.connect(
+            self.host,
+            self.port,
+            keep_events=keep_events,
+            tls=self.tls or False,
+            server_hostname=self.server_name,
+        )
 
 
 def _login_from_args(args: argparse.Namespace) -> Login:
+    from app.settings import Settings
+
+    settings = Settings.load(
+        config_file=getattr(args, "config", None), state_dir=getattr(args, "state_dir", None)
+    )
     port = args.port
     if port is None:
-        from app.settings import Settings
-
-        port = Settings.load(config_file=getattr(args, "config", None)).client_port
+        port = settings.client_tls_port if args.tls else settings.client_port
+    context = None
+    if args.tls:
+        cafile = args.cafile
+        local_ca = settings.tls_ca_file()
+        if cafile is None and not settings.tls_cert and local_ca.exists():
+            cafile = str(local_ca)  # the local cluster's own CA (operators' certs: the system's)
+        try:
+            context = tls_context(cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot load the CA file {cafile}: {exc}") from None
+    elif args.cafile or args.server_name:
+        raise UsageError("--cafile and --server-name need --tls")
     password = args.password or os.environ.get(PASSWORD_ENV)
     if not password:
         if not sys.stdin.isatty():
@@ -137,7 +182,15 @@ def _login_from_args(args: argparse.Namespace) -> Login:
             password = getpass.getpass(f"password for {args.user}: ")
         except EOFError:
             raise UsageError("no password given") from None
-    return Login(host=args.host, port=port, user=args.user, device=args.device, password=password)
+    return Login(
+        host=args.host,
+        port=port,
+        user=args.user,
+        device=args.device,
+        password=password,
+        tls=context,
+        server_name=args.server_name,
+    )
 
 
 def _run(main: Callable[[Login], Coroutine[Any, Any, int]], args: argparse.Namespace) -> int:
@@ -170,7 +223,7 @@ async def send_message(
     cmid: str | None = None,
     out: Out = _say,
 ) -> int:
-    async with await Client.connect(login.host, login.port, keep_events=False) as client:
+    async with await login.connect(keep_events=False) as client:
         await client.login(login.user, login.password, login.device)
         sent = await client.send(body, to=to, room=room, cmid=cmid)
     out(f"sent id={sent.id} ts={sent.ts}")
@@ -182,7 +235,7 @@ async def send_message(
 
 def cmd_chat(args: argparse.Namespace) -> int:
     async def main(login: Login) -> int:
-        async with await Client.connect(login.host, login.port) as client:
+        async with await login.connect() as client:
             if args.register:
                 try:
                     await client.register(login.user, login.password)

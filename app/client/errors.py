@@ -6,6 +6,7 @@ One tree, rooted in `ClientError`::
     ├── ServerError      the server answered a request with an ``error`` frame (remote)
     ├── ProtocolError    the server sent something v1 does not allow (local detection)
     ├── ConnectionLost   the connection could not be opened, or closed (also a ConnectionError)
+    │   └── UntrustedServer  TLS could not verify the server: certificate or host name
     └── Timeout          no reply or event in time (also a TimeoutError)
 
 Branch on `ServerError.code` (a wire error code), never on the message text.
@@ -52,6 +53,12 @@ class ProtocolError(ClientError):
 
 class ConnectionLost(ClientError, ConnectionError):
     """The connection could not be opened or is closed; pending requests fail with this."""
+
+
+class UntrustedServer(ConnectionLost):
+    """The TLS handshake failed verification: the server's certificate is not signed by
+    a CA the client trusts, has expired, or does not name the host the client dialled.
+    Its ``__cause__`` is the `ssl.SSLCertVerificationError`."""
 
 
 class Timeout(ClientError, TimeoutError):

@@ -61,7 +61,9 @@ import asyncio
 import enum
 import functools
 import logging
+import os
 import random
+import ssl
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
@@ -84,7 +86,7 @@ from app.client.events import (
     read_reply,
 )
 from app.client.requests import Requests, exactly_one
-from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid
+from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid, tls_context
 from app.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -209,9 +211,13 @@ class ResilientClient(Requests):
         max_line_bytes: int,
         max_events: int,
         keep_events: bool,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
     ) -> None:
         self._host = host
         self._port = port
+        self._tls = tls  # one context for every link: each reconnect verifies alike
+        self._server_hostname = server_hostname
         self._policy = policy
         self._timeout = timeout
         self._max_line_bytes = max_line_bytes
@@ -258,11 +264,16 @@ class ResilientClient(Requests):
         max_line_bytes: int = MAX_LINE_BYTES,
         max_events: int = MAX_EVENTS,
         keep_events: bool = True,
+        tls: bool | ssl.SSLContext = False,
+        cafile: str | os.PathLike[str] | None = None,
+        server_hostname: str | None = None,
     ) -> ResilientClient:
         """Open the first connection (`ConnectionLost`/`Timeout` if that fails).
 
         ``timeout`` bounds each connect, login and request other than `send`;
-        ``keep_events=False`` discards events, as for `Client`.
+        ``keep_events=False`` discards events, and ``tls``, ``cafile`` and
+        ``server_hostname`` are as for `Client.connect`: every reconnect (and its
+        resume) goes over TLS, verified the same way.
         """
         self = cls(
             host,
@@ -272,6 +283,8 @@ class ResilientClient(Requests):
             max_line_bytes=max_line_bytes,
             max_events=max_events,
             keep_events=keep_events,
+            tls=tls_context(cafile) if tls is True else tls or None,
+            server_hostname=server_hostname,
         )
         await self._open_link()
         self._spawn(self._supervise(), "switchboard-client-supervisor")
@@ -597,6 +610,8 @@ class ResilientClient(Requests):
             timeout=self._timeout,
             max_line_bytes=self._max_line_bytes,
             on_event=functools.partial(self._on_link_event, number),
+            tls=self._tls or False,
+            server_hostname=self._server_hostname,
         )
         # No await since connect: the new link's reader has not run yet.
         self._links_opened = number

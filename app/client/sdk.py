@@ -2,12 +2,18 @@
 
 ::
 
-    async with await Client.connect("127.0.0.1", 5222) as client:
+    async with await Client.connect("chat.example.com", 5223, tls=True) as client:
         await client.login("alice", "correct horse battery", "laptop")
         await client.send("hi bob", to="bob")
         async for event in client.events():
             if isinstance(event, Msg):
                 await client.ack(event.seq)
+
+``tls=True`` speaks TLS (the server's port 5223) and verifies the server: its
+certificate must chain to a trusted CA (the system's, or ``cafile``, such as a local
+cluster's ``<state_dir>/tls/ca.pem``) and name ``server_hostname`` (the host dialled
+by default); `UntrustedServer` otherwise. Without it the connection is plaintext,
+which a server offers on loopback only (port 5222).
 
 Framing is newline-delimited orjson. Every request carries a fresh integer
 ``rid``; one background task reads the socket, resolves the pending request
@@ -32,6 +38,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 import uuid
 from collections.abc import Callable
 from types import TracebackType
@@ -39,7 +46,14 @@ from typing import Any, Final
 
 import orjson
 
-from app.client.errors import ClientError, ConnectionLost, ProtocolError, ServerError, Timeout
+from app.client.errors import (
+    ClientError,
+    ConnectionLost,
+    ProtocolError,
+    ServerError,
+    Timeout,
+    UntrustedServer,
+)
 from app.client.events import (
     ErrorEvent,
     Event,
@@ -96,6 +110,15 @@ class _End:
 _END: Final = _End()
 
 
+def tls_context(cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """A client context that verifies the server's certificate and host name: against
+    ``cafile`` when given, else the system's CAs. Make one and share it between
+    connections: loading a CA bundle costs more than a handshake."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def new_cmid() -> str:
     """A fresh client message id; keep it to resend the same message on another connection."""
     return uuid.uuid4().hex
@@ -147,8 +170,16 @@ class Client(Requests):
         max_events: int = MAX_EVENTS,
         keep_events: bool = True,
         on_event: Callable[[Event], str | None] | None = None,
+        tls: bool | ssl.SSLContext = False,
+        cafile: str | os.PathLike[str] | None = None,
+        server_hostname: str | None = None,
     ) -> Client:
-        """Open a connection. ``timeout`` bounds the connect and is each request's default.
+        """Open a connection. ``timeout`` bounds the connect (and the TLS handshake) and
+        is each request's default.
+
+        ``tls=True`` makes a `tls_context` (with ``cafile``); an `ssl.SSLContext` is used
+        as it is. ``server_hostname`` is the name the certificate must hold (default
+        ``host``).
 
         With ``keep_events=False`` server-initiated frames are discarded (``last_seq``
         is still tracked): for one-shot tools that never read `events()`.
@@ -159,12 +190,25 @@ class Client(Requests):
         use `wait_closed` and `close_reason`). A string it returns drops the
         connection with that reason.
         """
+        context = tls_context(cafile) if tls is True else tls or None
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=max_line_bytes), timeout
+                asyncio.open_connection(
+                    host,
+                    port,
+                    limit=max_line_bytes,
+                    ssl=context,
+                    server_hostname=(server_hostname or host) if context else None,
+                    ssl_handshake_timeout=timeout if context else None,
+                ),
+                timeout,
             )
         except TimeoutError:
             raise Timeout(f"cannot connect to {host}:{port} within {timeout:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UntrustedServer(
+                f"cannot verify {server_hostname or host}:{port}: {exc.verify_message}"
+            ) from exc
         except OSError as exc:
             why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConnectionLost(f"cannot connect to {host}:{port}: {why}") from exc
