@@ -28,6 +28,9 @@ class Target:
     worker_ports: dict[str, int] = field(default_factory=dict)
     state_dir: Path | None = None
     own_cluster: bool = False
+    # The TLS client port and the CA that signs its certificate (the cluster's own).
+    client_tls_port: int | None = None
+    ca_file: Path | None = None
 
     def worker_pid(self, worker: str) -> int | None:
         if self.state_dir is None:
@@ -72,20 +75,34 @@ def _ports_from_haproxy_cfg(state_dir: Path) -> tuple[int | None, dict[str, int]
     return client, workers
 
 
+def _tls_port_from_haproxy_cfg(state_dir: Path) -> int | None:
+    text = (state_dir / "haproxy.cfg").read_text()
+    # The client frontend's TLS bind (the dashboard's has no ssl-min-ver of its own).
+    found = re.search(r"^\s*bind \S+:(\d+) [^\n]*\bssl crt [^\n]*ssl-min-ver", text, re.M)
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
 def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) -> Iterator[Target]:
     """The cluster to measure: a running one (--port/--state-dir) or a fresh one of our own."""
     if args.port is not None or args.state_dir is not None:
         if args.set:
             raise SystemExit("--set applies only to a cluster the benchmark starts itself")
-        client_port, worker_ports = None, {}
+        client_port, worker_ports = None, dict[str, int]()
         if args.state_dir is not None:
             client_port, worker_ports = _ports_from_haproxy_cfg(args.state_dir)
+        state_dir = args.state_dir.resolve() if args.state_dir else None
         yield Target(
             host=args.host,
             client_port=args.port if args.port is not None else (client_port or 5222),
             worker_ports=worker_ports,
-            state_dir=args.state_dir.resolve() if args.state_dir else None,
+            state_dir=state_dir,
+            client_tls_port=(
+                args.port
+                if args.port is not None
+                else (_tls_port_from_haproxy_cfg(state_dir) if state_dir else None) or 5223
+            ),
+            ca_file=state_dir / "tls" / "ca.pem" if state_dir else None,
         )
         return
 
@@ -115,6 +132,8 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
             worker_ports={w: settings.worker_port(w) for w in settings.worker_ids()},
             state_dir=cluster.layout.root,
             own_cluster=True,
+            client_tls_port=settings.client_tls_port,
+            ca_file=settings.tls_ca_file(),
         )
     finally:
         print("stopping the cluster ...", flush=True)

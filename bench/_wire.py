@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -85,11 +86,16 @@ class Wire(asyncio.Protocol):
 
 
 async def connect(
-    host: str, port: int, on_frame: Callable[[Frame], None] | None = None, preamble: bytes = b""
+    host: str,
+    port: int,
+    on_frame: Callable[[Frame], None] | None = None,
+    preamble: bytes = b"",
+    tls: ssl.SSLContext | None = None,
 ) -> Wire:
-    """A connection; ``preamble`` is written first (a PROXY header, to a worker's own port)."""
+    """A connection; ``preamble`` is written first (a PROXY header, to a worker's own port).
+    With ``tls``, a TLS connection that verifies the server's certificate for ``host``."""
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: Wire(on_frame), host, port)
+    _, proto = await loop.create_connection(lambda: Wire(on_frame), host, port, ssl=tls)
     if preamble:
         proto.write(preamble)
     return proto

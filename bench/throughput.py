@@ -34,10 +34,12 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import secrets
+import ssl
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -68,6 +70,20 @@ class Plan:
     run_id: str
     pairs: list[int] = field(default_factory=list)
     setup_concurrency: int = 32
+    cafile: str | None = None  # set: connect over TLS, trusting this CA
+
+
+_tls: dict[str | None, ssl.SSLContext] = {}
+
+
+def _tls_context(plan: Plan) -> ssl.SSLContext | None:
+    """One verifying client context per generator process (loading the CA costs more
+    than a handshake); None for plaintext."""
+    if plan.cafile is None:
+        return None
+    if plan.cafile not in _tls:
+        _tls[plan.cafile] = ssl.create_default_context(cafile=plan.cafile)
+    return _tls[plan.cafile]
 
 
 class Stats:
@@ -272,7 +288,7 @@ async def _open_session(plan: Plan, user: str, on_frame: Any, sem: asyncio.Semap
         for attempt in range(6):
             wire: Wire | None = None
             try:
-                wire = await connect(plan.host, plan.port, on_frame)
+                wire = await connect(plan.host, plan.port, on_frame, tls=_tls_context(plan))
                 await register(wire, user)
                 await hello(wire, user)
                 return wire
@@ -483,8 +499,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the server's per-connection flood limit; senders stay under 90%% of it",
     )
     parser.add_argument("--workers", type=int, default=3, help="workers of our own cluster")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect to the TLS client port (--port then names it), verifying the server",
+    )
+    parser.add_argument(
+        "--cafile",
+        type=Path,
+        help="CA to trust with --tls (default: the cluster's <state_dir>/tls/ca.pem)",
+    )
     add_target_args(parser, "HAProxy client port of a running cluster")
     args = parser.parse_args(argv)
+    if args.cafile and not args.tls:
+        parser.error("--cafile needs --tls")
     if args.mode == "rate" and args.rate / args.pairs > 0.9 * args.frames_per_s:
         parser.error(
             f"{args.rate:.0f} msgs/s over {args.pairs} senders exceeds 90% of the "
@@ -513,10 +541,14 @@ def run(args: argparse.Namespace, target: Any) -> None:
     procs: list[Any] = []
     pipes: list[mpc.Connection] = []
     shared: list[Any] = []
+    port, cafile = target.client_port, None
+    if args.tls:
+        port, cafile = target.client_tls_port, str(args.cafile or target.ca_file)
     for k in range(args.procs):
         plan = Plan(
             host=target.host,
-            port=target.client_port,
+            port=port,
+            cafile=cafile,
             mode=args.mode,
             rate=args.rate * len(range(k, args.pairs, args.procs)) / args.pairs,
             window=args.window,
@@ -539,7 +571,8 @@ def run(args: argparse.Namespace, target: Any) -> None:
     conns = 2 * args.pairs
     print(
         f"throughput, mode {args.mode}: {args.pairs} pairs ({conns} connections through "
-        f"HAProxy :{target.client_port}), {args.procs} generator process(es), run id {run_id}",
+        f"HAProxy :{port}{' over TLS' if cafile else ''}), {args.procs} generator "
+        f"process(es), run id {run_id}",
         flush=True,
     )
     try:

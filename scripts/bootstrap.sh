@@ -37,16 +37,17 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # The browser tests (tests/browser) drive Debian's Chromium through Playwright, whose own
-# browser download cannot work here. Only test runs need it: `bootstrap.sh --tests`, or CI.
-if { [ "${1:-}" = "--tests" ] || [ -n "${CI:-}" ]; } && [ ! -x /usr/bin/chromium ]; then
+# browser download cannot work here, and make it trust the cluster's CA with certutil
+# (libnss3-tools). Only test runs need them: `bootstrap.sh --tests`, or CI.
+if { [ "${1:-}" = "--tests" ] || [ -n "${CI:-}" ]; } && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/certutil ]; }; then
     if [ "$(id -u)" -ne 0 ]; then
-        echo "switchboard: the browser tests need Debian's chromium; run as root or: apt-get install chromium" >&2
+        echo "switchboard: the browser tests need Debian's chromium and libnss3-tools; run as root or: apt-get install chromium libnss3-tools" >&2
         exit 2
     fi
-    echo "==> installing Debian package: chromium (browser tests)"
+    echo "==> installing Debian packages: chromium libnss3-tools (browser tests)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 chromium >/dev/null
+    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 chromium libnss3-tools >/dev/null
 fi
 
 stamp="$VENV/.switchboard-installed"

@@ -91,7 +91,8 @@ async def test_login_then_watch_the_session_count_change_live(
     await browser_context.clear_cookies()
     await sign_in(page, base_url, admin, "/")
     cookie = next(c for c in await browser_context.cookies() if c["name"] == "sb_admin")
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]
+    # Secure: the dashboard is HTTPS (tests/browser/test_https.py checks the rest of it).
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["secure"]
     # Wait for the live stream, then mark this page load: a reload would lose the mark.
     await page.wait_for_selector("#live-status[data-state=live]")
     await page.evaluate("() => { window.sbMark = 'same page'; }")

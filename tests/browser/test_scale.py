@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -85,7 +86,11 @@ async def test_pages_stay_fast_with_ten_thousand_sessions(
     cluster: LocalCluster, ten_thousand: str, base_url: str, admin: Admin
 ) -> None:
     prefix = ten_thousand
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+    # HTTPS, verified against the cluster's CA.
+    trusting = ssl.create_default_context(cafile=cluster.settings.tls_ca_file())
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), connector=aiohttp.TCPConnector(ssl=trusting)
+    ) as http:
         await _http_login(http, base_url, admin)
         # The sampler has seen them all.
         deadline = time.monotonic() + 15
