@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -70,6 +71,37 @@ async def test_the_51st_connection_from_one_address_is_refused(ccluster: LocalCl
         again = await admitted(ccluster, "127.0.0.5")
         assert again is not None
         held.append(again)
+    finally:
+        await close_all(held)
+
+
+async def test_the_cap_counts_the_tls_port_and_the_plaintext_port_together(
+    ccluster: LocalCluster,
+) -> None:
+    """One frontend, two binds, one stick table: a host holding its 50 connections on
+    the plaintext port gets no 51st on the TLS port; a slot freed lets it in."""
+    s = ccluster.settings
+    source = "127.0.0.11"
+    context = ssl.create_default_context(cafile=s.tls_ca_file())
+
+    async def over_tls() -> asyncio.StreamWriter:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(s.host, s.client_tls_port, ssl=context, local_addr=(source, 0)),
+            10,
+        )
+        return writer
+
+    held = [await client_from(ccluster, source) for _ in range(s.max_conns_per_addr)]
+    try:
+        assert await still_open(held[-1])
+        with pytest.raises(OSError):  # closed by HAProxy before the handshake
+            await over_tls()
+        await held.pop().close()
+        await asyncio.sleep(0.2)
+        writer = await over_tls()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
     finally:
         await close_all(held)
 
