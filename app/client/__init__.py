@@ -29,6 +29,7 @@ from app.client.events import (
 )
 from app.client.resilient import LinkState, ReconnectPolicy, ResilienceStats, ResilientClient
 from app.client.sdk import Client, new_cmid
+from app.client.tokens import FileTokenStore, MemoryTokenStore, TokenStore
 
 __all__ = [
     "Client",
@@ -39,9 +40,11 @@ __all__ = [
     "Disconnected",
     "ErrorEvent",
     "Event",
+    "FileTokenStore",
     "HistoryMessage",
     "HistoryPage",
     "LinkState",
+    "MemoryTokenStore",
     "Msg",
     "Presence",
     "ProtocolError",
@@ -56,6 +59,7 @@ __all__ = [
     "ServerClosed",
     "ServerError",
     "Timeout",
+    "TokenStore",
     "Typing",
     "Unknown",
     "Welcome",
