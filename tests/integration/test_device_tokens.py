@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -311,3 +315,44 @@ async def test_no_device_token_in_the_logs_or_the_events_table(cluster: LocalClu
     for token in SEEN_TOKENS:
         assert not any(token.encode() in blob for blob in blobs), "a device token in a log"
         assert token not in events, "a device token in the events table"
+
+
+async def test_switchboard_chat_asks_for_the_password_only_on_first_use(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """`switchboard chat` with no password and no terminal: fails on a new device,
+    logs in with the stored device token afterwards, and asks again once the token
+    is revoked. The devices file is private to its owner."""
+    user = new_user("chat")
+    devices = tmp_path / "devices.json"
+    s = cluster.settings
+
+    async def chat(*extra: str) -> tuple[int, str]:
+        argv = ["chat", "--host", s.host, "--port", str(s.client_port), "--user", user]
+        argv += ["--device", "cli", "--devices-file", str(devices), *extra]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "SWITCHBOARD_PASSWORD": ""},
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(b"/quit\n"), 60)
+        return proc.returncode or 0, out.decode()
+
+    code, out = await chat()
+    assert code != 0 and "no password" in out, out
+    code, out = await chat("--register", "--password", PASSWORD)
+    assert code == 0 and f"logged in as {user}" in out, out
+    assert devices.stat().st_mode & 0o777 == 0o600
+    stored = devices.read_text()
+    SEEN_TOKENS.extend(re.findall(r'"([A-Za-z0-9_-]{43,})"', stored))
+    code, out = await chat()  # no password: the device token logs in
+    assert code == 0 and f"logged in as {user}" in out, out
+    assert devices.read_text() != stored  # rotated, and the new one kept
+    await _set_rows(cluster, "device_credentials", "last_used_at = now() - interval '1 year'", user)
+    code, out = await chat()
+    assert code != 0 and "token was refused" in out and "no password" in out, out
