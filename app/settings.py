@@ -107,6 +107,11 @@ class Settings:
     reaper_interval_s: float = 1.0
     # How long a detached session stays resumable with its token.
     resume_grace_s: float = 120.0
+    # Device tokens (login_token, docs/security.md): a device's token expires after
+    # this many days without use; the token a rotation replaced stays valid for
+    # device_token_overlap_s (a welcome lost in flight does not lock the device out).
+    device_token_ttl_days: float = 30.0
+    device_token_overlap_s: float = 60.0
     # Each worker re-reads the rows of the sessions it holds this often, and at once
     # when its listener reconnects, and drops the connections whose session was
     # closed, taken over or disabled meanwhile: a kick or replacement whose NOTIFY

@@ -36,6 +36,7 @@ from app.client.events import (
 )
 from app.client.resilient import LinkState, ReconnectPolicy, ResilienceStats, ResilientClient
 from app.client.sdk import Client, new_cmid, tls_context
+from app.client.tokens import FileTokenStore, MemoryTokenStore, TokenStore
 
 __all__ = [
     "Client",
@@ -46,9 +47,11 @@ __all__ = [
     "Disconnected",
     "ErrorEvent",
     "Event",
+    "FileTokenStore",
     "HistoryMessage",
     "HistoryPage",
     "LinkState",
+    "MemoryTokenStore",
     "Msg",
     "Presence",
     "ProtocolError",
@@ -63,6 +66,7 @@ __all__ = [
     "ServerClosed",
     "ServerError",
     "Timeout",
+    "TokenStore",
     "Typing",
     "Unknown",
     "UntrustedServer",

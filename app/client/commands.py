@@ -20,7 +20,8 @@ import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Final
 
 from app.client.errors import ClientError, ConnectionLost, ServerError
@@ -35,8 +36,10 @@ from app.client.events import (
     RoomInvite,
     ServerClosed,
     Typing,
+    Welcome,
 )
 from app.client.sdk import Client, tls_context
+from app.client.tokens import DEVICES_ENV, FileTokenStore
 from app.protocol import CLIENT_PRESENCE_STATES
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,12 @@ def add_commands(
     common(p)
     _add_login_options(p)
     p.add_argument("--register", action="store_true", help="create the account first")
+    p.add_argument(
+        "--devices-file",
+        type=Path,
+        help=f"where device tokens are kept, so the password is asked only on a device's "
+        f"first login (default ${DEVICES_ENV}, else ~/.config/switchboard/devices.json)",
+    )
     target = p.add_mutually_exclusive_group()
     target.add_argument("--to", metavar="USER", help="initial target user")
     target.add_argument("--room", type=int, metavar="ID", help="initial target room")
@@ -139,9 +148,13 @@ class Login:
     port: int
     user: str
     device: str
-    password: str = field(repr=False)
+    password: str = field(repr=False)  # "" when not asked yet (a device token may do)
     tls: ssl.SSLContext | None = field(default=None, repr=False)  # None: plaintext
     server_name: str | None = None
+
+    @property
+    def server(self) -> str:
+        return f"{self.host}:{self.port}"
 
     async def connect(self, *, keep_events: bool = True) -> Client:
         return await Client.connect(
@@ -153,7 +166,9 @@ class Login:
         )
 
 
-def _login_from_args(args: argparse.Namespace) -> Login:
+def _login_from_args(args: argparse.Namespace, ask: bool = True) -> Login:
+    """The login the flags name; the password from the flag, the environment, or (with
+    ``ask``) a prompt."""
     from app.settings import Settings
 
     settings = Settings.load(
@@ -174,14 +189,9 @@ def _login_from_args(args: argparse.Namespace) -> Login:
             raise UsageError(f"cannot load the CA file {cafile}: {exc}") from None
     elif args.cafile or args.server_name:
         raise UsageError("--cafile and --server-name need --tls")
-    password = args.password or os.environ.get(PASSWORD_ENV)
-    if not password:
-        if not sys.stdin.isatty():
-            raise UsageError(f"no password: use --password or ${PASSWORD_ENV}")
-        try:
-            password = getpass.getpass(f"password for {args.user}: ")
-        except EOFError:
-            raise UsageError("no password given") from None
+    password = args.password or os.environ.get(PASSWORD_ENV) or ""
+    if not password and ask:
+        password = _ask_password(args.user)
     return Login(
         host=args.host,
         port=port,
@@ -193,9 +203,20 @@ def _login_from_args(args: argparse.Namespace) -> Login:
     )
 
 
-def _run(main: Callable[[Login], Coroutine[Any, Any, int]], args: argparse.Namespace) -> int:
+def _ask_password(user: str) -> str:
+    if not sys.stdin.isatty():
+        raise UsageError(f"no password: use --password or ${PASSWORD_ENV}")
     try:
-        return asyncio.run(main(_login_from_args(args)))
+        return getpass.getpass(f"password for {user}: ")
+    except EOFError:
+        raise UsageError("no password given") from None
+
+
+def _run(
+    main: Callable[[Login], Coroutine[Any, Any, int]], args: argparse.Namespace, ask: bool = True
+) -> int:
+    try:
+        return asyncio.run(main(_login_from_args(args, ask)))
     except UsageError as exc:
         return _fail(str(exc))
     except ServerError as exc:
@@ -234,8 +255,28 @@ async def send_message(
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    store = FileTokenStore(args.devices_file)
+
     async def main(login: Login) -> int:
-        async with await login.connect() as client:
+        # The device's token first, if it has one and no password was given: the
+        # password is asked for only on a device's first login (or after a revocation).
+        token = None if login.password or args.register else store.get(login.server, *_who(login))
+        if token is not None:
+            client = await login.connect()
+            try:
+                welcome = await client.login_token(login.user, login.device, token)
+            except ServerError as exc:
+                await client.close()
+                if exc.code != "auth_failed":
+                    raise
+                store.delete(login.server, *_who(login))
+                _say("* this device's token was refused (expired or revoked); log in again")
+            else:
+                return await _chat(client, login, welcome)
+        if not login.password:
+            login = replace(login, password=_ask_password(login.user))
+        client = await login.connect()
+        try:
             if args.register:
                 try:
                     await client.register(login.user, login.password)
@@ -245,6 +286,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         raise
                     _say(f"* {login.user} is already registered; logging in")
             welcome = await client.login(login.user, login.password, login.device)
+        except BaseException:
+            await client.close()
+            raise
+        return await _chat(client, login, welcome)
+
+    async def _chat(client: Client, login: Login, welcome: Welcome) -> int:
+        async with client:
+            if welcome.device_token is not None:
+                store.put(login.server, *_who(login), welcome.device_token)
             _say(
                 f"* logged in as {welcome.user} on {welcome.device} "
                 f"(worker {welcome.worker}, inbox seq {welcome.seq}, acked {welcome.acked}); "
@@ -253,7 +303,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             chat = Chat(client, to=args.to, room=args.room)
             return await chat.run(stdin_lines())
 
-    return _run(main, args)
+    return _run(main, args, ask=False)
+
+
+def _who(login: Login) -> tuple[str, str]:
+    return login.user, login.device
 
 
 async def stdin_lines(fd: int = 0) -> AsyncIterator[str]:

@@ -25,8 +25,10 @@ keep-alive ping, or more unread events than ``max_events``. The client reconnect
 the same host and port with exponential backoff and full jitter (`ReconnectPolicy`:
 the first try after 0-100 ms, at most 2 s apart; a server's ``retry_after`` instead
 when it answers ``overloaded``/``rate_limited``), sends ``resume`` with the rotated
-token and `last_seq`, and falls back to ``hello`` with the remembered password on
-``bad_token``. It stops for good after `close()`, ``session_replaced`` (another
+token and `last_seq`; on ``bad_token`` it logs in with the device token (``login_token``,
+from its `TokenStore`), and on that token's ``auth_failed`` with the remembered
+password (``hello``), if it has one. Every welcome's new device token is put in the
+store at once. It stops for good after `close()`, ``session_replaced`` (another
 connection of this device took over), ``kicked`` (an administrator closed the
 session or disabled the account), the fatal codes a client bug causes (``flood``,
 ``frame_too_large``, ``too_many_errors``) and a refused fallback login
@@ -87,6 +89,7 @@ from app.client.events import (
 )
 from app.client.requests import Requests, exactly_one
 from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid, tls_context
+from app.client.tokens import MemoryTokenStore, TokenStore
 from app.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -154,7 +157,7 @@ class LinkState(enum.Enum):
 class _Credentials:
     user: str
     device: str
-    password: str = field(repr=False)
+    password: str | None = field(repr=False)  # None: the device token only
 
 
 class _Link:
@@ -213,11 +216,14 @@ class ResilientClient(Requests):
         keep_events: bool,
         tls: ssl.SSLContext | None,
         server_hostname: str | None,
+        token_store: TokenStore | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._tls = tls  # one context for every link: each reconnect verifies alike
         self._server_hostname = server_hostname
+        self._server = f"{host}:{port}"
+        self._tokens: TokenStore = MemoryTokenStore() if token_store is None else token_store
         self._policy = policy
         self._timeout = timeout
         self._max_line_bytes = max_line_bytes
@@ -267,13 +273,15 @@ class ResilientClient(Requests):
         tls: bool | ssl.SSLContext = False,
         cafile: str | os.PathLike[str] | None = None,
         server_hostname: str | None = None,
+        token_store: TokenStore | None = None,
     ) -> ResilientClient:
         """Open the first connection (`ConnectionLost`/`Timeout` if that fails).
 
         ``timeout`` bounds each connect, login and request other than `send`;
         ``keep_events=False`` discards events, and ``tls``, ``cafile`` and
         ``server_hostname`` are as for `Client.connect`: every reconnect (and its
-        resume) goes over TLS, verified the same way.
+        resume) goes over TLS, verified the same way. ``token_store`` keeps the
+        device tokens (default: in memory, for this object's life).
         """
         self = cls(
             host,
@@ -285,6 +293,7 @@ class ResilientClient(Requests):
             keep_events=keep_events,
             tls=tls_context(cafile) if tls is True else tls or None,
             server_hostname=server_hostname,
+            token_store=token_store,
         )
         await self._open_link()
         self._spawn(self._supervise(), "switchboard-client-supervisor")
@@ -335,6 +344,31 @@ class ResilientClient(Requests):
         """Log in (``hello``); the credentials are kept to log in again after a loss."""
         link = await self._usable_link(self._loop.time() + self._timeout)
         welcome = await link.client.login(user, password, device)
+        self._credentials = _Credentials(user, device, password)
+        self._logged_in(link, welcome, by_password=True, after_loss=False)
+        return welcome
+
+    def device_token(self, user: str, device: str) -> str | None:
+        """The stored device token of ``user`` on ``device`` for this server, if any."""
+        return self._tokens.get(self._server, user, device)
+
+    async def login_token(self, user: str, device: str, password: str | None = None) -> Welcome:
+        """Log in with the stored device token (``login_token``); after a loss the client
+        resumes, then uses the token again, then ``password`` if given.
+
+        `ServerError` ``auth_failed`` (the token is deleted from the store) or
+        `ClientError` when there is no stored token: log in with the password.
+        """
+        token = self.device_token(user, device)
+        if token is None:
+            raise ClientError(f"no device token for {user} on {device}: log in with a password")
+        link = await self._usable_link(self._loop.time() + self._timeout)
+        try:
+            welcome = await link.client.login_token(user, device, token)
+        except ServerError as exc:
+            if exc.code == ErrorCode.AUTH_FAILED:
+                self._tokens.delete(self._server, user, device)
+            raise
         self._credentials = _Credentials(user, device, password)
         self._logged_in(link, welcome, by_password=True, after_loss=False)
         return welcome
@@ -623,6 +657,8 @@ class ResilientClient(Requests):
         self, link: _Link, welcome: Welcome, *, by_password: bool, after_loss: bool
     ) -> None:
         """``welcome`` arrived on ``link``: go ONLINE, then release what waited for it."""
+        if welcome.device_token is not None:  # rotated: the one presented is on its way out
+            self._tokens.put(self._server, welcome.user, welcome.device, welcome.device_token)
         self.user, self.device = welcome.user, welcome.device
         self.session, self.worker = welcome.session, welcome.worker
         self.resume_token = welcome.resume_token
@@ -636,7 +672,7 @@ class ResilientClient(Requests):
                 self._link.client.abort("logged in on a connection lost meanwhile")
             return
         link.authenticated = True
-        how = "logged in with the password" if by_password else "resumed"
+        how = "logged in" if by_password else "resumed"
         self._set_state(LinkState.ONLINE, f"{how} on worker {welcome.worker}")
         self._online_since = self._loop.time()
         if after_loss:
@@ -730,7 +766,8 @@ class ResilientClient(Requests):
             return True
 
     async def _log_in_again(self, link: _Link, creds: _Credentials) -> tuple[Welcome, bool]:
-        """``resume`` with the token, else ``hello``; (welcome, whether by password)."""
+        """``resume`` with the resume token, else ``login_token`` with the device token,
+        else ``hello``; (welcome, whether it was a fresh login rather than a resume)."""
         if self.resume_token is not None:
             try:
                 welcome = await link.client.resume(
@@ -739,11 +776,27 @@ class ResilientClient(Requests):
             except ServerError as exc:
                 if exc.code != ErrorCode.BAD_TOKEN:
                     raise
-                log.info("resume token refused; logging in with the password")
+                log.info("resume token refused; logging in with the device token")
                 self.resume_token = None
             else:
                 self._resumes += 1
                 return welcome, False
+        token = self._tokens.get(self._server, creds.user, creds.device)
+        if token is not None:
+            try:
+                welcome = await link.client.login_token(creds.user, creds.device, token)
+            except ServerError as exc:
+                if exc.code != ErrorCode.AUTH_FAILED or creds.password is None:
+                    if exc.code == ErrorCode.AUTH_FAILED:
+                        self._tokens.delete(self._server, creds.user, creds.device)
+                    raise
+                log.info("device token refused; logging in with the password")
+                self._tokens.delete(self._server, creds.user, creds.device)
+            else:
+                self._fallback_logins += 1
+                return welcome, True
+        if creds.password is None:
+            raise ServerError(ErrorCode.AUTH_FAILED, "device token refused and no password")
         welcome = await link.client.login(creds.user, creds.password, creds.device)
         self._fallback_logins += 1
         return welcome, True

@@ -150,6 +150,8 @@ class Client(Requests):
         self.device: str | None = None
         self.session: str | None = None
         self.resume_token: str | None = None
+        # The device's token from the latest welcome to hello or login_token.
+        self.device_token: str | None = None
         self.last_seq = 0  # highest msg/receipt seq received
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Frame]] = {}
@@ -250,9 +252,27 @@ class Client(Requests):
     async def login(self, user: str, password: str, device: str) -> Welcome:
         """Log in (``hello``); the server then replays the inbox after this device's ack."""
         fields = {"user": user, "password": password, "device": device, "v": PROTOCOL_VERSION}
-        welcome = read_reply(Welcome, await self._request("hello", "welcome", fields))
+        return self._welcomed(await self._request("hello", "welcome", fields))
+
+    async def login_token(
+        self, user: str, device: str, device_token: str, *, timeout: float | None = None
+    ) -> Welcome:
+        """Log in with a device token, without the password.
+
+        The welcome's ``device_token`` replaces the one presented (it rotates at every
+        use): store it at once. ``auth_failed`` (a `ServerError`) means the token is
+        unknown, expired or revoked: log in with the password instead.
+        """
+        fields = {"user": user, "device": device, "device_token": device_token}
+        reply = await self._request("login_token", "welcome", fields, timeout=timeout)
+        return self._welcomed(reply)
+
+    def _welcomed(self, reply: Frame) -> Welcome:
+        welcome = read_reply(Welcome, reply)
         self.user, self.device = welcome.user, welcome.device
         self.session, self.resume_token = welcome.session, welcome.resume_token
+        if welcome.device_token is not None:
+            self.device_token = welcome.device_token
         return welcome
 
     async def resume(
@@ -264,11 +284,7 @@ class Client(Requests):
         means the token is unknown, expired or already rotated: log in instead.
         """
         fields = {"user": user, "device": device, "token": token, "last_seq": last_seq}
-        reply = await self._request("resume", "welcome", fields, timeout=timeout)
-        welcome = read_reply(Welcome, reply)
-        self.user, self.device = welcome.user, welcome.device
-        self.session, self.resume_token = welcome.session, welcome.resume_token
-        return welcome
+        return self._welcomed(await self._request("resume", "welcome", fields, timeout=timeout))
 
     async def send(
         self,
@@ -311,12 +327,16 @@ class Client(Requests):
     async def change_password(self, old: str, new: str) -> None:
         await self._request("password", "ok", {"old": old, "new": new})
 
-    async def close(self) -> None:
-        """Say ``bye`` if the connection is still up, then close it. Idempotent."""
+    async def close(self, *, forget: bool = False) -> None:
+        """Say ``bye`` if the connection is still up, then close it. Idempotent.
+
+        ``forget``: also revoke this device's token (sign out for good).
+        """
         if not self.closed and not self._closing:
             self._closing = True
             try:
-                await self._request("bye", "ok", {}, timeout=BYE_TIMEOUT_S)
+                fields = {"forget": True} if forget else {}
+                await self._request("bye", "ok", fields, timeout=BYE_TIMEOUT_S)
             except ClientError as exc:
                 log.debug("bye: %s", exc)
         self._closing = True

@@ -58,6 +58,8 @@ def build_app(settings: Settings) -> web.Application:
     r.add_post("/database/switchover", views.switchover)
     r.add_get("/users", views.users)
     r.add_post("/users/{user}/{action:disable|enable}", views.user_action)
+    r.add_get("/users/{user}", views.user_detail)
+    r.add_post("/users/{user}/devices/{device}/revoke", views.revoke_device)
     r.add_get("/events", views.events)
     r.add_get("/live", views.live)
     r.add_get("/healthz", views.healthz)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import asyncpg
 import orjson
@@ -39,6 +39,8 @@ NOTICES = {
     "not_live": "Session {session} was no longer live.",
     "disabled": "{user} is disabled; {kicked} live session(s) were kicked.",
     "enabled": "{user} can log in again.",
+    "revoked": "{user}'s device {device} was signed out: its token is revoked and {kicked}"
+    " live session(s) were kicked.",
     "switchover": "Switchover requested: {result}",
 }
 
@@ -47,7 +49,10 @@ def _notice(query: Any) -> str | None:
     template = NOTICES.get(query.get("done", ""))
     if template is None:
         return None
-    values = {k: query.get(k, "?")[:80] for k in ("worker", "session", "user", "kicked", "result")}
+    values = {
+        k: query.get(k, "?")[:80]
+        for k in ("worker", "session", "user", "kicked", "result", "device")
+    }
     return template.format(**values)
 
 
@@ -192,6 +197,25 @@ async def users(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def user_detail(request: web.Request) -> web.StreamResponse:
+    """One user: the account, and the devices holding a token (last seen, address)."""
+    s = request.app[keys.SETTINGS]
+    username = request.match_info["user"][:64]
+    found = await dash_store.user_devices(request.app[keys.POOL], username, s.device_token_ttl_days)
+    if found is None:
+        return render(
+            request, "error.html", status=404, title="Not found", message=f"No user {username!r}."
+        )
+    return render(
+        request,
+        "user.html",
+        user=found.user,
+        devices=found.devices,
+        back=request.path,
+        **_live_context(request),
+    )
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     """The events log (issue #6) when there is one; else what the tables tell."""
     pool = request.app[keys.POOL]
@@ -282,6 +306,32 @@ async def user_action(request: web.Request) -> web.StreamResponse:
     log.info(f"admin_user_{action}", admin=_admin(request), user=username, kicked=kicked)
     done = "disabled" if action == "disable" else "enabled"
     return redirect(_with(_back(form, "/users"), done=done, user=username, kicked=kicked))
+
+
+async def revoke_device(request: web.Request) -> web.StreamResponse:
+    """Revoke a device's token and kick its live session (the kick's push and recheck)."""
+    username = request.match_info["user"]
+    device = request.match_info["device"]
+    form = await request.post()
+    done = await dash_store.revoke_device(
+        request.app[keys.POOL], username, device, _push_key(request)
+    )
+    if done is None:
+        return render(
+            request, "error.html", status=404, title="Not found", message=f"No user {username!r}."
+        )
+    had_token, kicked = done
+    request.app[keys.METRICS].actions.labels("revoke_device", "ok").inc()
+    log.info(
+        "admin_revoke_device",
+        admin=_admin(request),
+        user=username,
+        device=device,
+        had_token=had_token,
+        kicked=kicked,
+    )
+    back = _back(form, "/users/" + quote(username, safe=""))
+    return redirect(_with(back, done="revoked", user=username, device=device, kicked=kicked))
 
 
 async def switchover(request: web.Request) -> web.StreamResponse:

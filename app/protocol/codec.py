@@ -54,6 +54,7 @@ from app.protocol.requests import (
     ContactRemove,
     Hello,
     History,
+    LoginToken,
     PasswordChange,
     Ping,
     PresenceState,
@@ -231,6 +232,19 @@ def _resume(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
     )
 
 
+def _login_token(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return LoginToken(
+        user=required(f, "user", USERNAME),
+        device=required(f, "device", DEVICE),
+        device_token=required(f, "device_token", TOKEN),
+        rid=rid,
+    )
+
+
+def _bye(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
+    return Bye(forget=optional(f, "forget", BOOL) is True, rid=rid)
+
+
 def _send(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
     cmid = required(f, "cmid", CMID)
     body = required(f, "body", s.body)
@@ -261,7 +275,7 @@ def _room_op(cls: type[RoomJoin | RoomLeave | RoomMembers]) -> _Parser:
     return parse
 
 
-def _no_fields(cls: type[ContactList | RoomList | Ping | Bye]) -> _Parser:
+def _no_fields(cls: type[ContactList | RoomList | Ping]) -> _Parser:
     def parse(f: Frame, s: _LimitSpecs, rid: Rid) -> Request:
         return cls(rid)
 
@@ -308,6 +322,7 @@ _PARSERS: Final[Mapping[str, _Parser]] = {
     "hello": _hello,
     "register": _register,
     "resume": _resume,
+    "login_token": _login_token,
     "send": _send,
     "ack": _ack,
     "presence": _presence_op,
@@ -326,7 +341,7 @@ _PARSERS: Final[Mapping[str, _Parser]] = {
     "read": _read,
     "password": _password,
     "ping": _no_fields(Ping),
-    "bye": _no_fields(Bye),
+    "bye": _bye,
 }
 
 _OP_NAME = re.compile(r"[a-z_]{1,32}")

@@ -92,7 +92,9 @@ class _Frame:
 
 @dataclass(frozen=True, slots=True)
 class Welcome(_Frame):
-    """Reply to ``hello``/``resume``: who is logged in, and where the inbox stands.
+    """Reply to ``hello``/``resume``/``login_token``: who is logged in, and where the
+    inbox stands. ``device_token`` (hello and login_token only) is the device's new
+    long-lived token; a resume's welcome has none.
 
     ``v`` on the wire is always `PROTOCOL_VERSION`; it is not kept.
     """
@@ -105,22 +107,23 @@ class Welcome(_Frame):
     resume_token: str = field(repr=False)
     seq: int
     acked: int
+    device_token: str | None = field(default=None, repr=False)
 
     def encode(self, rid: Rid = None) -> bytes:
-        return _line(
-            {
-                "op": "welcome",
-                "v": PROTOCOL_VERSION,
-                "user": self.user,
-                "device": self.device,
-                "session": self.session,
-                "worker": self.worker,
-                "resume_token": self.resume_token,
-                "seq": self.seq,
-                "acked": self.acked,
-            },
-            rid,
-        )
+        frame: dict[str, object] = {
+            "op": "welcome",
+            "v": PROTOCOL_VERSION,
+            "user": self.user,
+            "device": self.device,
+            "session": self.session,
+            "worker": self.worker,
+            "resume_token": self.resume_token,
+            "seq": self.seq,
+            "acked": self.acked,
+        }
+        if self.device_token is not None:
+            frame["device_token"] = self.device_token
+        return _line(frame, rid)
 
     @classmethod
     def _read(cls, frame: Fields) -> Self:
@@ -132,6 +135,7 @@ class Welcome(_Frame):
             resume_token=required(frame, "resume_token", STRING),
             seq=required(frame, "seq", INTEGER),
             acked=required(frame, "acked", INTEGER),
+            device_token=optional(frame, "device_token", STRING),
         )
 
 

@@ -61,6 +61,17 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class LoginToken:
+    """Log in without the password, with the device token an earlier welcome gave."""
+
+    op: ClassVar[str] = "login_token"
+    user: str
+    device: str
+    device_token: str = field(repr=False)
+    rid: Rid = None
+
+
+@dataclass(frozen=True, slots=True)
 class Send:
     """Send `body` to exactly one of a user (`to`) or a room."""
 
@@ -208,9 +219,11 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Bye:
-    """The client is leaving; the server closes the connection cleanly."""
+    """The client is leaving; the server closes the connection cleanly. With
+    ``forget``, the device's token is revoked too (the device logs out for good)."""
 
     op: ClassVar[str] = "bye"
+    forget: bool = False
     rid: Rid = None
 
 
@@ -218,6 +231,7 @@ Request: TypeAlias = (
     Hello
     | Register
     | Resume
+    | LoginToken
     | Send
     | Ack
     | SetPresence
@@ -246,6 +260,7 @@ OPS: Final[Mapping[str, type[Request]]] = {
         Hello,
         Register,
         Resume,
+        LoginToken,
         Send,
         Ack,
         SetPresence,
@@ -269,4 +284,6 @@ OPS: Final[Mapping[str, type[Request]]] = {
 }
 
 # Requests allowed before login; anything else gets not_authenticated.
-PRE_AUTH_OPS: Final[frozenset[type[Request]]] = frozenset({Hello, Register, Resume, Ping, Bye})
+PRE_AUTH_OPS: Final[frozenset[type[Request]]] = frozenset(
+    {Hello, Register, Resume, LoginToken, Ping, Bye}
+)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app.store import device_tokens
 from app.store.errors import UserExists
 from app.store.social import push_kicked
 
@@ -47,7 +48,8 @@ async def change_password(
     """Set a new password and end every other session of the user, in one transaction.
 
     The other sessions are closed (``password_changed``) and their resume tokens
-    cleared, so no connection or token obtained with the old password outlives
+    cleared, and every device token but the changing device's is revoked, so no
+    connection or token obtained with the old password outlives
     the change; the signed ``kicked`` push that tells the workers holding them to
     drop the connections leaves when the transaction commits. The session that
     changed the password (``keep_session_id``) stays. Returns how many ended.
@@ -56,6 +58,12 @@ async def change_password(
         await conn.execute(
             "UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash
         )
+        # Before the sessions: a token login waiting on the user's row then finds its
+        # token gone; one that committed first has its session closed below.
+        keep_device = await conn.fetchval(
+            "SELECT device FROM sessions WHERE id = $1", keep_session_id
+        )
+        await device_tokens.revoke_all(conn, user_id, keep_device)
         ended = await conn.fetch(
             "UPDATE sessions SET state = 'closed', closed_at = now(), "
             "close_reason = 'password_changed', resume_token_hash = NULL "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from app.protocol.push import Kicked
+from app.store import device_tokens
 from app.store.errors import AdminExists
 from app.store.social import push
 
@@ -346,6 +347,8 @@ async def set_user_disabled(
             return None
         if not disabled:
             return 0
+        # Before the sessions (see device_tokens): no token logs in again.
+        await device_tokens.revoke_all(conn, int(user_id))
         kicked = await conn.fetch(
             "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = 'disabled' "
             "WHERE user_id = $1 AND state <> 'closed' RETURNING id",
@@ -355,6 +358,56 @@ async def set_user_disabled(
         for i in range(0, len(sessions), KICKED_CHUNK):
             await push(conn, Kicked(sessions[i : i + KICKED_CHUNK], "disabled"), key)
     return len(kicked)
+
+
+# ---- a user's devices -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UserDevices:
+    user: UserRow
+    devices: tuple[device_tokens.DeviceToken, ...]
+
+
+async def user_devices(pool: asyncpg.Pool, username: str, ttl_days: float) -> UserDevices | None:
+    """A user and the devices that hold a token (last use, address, expiry)."""
+    row = await pool.fetchrow(
+        "SELECT u.id, u.username, u.disabled, u.created_at, "
+        "(SELECT count(*) FROM sessions s WHERE s.user_id = u.id AND s.state <> 'closed') "
+        "AS live_sessions FROM users u WHERE u.username = $1",
+        username,
+    )
+    if row is None:
+        return None
+    user = UserRow(**dict(row))
+    devices = await device_tokens.devices_of(pool, user.id, ttl_days)
+    return UserDevices(user, tuple(devices))
+
+
+async def revoke_device(
+    pool: asyncpg.Pool, username: str, device: str, key: bytes
+) -> tuple[bool, int] | None:
+    """Revoke a device's token and kick its live session (as `kick_session` does):
+    (whether it had a token, sessions kicked); None when there is no such user."""
+    async with pool.acquire() as conn, conn.transaction():
+        # The user's row first, like every other writer of device_credentials.
+        user_id = await conn.fetchval(
+            "SELECT id FROM users WHERE username = $1 FOR NO KEY UPDATE", username
+        )
+        if user_id is None:
+            return None
+        had = await device_tokens.revoke(conn, int(user_id), device)
+        kicked = await conn.fetch(
+            "UPDATE sessions SET state = 'closed', closed_at = now(), "
+            "close_reason = 'device_revoked' "
+            "WHERE user_id = $1 AND device = $2 AND state <> 'closed' RETURNING id",
+            user_id,
+            device,
+        )
+        if kicked:
+            sessions = [(int(user_id), int(row["id"])) for row in kicked]
+            await push(conn, Kicked(sessions, "device_revoked"), key)
+    return had, len(kicked)
 
 
 # ---- events, as far as the tables tell ---------------------------------------------

@@ -101,6 +101,24 @@ devices = Table(
     PrimaryKeyConstraint("user_id", "device"),
 )
 
+device_credentials = Table(
+    "device_credentials",
+    metadata,
+    # A device's long-lived login token (app/store/device_tokens.py): only SHA-256
+    # hashes are stored. Rotated at every use; the token it replaced stays valid
+    # until previous_valid_until (a reply lost in flight does not lock the device
+    # out). Expires device_token_ttl_days after last_used_at.
+    Column("user_id", BigInteger, ForeignKey("users.id"), nullable=False),
+    Column("device", Text, nullable=False),
+    Column("token_hash", LargeBinary, nullable=False),
+    Column("previous_token_hash", LargeBinary),
+    Column("previous_valid_until", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_used_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_addr", Text),
+    PrimaryKeyConstraint("user_id", "device"),
+)
+
 auth_throttle = Table(
     "auth_throttle",
     metadata,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app.store import device_tokens
 from app.store.db import columns
 from app.store.errors import AccountDisabled, PasswordChanged, TooManyDevices
 from app.store.eventlog import EventKind, log_dead_workers_cte, log_sessions_cte
@@ -136,6 +137,7 @@ async def open_session(
     resume_token_hash: bytes | None = None,
     max_devices: int | None = None,
     password_hash: str | None = None,
+    device_token_hash: bytes | None = None,
 ) -> OpenedSession:
     """Record a new session; a live session of the same device is replaced (one per device).
 
@@ -146,6 +148,8 @@ async def open_session(
     and PasswordChanged if the password is no longer ``password_hash`` (the hash the
     caller verified): a login checked just before a password change committed
     cannot open a session after it (the change ended every other session).
+    With ``device_token_hash``, the device's token is (re)issued in the same
+    transaction (device_tokens.issue).
     """
     async with pool.acquire() as conn, conn.transaction():
         user = await conn.fetchrow(_LOCK_USER, user_id)
@@ -180,6 +184,8 @@ async def open_session(
             user_id,
             device,
         )
+        if device_token_hash is not None:
+            await device_tokens.issue(conn, user_id, device, device_token_hash, remote_addr)
     return OpenedSession(
         int(session_id),
         epoch,

@@ -259,6 +259,21 @@ class Throttle:
         if attempt.addr_key is not None:
             await give_back(self._pool, attempt.addr_key)
 
+    def token_keys(self, name: str, host: str) -> tuple[str, str | None]:
+        """The counters of ``login_token`` failures: per (name, address) and per address
+        (None for a shared address). The login's batch statement refuses while either
+        is waiting (device_tokens._FIND); only failures are counted (`token_failed`),
+        so a storm of right tokens writes no counter at all."""
+        addr = address_key(host)
+        addr_key = None if is_shared(host, self._shared) else f"token-addr|{addr}"
+        return f"token|{name}|{addr}", addr_key
+
+    async def token_failed(self, pair_key: str, addr_key: str | None) -> None:
+        """Count a refused device token against its pair's backoff and its address's budget."""
+        await count_backoff(self._pool, pair_key, self.pair)
+        if addr_key is not None:
+            await count_budget(self._pool, addr_key, self.per_addr)
+
     async def register_attempt(self, host: str) -> Refused | None:
         """Count a registration from ``host``: None if it may go ahead."""
         if is_shared(host, self._shared):

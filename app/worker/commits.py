@@ -1,4 +1,5 @@
-"""The worker's group commits: sends, resumes, acks and read receipts, each a `Batcher`.
+"""The worker's group commits: sends, resumes, token logins, acks and read receipts,
+each a `Batcher`.
 
 Clients may ack (and mark read) every message: one synchronously replicated
 commit for each would cost as much as the messages themselves, so acks and
@@ -14,8 +15,10 @@ from typing import TypeVar
 import asyncpg
 
 from app.settings import Settings
+from app.store import device_tokens
 from app.store import messages as message_store
 from app.store import sessions as session_store
+from app.store.device_tokens import TokenLogin, TokenRefused, TokenSession
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import ResumedSession, ResumeRequest
 from app.worker.writer import Batcher, MessageWriter
@@ -58,11 +61,20 @@ class Commits:
             batch_max=s.max_concurrent_resumes,
             retry_budget_s=RESUME_RETRY_BUDGET_S,
         )
+        # A login storm after an outage: one transaction per batch of devices.
+        self.token_logins: Batcher[TokenLogin, TokenSession | TokenRefused] = Batcher(
+            pool,
+            self._token_batch,
+            name="token_logins",
+            batch_max=s.max_concurrent_resumes,
+            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        )
         self._acker = self._group_commit("acks", message_store.ack_batch)
         self._receipts = self._group_commit("reads", message_store.read_batch, uncertain=uncertain)
         self._all: tuple[Batcher[object, object], ...] = (
             self.writer,
             self._resumer,
+            self.token_logins,
             self._acker,
             self._receipts,  # type: ignore[assignment]
         )
@@ -82,6 +94,11 @@ class Commits:
     async def take_over(self, request: ResumeRequest) -> ResumedSession | None:
         """Resume a session here; concurrent resumes share one statement."""
         return await self._resumer.submit(request)
+
+    async def log_in_by_token(self, request: TokenLogin) -> TokenSession | TokenRefused:
+        """Check and rotate a device token and open its session; concurrent token
+        logins share one transaction (device_tokens.login_batch)."""
+        return await self.token_logins.submit(request)
 
     async def ack(self, request: AckRequest) -> int:
         """Move a device's acked position; concurrent acks share one statement."""
@@ -129,3 +146,18 @@ class Commits:
             conn, requests, self._settings.worker_id, self._settings.resume_grace_s
         )
         return resumed, None
+
+    async def _token_batch(
+        self, conn: asyncpg.Connection, requests: list[TokenLogin]
+    ) -> tuple[list[TokenSession | TokenRefused], None]:
+        s = self._settings
+        opened = await device_tokens.login_batch(
+            conn,
+            requests,
+            worker_id=s.worker_id,
+            ttl_days=s.device_token_ttl_days,
+            overlap_s=s.device_token_overlap_s,
+            max_devices=s.max_devices_per_user,
+            addr_failure_limit=s.max_login_failures_per_addr,
+        )
+        return opened, None

@@ -34,6 +34,8 @@ class Sources:
     batches: Callable[[], int]
     delivered: Callable[[], int]
     resumes: Callable[[], int]
+    token_logins: Callable[[], int]
+    token_login_batches: Callable[[], int]
     overloaded: Callable[[], int]
     events_dropped: Callable[[], int]
 
@@ -54,6 +56,9 @@ def health_report(src: Sources) -> dict[str, object]:
         "batches": src.batches(),
         "delivered": src.delivered(),
         "resumes": src.resumes(),
+        # Device-token logins, and the transactions that opened them (device_tokens.py).
+        "token_logins": src.token_logins(),
+        "token_login_batches": src.token_login_batches(),
         "slow_readers": metrics.SLOW_READERS.value,
         "overloaded": src.overloaded(),
         # Events the events log could not keep (database away too long, or refused).

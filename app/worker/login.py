@@ -1,14 +1,19 @@
-"""Accounts on the wire: register, hello (password login), resume (token), password change.
+"""Accounts on the wire: register, hello (password login), resume (resume token),
+login_token (device token), password change.
 
 Each kind passes its own admission queue (admission.py): a password costs an
-argon2id hash, a resume a SHA-256 and a share of one batched statement.
-Password attempts and registrations are counted per client address and per
-(user, address) before any hash is computed (app/store/throttle.py).
+argon2id hash, a resume or a token login a SHA-256 and a share of one batched
+statement. Password attempts and registrations are counted per client address and
+per (user, address) before any hash is computed; refused device tokens are counted
+per (user, address) and per address too (app/store/throttle.py).
+
+Tokens (resume, device) are never logged: only their SHA-256 reaches the database.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 
 import asyncpg
@@ -18,6 +23,7 @@ from app.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     Hello,
+    LoginToken,
     PasswordChange,
     Register,
     Resume,
@@ -28,7 +34,8 @@ from app.store import accounts
 from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import AccountDisabled, PasswordChanged, TooManyDevices, UserExists
+from app.store.device_tokens import Refusal, TokenLogin, TokenRefused
+from app.store.errors import DB_ERRORS, AccountDisabled, PasswordChanged, TooManyDevices, UserExists
 from app.store.eventlog import EventLog
 from app.store.passwords import Passwords
 from app.store.sessions import ResumeRequest
@@ -68,6 +75,7 @@ class Login:
         self._announcer = announcer
         self._events = events
         self.resumes = 0
+        self.token_logins = 0
 
     def _check_password_strength(self, password: str) -> None:
         least = self._settings.min_password_chars
@@ -106,6 +114,7 @@ class Login:
             if account.disabled:
                 raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
         token = secrets.token_urlsafe(24)  # 192 random bits; only its hash is stored
+        device_token = new_device_token()
         try:
             opened = await session_store.open_session(
                 pool,
@@ -116,6 +125,7 @@ class Login:
                 token_hash(token),
                 max_devices=s.max_devices_per_user,
                 password_hash=account.password_hash,
+                device_token_hash=token_hash(device_token),
             )
         except AccountDisabled:  # disabled since find_user read the account
             raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled") from None
@@ -137,7 +147,9 @@ class Login:
             opened.session_id, account.id, account.username, req.device, opened.epoch, acked
         )
         metrics.LOGINS.labels("ok").inc()
-        await self._sessions.attach(peer, session, token, last_seq, acked, req.rid, why="hello")
+        await self._sessions.attach(
+            peer, session, token, last_seq, acked, req.rid, why="hello", device_token=device_token
+        )
         if opened.replaced_session_id is not None:
             self._announcer.replace_session(account.id, opened.replaced_session_id, None)
 
@@ -190,6 +202,89 @@ class Login:
             # Its previous owner may still hold a connection: the new epoch fences it out.
             self._announcer.replace_session(resumed.user_id, resumed.session_id, resumed.epoch)
 
+    async def login_token(self, peer: Peer, req: LoginToken) -> None:
+        """Log in with a device token: no password hash, a share of a batched statement.
+
+        The token is rotated (the welcome carries the new one); the one presented
+        stays valid for device_token_overlap_s, in case this welcome is lost.
+        """
+        host = client_host(peer.peer)
+        pair_key, addr_key = self._throttle.token_keys(req.user, host)
+        token = secrets.token_urlsafe(24)
+        device_token = new_device_token()
+        async with self._admission.slot(Work.TOKEN):
+            opened = await self._commits.log_in_by_token(
+                TokenLogin(
+                    req.user,
+                    req.device,
+                    token_hash(req.device_token),
+                    token_hash(device_token),
+                    token_hash(token),
+                    peer.peer,
+                    pair_key,
+                    addr_key,
+                )
+            )
+        if isinstance(opened, TokenRefused):
+            await self._refuse_token(req, host, opened, pair_key, addr_key)
+            return
+        self.token_logins += 1
+        metrics.LOGINS.labels("token_ok").inc()
+        if opened.replaced_session_id is not None:  # logged first: never two at once
+            self._events.session_replaced(
+                opened.user_id,
+                opened.replaced_session_id,
+                opened.epoch - 1,
+                opened.replaced_worker_id,
+            )
+        self._events.session_opened(opened.user_id, opened.session_id, opened.epoch)
+        session = Session(
+            opened.session_id, opened.user_id, req.user, req.device, opened.epoch, opened.acked
+        )
+        await self._sessions.attach(
+            peer,
+            session,
+            token,
+            opened.last_seq,
+            opened.acked,
+            req.rid,
+            why="login_token",
+            has_contacts=opened.has_contacts,
+            device_token=device_token,
+        )
+        if opened.replaced_session_id is not None:
+            self._announcer.replace_session(opened.user_id, opened.replaced_session_id, None)
+
+    async def _refuse_token(
+        self, req: LoginToken, host: str, refused: TokenRefused, pair_key: str, addr_key: str | None
+    ) -> None:
+        why = refused.why
+        if why is Refusal.THROTTLED:
+            log.info("login_token_rate_limited", user=req.user, addr=host)
+            raise RequestError(
+                ErrorCode.RATE_LIMITED,
+                "too many refused device tokens; wait before trying again",
+                retry_after=max(1, math.ceil(refused.retry_after_s)),
+            )
+        if why is Refusal.DISABLED:
+            raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
+        if why is Refusal.TOO_MANY_DEVICES:
+            raise RequestError(
+                ErrorCode.TOO_MANY_DEVICES,
+                f"{self._settings.max_devices_per_user} other devices of this user are "
+                "logged in; end one (bye) first",
+            )
+        metrics.LOGINS.labels("token_failed").inc()
+        log.info("login_token_failed", user=req.user, device=req.device, addr=host)
+        try:
+            await self._throttle.token_failed(pair_key, addr_key)
+        except DB_ERRORS as exc:  # the refusal stands; only its count is lost
+            log.warning("token_failure_not_counted", error=type(exc).__name__)
+        raise RequestError(
+            ErrorCode.AUTH_FAILED,
+            "unknown, expired or revoked device token; log in with the password",
+        )
+
     async def change_password(self, peer: Peer, req: PasswordChange) -> None:
         """Check the old password (throttled like a login), set the new one, and end
         the user's other sessions and their resume tokens in the same transaction."""
@@ -234,3 +329,8 @@ def _rate_limited(refused: Refused, message: str) -> RequestError:
 
 def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def new_device_token() -> str:
+    """A device token: 256 random bits (only its SHA-256 is stored)."""
+    return secrets.token_urlsafe(32)

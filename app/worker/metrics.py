@@ -36,7 +36,7 @@ ProcessCollector(registry=REGISTRY)
 
 LOGINS = Counter(
     "switchboard_logins",
-    "Password logins (hello) by result: ok or failed.",
+    "Logins by result: ok or failed (hello), token_ok or token_failed (login_token).",
     ["result"],
     registry=REGISTRY,
 )
@@ -188,6 +188,11 @@ class WorkerCollector(Collector):
             "switchboard_messages_out": ("Inbox entries written to connections.", "delivered"),
             "switchboard_store_batches": ("Group-commit statements committed.", "batches"),
             "switchboard_resumes": ("Sessions taken over with a resume token.", "resumes"),
+            "switchboard_token_logins": ("Sessions opened with a device token.", "token_logins"),
+            "switchboard_token_login_batches": (
+                "Transactions that checked, rotated and opened a batch of device-token logins.",
+                "token_login_batches",
+            ),
             "switchboard_slow_readers": ("Connections dropped as slow readers.", "slow_readers"),
             "switchboard_overloaded": (
                 "Logins, registrations and resumes refused by admission control.",

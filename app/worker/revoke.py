@@ -72,6 +72,7 @@ KICKED_MESSAGES = {
     "kicked": "an administrator closed this session",
     "disabled": "this account was disabled",
     "password_changed": "the password was changed on another device; log in again",
+    "device_revoked": "an administrator signed this device out; log in with the password",
 }
 CLOSED_MESSAGE = "this session was closed"
 # What started a recheck (the metric's label), as its decision says it.

@@ -169,6 +169,8 @@ class Worker:
             batches=lambda: commits.writer.batches,
             delivered=lambda: delivery.delivered,
             resumes=lambda: login.resumes,
+            token_logins=lambda: login.token_logins,
+            token_login_batches=lambda: commits.token_logins.batches,
             overloaded=lambda: admission.overloaded,
             events_dropped=lambda: self.events.dropped,
         )

@@ -15,6 +15,7 @@ import asyncpg
 
 from app.logs import get_logger
 from app.protocol import Bye, ErrorCode, Ping, Rid, frames
+from app.store import device_tokens
 from app.store import sessions as session_store
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog
@@ -97,8 +98,10 @@ class Sessions:
         *,
         why: str,
         has_contacts: bool = True,
+        device_token: str | None = None,
     ) -> None:
-        """Send welcome, then the replay after ``session.delivered_seq``, then live entries."""
+        """Send welcome (with ``device_token``, the device's new one, after hello and
+        login_token), then the replay after ``session.delivered_seq``, then live entries."""
         set_session_state(peer, SessionEvent.LOGIN, why, session)
         if peer.closed:
             # The connection went while the login was in flight (its auth_timeout, or
@@ -113,6 +116,7 @@ class Sessions:
             token,
             last_seq,
             acked,
+            device_token,
         )
         peer.write(welcome.encode(rid))
         self._registry.attach(peer)
@@ -183,6 +187,11 @@ class Sessions:
         peer.write(PONG.encode(req.rid))
 
     async def bye(self, peer: Peer, req: Bye) -> None:
+        session = peer.session
+        if req.forget and session is not None and peer.state is SessionState.ACTIVE:
+            # Before the ok: once the client reads it, the token no longer logs in.
+            await device_tokens.revoke(self._pool, session.user_id, session.device)
+            log.info("device_forgotten", user=session.username, device=session.device)
         peer.write(OK.encode(req.rid))
         try:
             await self.end(peer, "bye", resumable=False)

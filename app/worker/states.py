@@ -5,11 +5,11 @@ A connection's session, h11-style: a table maps (state, event) to the next state
 or to the error code that refuses the event. Requests are events too, so the
 table is also the gate that decides which requests a connection may send::
 
-    ANONYMOUS --LOGIN (hello, resume)--> ACTIVE --DISCONNECT--> DETACHED
+    ANONYMOUS --LOGIN (hello, resume, login_token)--> ACTIVE --DISCONNECT--> DETACHED
                                             |
                                             +--BYE, REPLACED, KICKED, FENCED--> CLOSED
 
-    ANONYMOUS: AUTH requests (hello, register, resume) and ANY (ping, bye) are
+    ANONYMOUS: AUTH requests (hello, register, resume, login_token) and ANY (ping, bye) are
                allowed; every other request is refused with not_authenticated.
     ACTIVE:    AUTH requests are refused with already_authenticated.
     DETACHED, CLOSED: final; the connection holds no session any more.
@@ -52,11 +52,11 @@ class SessionState(Enum):
 
 class SessionEvent(Enum):
     # Requests, by what the gate needs to know of them.
-    AUTH = "auth request"  # hello, register, resume
+    AUTH = "auth request"  # hello, register, resume, login_token
     ANY = "any-state request"  # ping, bye
     REQUEST = "request"  # everything else: needs a session
     # Lifecycle.
-    LOGIN = "login"  # hello or resume succeeded: the session is attached here
+    LOGIN = "login"  # hello, resume or login_token succeeded: the session is attached here
     BYE = "bye"  # the client ended the session: closed, not resumable
     DISCONNECT = "disconnect"  # the connection dropped: resumable elsewhere
     REPLACED = "replaced"  # the device logged in (or resumed) on another connection

@@ -20,7 +20,8 @@ from app.cluster.launcher import LocalCluster
 from app.dashboard.cli import save_admin
 from app.dashboard.server import build_app
 from tests.browser.conftest import ADMIN_PASSWORD
-from tests.integration.helpers import db
+from tests.integration.helpers import db, login, new_user
+from tests.linechat import LineClient
 
 IDLE_S = 2.0
 
@@ -214,3 +215,45 @@ async def test_admin_create_takes_the_password_from_flag_env_or_nowhere(
     async with db(cluster) as conn:
         stored = await conn.fetchval("SELECT password_hash FROM admins WHERE username = $1", name)
     assert stored.startswith("$argon2id$")
+
+
+async def test_the_user_page_lists_devices_and_revoke_signs_one_out(
+    cluster: LocalCluster,
+    client: TestClient,
+) -> None:
+    """GET /users/{name} lists the devices holding a token (never the token); its
+    Revoke button (a CSRF-checked POST) kicks that device's live session and its
+    token stops working."""
+    user = new_user("devpage")
+    phone, welcome = await login(cluster, user, device="phone")
+    token = welcome["device_token"]
+    try:
+        assert (await post_login(client, await new_admin(cluster), ADMIN_PASSWORD)).status == 303
+        page = await client.get(f"/users/{user}")
+        html = await page.text()
+        assert page.status == 200 and 'data-device="phone"' in html
+        assert token not in html
+        csrf = re.search(r'name="csrf" value="([^"]+)"', html)
+        assert csrf is not None
+        action = f"/users/{user}/devices/phone/revoke"
+        forged = await client.post(action, data={"csrf": "forged"}, allow_redirects=False)
+        assert forged.status == 403
+        done = await client.post(action, data={"csrf": csrf.group(1)}, allow_redirects=False)
+        assert done.status == 303 and "done=revoked" in done.headers["Location"]
+        kicked = await phone.recv_until("error", timeout=8.0)
+        assert kicked["code"] == "kicked"
+        after = await (await client.get(f"/users/{user}")).text()
+        assert 'data-device="phone"' not in after and "No device holds a token." in after
+        s = cluster.settings
+        again = await LineClient.connect(s.host, s.client_port)
+        try:
+            refused = await again.request(
+                {"op": "login_token", "user": user, "device": "phone", "device_token": token}
+            )
+            assert refused["code"] == "auth_failed", refused
+        finally:
+            await again.close()
+        missing = await client.get("/users/nobody-" + uuid.uuid4().hex[:6])
+        assert missing.status == 404
+    finally:
+        await phone.close()

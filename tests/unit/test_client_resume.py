@@ -73,6 +73,10 @@ class FakeSwitchboard:
         self.password = PASSWORD
         self.token: str | None = None
         self.tokens_issued = 0
+        # Device tokens (login_token): issued in hello's and login_token's welcomes
+        # only when this is set, rotated at every use.
+        self.issue_device_tokens = False
+        self.device_token: str | None = None
         self.conns: list[FakeConn] = []
         self.requests: list[tuple[int, Frame]] = []  # (connection number, frame)
         self.sent: dict[str, Frame] = {}  # cmid -> the `sent` reply (idempotent)
@@ -155,6 +159,11 @@ class FakeSwitchboard:
                 conn.reply(frame, error("bad_token", "unknown or expired resume token"))
             else:
                 self._welcome(conn, frame, replay_after=frame["last_seq"] - self.replay_overlap)
+        elif op == "login_token":
+            if frame["device_token"] != self.device_token:
+                conn.reply(frame, error("auth_failed", "unknown or revoked device token"))
+            else:
+                self._welcome(conn, frame, replay_after=self.acked)
         elif op == "send":
             cmid = frame["cmid"]
             if cmid in self.send_errors:
@@ -193,6 +202,9 @@ class FakeSwitchboard:
             "seq": len(self.inbox),
             "acked": self.acked,
         }
+        if self.issue_device_tokens and request["op"] in ("hello", "login_token"):
+            self.device_token = f"device-{self.tokens_issued:016d}"
+            welcome["device_token"] = self.device_token
         conn.reply(request, welcome)
         conn.authed = True
         conn.write(*self._deliverable(self.inbox[max(replay_after, 0) :]))

@@ -24,6 +24,7 @@ from app.protocol import (
     Hello,
     History,
     Limits,
+    LoginToken,
     PasswordChange,
     Ping,
     PresenceState,
@@ -391,7 +392,12 @@ OP_CASES: list[tuple[dict[str, object], Request]] = [
     ({"op": "read", "msg_id": 1}, Read(1)),
     ({"op": "password", "old": "a", "new": "b"}, PasswordChange("a", "b")),
     ({"op": "ping"}, Ping()),
-    ({"op": "bye", "rid": 9}, Bye(9)),
+    ({"op": "bye", "rid": 9}, Bye(rid=9)),
+    ({"op": "bye", "forget": True}, Bye(forget=True)),
+    (
+        {"op": "login_token", "user": "bob", "device": "pc", "device_token": TOKEN, "rid": 3},
+        LoginToken("bob", "pc", TOKEN, rid=3),
+    ),
 ]
 
 
@@ -413,7 +419,7 @@ def test_history_default_limit_follows_limits() -> None:
 
 
 def test_pre_auth_ops() -> None:
-    assert frozenset({Hello, Register, Resume, Ping, Bye}) == PRE_AUTH_OPS
+    assert frozenset({Hello, Register, Resume, LoginToken, Ping, Bye}) == PRE_AUTH_OPS
 
 
 def test_secrets_are_not_in_repr() -> None:

@@ -76,6 +76,7 @@ FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     ),
     "register": fields(user=usernames, password=passwords),
     "resume": fields(user=usernames, device=devices, token=tokens, last_seq=seqs),
+    "login_token": fields(user=usernames, device=devices, device_token=tokens),
     "send": merge(fields(cmid=cmids, body=bodies), target("to")),
     "ack": fields(seq=seqs),
     "presence": st.fixed_dictionaries(
@@ -100,7 +101,7 @@ FIELDS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "read": fields(msg_id=ids),
     "password": fields(old=passwords, new=passwords),
     "ping": fields(),
-    "bye": fields(),
+    "bye": fields(forget=st.booleans()),
 }
 
 

@@ -35,6 +35,7 @@ VALID: list[dict[str, Any]] = [
     {"op": "hello", "user": "alice", "password": "pw", "device": "phone"},
     {"op": "register", "user": "alice", "password": "pw"},
     {"op": "resume", "user": "alice", "device": "phone", "token": TOKEN, "last_seq": 0},
+    {"op": "login_token", "user": "alice", "device": "phone", "device_token": TOKEN},
     {"op": "send", "cmid": "c1", "body": "hello", "to": "bob"},
     {"op": "presence", "state": "away", "text": "lunch"},
     {"op": "contact_add", "user": "bob"},

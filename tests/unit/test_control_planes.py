@@ -96,6 +96,8 @@ async def test_the_worker_admin_endpoint_wants_the_derived_token(
         batches=lambda: 0,
         delivered=lambda: 0,
         resumes=lambda: 0,
+        token_logins=lambda: 0,
+        token_login_batches=lambda: 0,
         overloaded=lambda: 0,
         events_dropped=lambda: 0,
     )

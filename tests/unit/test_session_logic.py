@@ -139,6 +139,9 @@ async def test_hello_logs_in_with_a_welcome_as_the_protocol_describes(h: Harness
 
     token = welcome.pop("resume_token")
     assert isinstance(token, str) and len(token) >= 32
+    device_token = welcome.pop("device_token")
+    assert isinstance(device_token, str) and len(device_token) >= 43  # 256 bits
+    assert h.store.device_tokens[(alice.id, "phone")] == token_hash(device_token)
     session_id = int(welcome["session"])
     assert welcome == {
         "op": "welcome",

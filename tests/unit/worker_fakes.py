@@ -287,6 +287,7 @@ class FakeStore:
     last_seq: dict[int, int] = field(default_factory=dict)
     acked: dict[tuple[int, str], int] = field(default_factory=dict)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    device_tokens: dict[tuple[int, str], bytes] = field(default_factory=dict)
     error: BaseException | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -403,8 +404,11 @@ class FakeStore:
         resume_token_hash: bytes | None = None,
         max_devices: int | None = None,
         password_hash: str | None = None,
+        device_token_hash: bytes | None = None,
     ) -> OpenedSession:
         self._call("open_session", user_id, device, worker_id)
+        if device_token_hash is not None:
+            self.device_tokens[(user_id, device)] = device_token_hash
         if any(a.id == user_id and a.disabled for a in self.users.values()):
             raise AccountDisabled(f"user {user_id} is disabled")
         if password_hash is not None and any(
