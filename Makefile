@@ -50,6 +50,7 @@ browser: bootstrap-tests
 bench: bootstrap
 	$(VENV)/bin/python -m bench.up_time
 	$(VENV)/bin/python -m bench.throughput --mode max
+	$(VENV)/bin/python -m bench.throughput --mode max --tls
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 5000
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000 --ack-every 1
