@@ -395,7 +395,7 @@ SWITCHBOARD_IMAGE_PREFIX=$IMAGE_PREFIX
 SWITCHBOARD_IMAGE_TAG=test
 SWITCHBOARD_PUBLIC_BIND=127.0.0.1
 SWITCHBOARD_ADMIN_BIND=127.0.0.1
-SWITCHBOARD_CLIENT_PORT=$CLIENT_PORT
+SWITCHBOARD_CLIENT_TLS_PORT=$CLIENT_PORT
 SWITCHBOARD_DB_PRIMARY_PORT=$PRIMARY_PORT
 SWITCHBOARD_DB_REPLICA_PORT=$REPLICA_PORT
 SWITCHBOARD_STATS_PORT=$STATS_PORT
@@ -453,30 +453,46 @@ else
 fi
 log "stack healthy: $(docker ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Label "com.docker.compose.service"}}' | sort | uniq -c | awk '{printf "%s%s x%s", sep, $2, $1; sep=", "}')"
 
-# The dashboard answers through HAProxy, as in the local cluster.
-code="$("$VENV/bin/python" - "http://127.0.0.1:$DASHBOARD_PORT/healthz" <<'PY'
-import sys, time, urllib.error, urllib.request
-status = 0
+# The stack's CA, as a client gets it (compose.yaml, service certs).
+"${COMPOSE[@]}" run --rm --no-deps --entrypoint cat certs /run/switchboard/tls/ca.pem >"$B/ca.pem" \
+    2>"$B/ca.log" || { cat "$B/ca.log" >&2; die "could not read the stack's CA"; }
+grep -q "BEGIN CERTIFICATE" "$B/ca.pem" || die "the certs volume holds no CA certificate"
+log "the stack's CA: $(openssl x509 -in "$B/ca.pem" -noout -subject 2>/dev/null || echo read)"
+
+# The dashboard answers through HAProxy over HTTPS only, with a certificate the CA
+# signed for 127.0.0.1, and HSTS.
+code="$("$VENV/bin/python" - "https://127.0.0.1:$DASHBOARD_PORT/healthz" "$B/ca.pem" <<'PY'
+import ssl, sys, time, urllib.error, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[2])
+status, hsts = 0, ""
 for _ in range(30):  # HAProxy checks the dashboard every 2 s
     try:
-        status = urllib.request.urlopen(sys.argv[1], timeout=3).status
+        response = urllib.request.urlopen(sys.argv[1], timeout=3, context=context)
+        status, hsts = response.status, response.headers.get("Strict-Transport-Security", "")
     except urllib.error.HTTPError as exc:
         status = exc.code
+    except ssl.SSLCertVerificationError as exc:
+        print(f"untrusted: {exc}")
+        sys.exit()
     except OSError:
         status = 0
     if status == 200:
         break
     time.sleep(1)
-print(status)
+print(status if status != 200 or "max-age=" in hsts else "200-without-hsts")
 PY
 )"
-[ "$code" = 200 ] || die "the dashboard's /healthz through HAProxy answered '$code'"
-log "dashboard /healthz through HAProxy: 200"
+[ "$code" = 200 ] || die "the dashboard's /healthz through HAProxy over HTTPS answered '$code'"
+log "dashboard /healthz through HAProxy over verified HTTPS, with HSTS: 200"
 
-log "smoke test: two clients through HAProxy, kill the Patroni leader and a worker"
+"${COMPOSE[@]}" exec -T haproxy sb-tls-reload >"$B/reload.log" 2>&1 \
+    || { cat "$B/reload.log" >&2; die "sb-tls-reload failed"; }
+log "$(tail -1 "$B/reload.log")"
+
+log "smoke test: two clients over TLS through HAProxy, kill the Patroni leader and a worker"
 COMPOSE_CMD="$("$VENV/bin/python" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${COMPOSE[@]}")" \
     "$VENV/bin/python" "$ROOT/compose/test/smoke.py" \
-    --port "$CLIENT_PORT" --stats-url "http://127.0.0.1:$STATS_PORT" --project "$PROJECT" \
+    --port "$CLIENT_PORT" --cafile "$B/ca.pem" --stats-url "http://127.0.0.1:$STATS_PORT" --project "$PROJECT" \
     || die "the smoke test failed"
 
 log "docker compose down -v"

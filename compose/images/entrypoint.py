@@ -4,6 +4,7 @@
     entrypoint.py migrate     roles, database and Alembic migrations, then exit 0
     entrypoint.py worker      one socket worker (any number of replicas)
     entrypoint.py dashboard   the dashboard (`switchboard dashboard`)
+    entrypoint.py certs       make or check HAProxy's TLS certificate (volume `tls`), exit 0
     entrypoint.py CMD ...     anything else runs as is (e.g. `switchboard --help`)
 
 The application is used unchanged. What containers need differently from the local
@@ -269,6 +270,25 @@ def run_dashboard() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "app.dashboard", *sys.argv[2:]], env)
 
 
+def run_certs() -> None:
+    """The certificate HAProxy serves on the client TLS port and the dashboard.
+
+    `app.cluster.tls.ensure_certificates`, as `switchboard up` runs it, in the volume
+    mounted at ``$SWITCHBOARD_STATE_DIR/tls``: the stack's own CA and a server
+    certificate for ``localhost``, ``127.0.0.1``, ``::1`` and SWITCHBOARD_TLS_NAMES (the
+    names clients use), made once and reused; or, with SWITCHBOARD_TLS_CERT and
+    SWITCHBOARD_TLS_KEY (files mounted into this container), the operator's.
+    """
+    from app.cluster.tls import ensure_certificates
+    from app.settings import Settings
+
+    files = ensure_certificates(Settings.load())
+    say(
+        f"TLS: {files.decision}; serial {files.serial:x}, valid until "
+        f"{files.not_after:%Y-%m-%d}, names {', '.join(files.names)}"
+    )
+
+
 def run_migrate() -> None:
     import asyncio
 
@@ -383,6 +403,8 @@ def main() -> None:
         run_migrate()
     elif role == "dashboard":
         run_dashboard()
+    elif role == "certs":
+        run_certs()
     else:
         os.execvp(sys.argv[1], sys.argv[1:])
 

@@ -27,6 +27,8 @@ NODES = ("n1", "n2", "n3")
 WORKER_PORT, WORKER_HEALTH_PORT, WORKER_AGENT_PORT = 7001, 7101, 7201
 PG_PORT, PATRONI_REST_PORT = 5432, 8008
 DNS = "resolvers docker resolve-prefer ipv4"
+CLIENT_TLS_PORT = 5223
+TLS_PEM = "/etc/switchboard/tls/haproxy.pem"
 
 RESOLVERS = """
 # Docker's embedded DNS: service names resolve to the current containers' addresses.
@@ -54,14 +56,19 @@ VALUES = {
     "host": "",  # bind every address of the container; see fix_servers for server lines
     "client_port": 5222,
     # Compose publishes the plaintext port as before; its TLS is the rest of issue #15.
-    "client_plain_host": "",
-    "client_tls_bind": "    # no TLS port in compose yet (issue #15)",
+    # Clients only over TLS (issue #15): the plaintext port listens on the container's
+    # loopback, which no published port reaches; the TLS port on every address. The PEM
+    # is the `certs` service's (volume `tls`, mounted read-only where TLS_PEM is).
+    "client_plain_host": "127.0.0.1",
+    "client_tls_bind": (
+        f"    bind :{CLIENT_TLS_PORT} tcp-ut 90s ssl crt {TLS_PEM} ssl-min-ver TLSv1.2"
+    ),
     "db_primary_port": 5000,
     "db_replica_port": 5001,
     "haproxy_stats_port": 8404,
     "dashboard_port": 8080,
     "dashboard_app_port": 8081,
-    "dashboard_tls": "",
+    "dashboard_tls": f" ssl crt {TLS_PEM}",
     # The edge, as app/settings.py's defaults: edge_timeout_s() (idle_timeout_s 90 s + 30),
     # tcp_user_timeout_s() (60 + 10 x 3) and the tcp_keepalive_* settings.
     "edge_timeout": "120000ms",

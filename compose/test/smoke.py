@@ -1,4 +1,8 @@
-"""Smoke test of a running compose stack, from the host, through HAProxy's client port.
+"""Smoke test of a running compose stack, from the host, through HAProxy's TLS client port.
+
+Every connection is TLS, and verifies the stack's certificate (against ``--cafile``,
+the CA the `certs` service made) and its host name; a plaintext connection to the
+same port must get no answer.
 
 Two users exchange messages without a pause while the test kills the Patroni leader's
 container, then the container of the worker one of them is connected to, then starts
@@ -134,8 +138,9 @@ class Peer:
     disconnects: int = 0
     sent_count: int = 0
 
-    async def start(self, host: str, port: int) -> None:
-        self.client = await ResilientClient.connect(host, port)
+    async def start(self, host: str, port: int, cafile: str) -> None:
+        # Every reconnect and resume goes over TLS too, verified the same way.
+        self.client = await ResilientClient.connect(host, port, tls=True, cafile=cafile)
         await self.client.register(self.user, self.password)
         welcome = await self.client.login(self.user, self.password, "smoke")
         self.worker = welcome.worker
@@ -217,6 +222,23 @@ def max_gap(times: list[float], after: float) -> float:
     return max((b - a for a, b in itertools.pairwise(relevant)), default=0.0)
 
 
+async def plaintext_gets_nothing(host: str, port: int) -> None:
+    """A cleartext `hello` to the TLS port is a failed handshake: no frame comes back."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b'{"op":"hello","user":"nobody","password":"x","device":"d"}\n')
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(4096), 10)
+        except (ConnectionError, TimeoutError):
+            answer = b""
+    finally:
+        writer.close()
+    if b"welcome" in answer or b'"op"' in answer:
+        raise Failed(f"the TLS port answered cleartext with a frame: {answer[:200]!r}")
+    say("TLS port: a cleartext hello got no frame back")
+
+
 async def scenario(args: argparse.Namespace) -> None:
     stack = Stack(json.loads(os.environ["COMPOSE_CMD"]), args.project, args.stats_url)
     leader_before = await wait_for("a primary in HAProxy", lambda: stack.up("pg_primary"), 60)
@@ -228,8 +250,9 @@ async def scenario(args: argparse.Namespace) -> None:
     tag = secrets.token_hex(3)
     alice = Peer(f"alice{tag}", secrets.token_urlsafe(16), f"bob{tag}")
     bob = Peer(f"bob{tag}", secrets.token_urlsafe(16), f"alice{tag}")
+    await plaintext_gets_nothing(args.host, args.port)
     for peer in (alice, bob):
-        await peer.start(args.host, args.port)
+        await peer.start(args.host, args.port, args.cafile)
         say(f"{peer.user} logged in on worker {peer.worker}")
 
     stop = asyncio.Event()
@@ -336,7 +359,8 @@ async def scenario(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="the TLS client port")
+    parser.add_argument("--cafile", required=True, help="the stack's CA (the certs service's)")
     parser.add_argument("--stats-url", required=True)
     parser.add_argument("--project", required=True)
     parser.add_argument("--interval", type=float, default=0.05)
