@@ -100,9 +100,10 @@ def test_settings_reach_the_local_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("which", ["local", "compose"])
 def test_haproxy_accepts_the_config(tmp_path: Path, which: str) -> None:
-    if which == "local":
-        tls.ensure_certificates(Settings(state_dir=tmp_path))  # the PEM the binds load
+    # The PEM the TLS binds load (compose's comes from the certs service's volume).
+    pem = tls.ensure_certificates(Settings(state_dir=tmp_path)).haproxy_pem
     config = local_config(tmp_path) if which == "local" else compose_config()
+    config = config.replace("/etc/switchboard/tls/haproxy.pem", str(pem))
     # The runtime API socket must be somewhere writable for the check.
     config = re.sub(r"stats socket \S+", f"stats socket {tmp_path}/admin.sock", config)
     path = tmp_path / "haproxy.cfg"
