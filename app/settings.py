@@ -100,13 +100,22 @@ class Settings:
     db_connect_timeout_s: float = 2.0
     db_command_timeout_s: float = 10.0
     shutdown_grace_s: float = 10.0
-    # A worker renews its lease every interval; others declare it dead (and
-    # detach its sessions) once the lease has run out.
-    worker_lease_s: float = 3.0
+    # Liveness (app/worker/liveness.py, docs/operations.md). A worker renews its lease
+    # every interval from a thread of its own. The others declare it dead (and detach
+    # its sessions) when its lease connection is gone and it has not renewed for
+    # worker_dead_after_s (the process died), or when the lease ran out although the
+    # connection is there (hung, stopped, cut off): a busy worker is never dead.
+    worker_lease_s: float = 15.0
+    worker_dead_after_s: float = 3.0
     lease_renew_interval_s: float = 1.0
     reaper_interval_s: float = 1.0
-    # How long a detached session stays resumable with its token.
+    # Past this much event-loop lag a worker sheds load: HAProxy's agent check gets
+    # a lower weight (fewer new clients), and its lease says it is overloaded.
+    shed_lag_s: float = 0.5
+    # How long a detached session stays resumable with its token; while any worker
+    # reports overload (clients may be waiting their turn), up to the max.
     resume_grace_s: float = 120.0
+    resume_grace_max_s: float = 600.0
     # Device tokens (login_token, docs/security.md): a device's token expires after
     # this many days without use; the token a rotation replaced stays valid for
     # device_token_overlap_s (a welcome lost in flight does not lock the device out).
@@ -291,6 +300,12 @@ class Settings:
             raise SettingsError("db_nodes must be at least 1")
         if self.haproxy_processes < 1:
             raise SettingsError("haproxy_processes must be at least 1")
+        if not 0 < self.worker_dead_after_s < self.worker_lease_s:
+            raise SettingsError("worker_dead_after_s must be positive and below worker_lease_s")
+        if self.lease_renew_interval_s * 2 > self.worker_dead_after_s:
+            raise SettingsError("lease_renew_interval_s must be at most worker_dead_after_s / 2")
+        if self.resume_grace_max_s < self.resume_grace_s:
+            raise SettingsError("resume_grace_max_s must be at least resume_grace_s")
         if self.session_recheck_interval_s <= 0 or self.push_max_age_s <= 0:
             raise SettingsError("session_recheck_interval_s and push_max_age_s must be positive")
         if self.max_frame_bytes < 1024:

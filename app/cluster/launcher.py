@@ -535,11 +535,7 @@ class LocalCluster:
                 endpoint = f"{s.host}:{s.worker_port(name)} (health :{s.worker_health_port(name)})"
                 code, body = http_json(f"http://{s.host}:{s.worker_health_port(name)}/health")
                 ok = running and code == 200
-                detail = (
-                    f"{body.get('state', '?')} sessions={body.get('sessions', '?')}"
-                    if isinstance(body, dict)
-                    else "not answering"
-                )
+                detail = worker_detail(body) if isinstance(body, dict) else "not answering"
             out.append(ComponentStatus(name, pid, running, endpoint, detail, ok))
         return out
 
@@ -554,6 +550,27 @@ class LocalCluster:
         except OSError:
             return []
         return data.splitlines()[-lines:]
+
+
+def worker_detail(health: dict[str, object]) -> str:
+    """A worker's status line from its /health: state, sessions, and how loaded it is
+    (event-loop lag, lease age, requests waiting for admission, refused overloaded)."""
+
+    def total(key: str) -> object:
+        value = health.get(key)
+        return sum(value.values()) if isinstance(value, dict) else value
+
+    parts = [
+        str(health.get("state", "?")),
+        f"sessions={health.get('sessions', '?')}",
+        f"lag={health.get('loop_lag_ms', '?')}ms",
+        f"lease={health.get('lease_age_s', '?')}s",
+        f"queued={total('queues') if 'queues' in health else '?'}",
+        f"shed={total('shed') if 'shed' in health else health.get('overloaded', '?')}",
+    ]
+    if health.get("shedding"):
+        parts.append(f"SHEDDING ({health['shedding']})")
+    return " ".join(parts)
 
 
 def _client_ports(s: Settings) -> str:

@@ -45,6 +45,12 @@ class WorkerView:
     pid: int | None
     messages_per_s: float  # stored plus delivered through this worker
     loop_lag_ms: float | None = None  # the worst event-loop lag of the last 10-20 s
+    # Load shedding: why it sheds ("" when not), its HAProxy weight in percent,
+    # requests waiting for admission and refused overloaded (all kinds).
+    shedding: str = ""
+    weight: int | None = None
+    queued: int | None = None
+    shed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +227,10 @@ class Sampler:
                         _rate(through, counters.per_worker.get(wid), elapsed) if status else 0.0
                     ),
                     loop_lag_ms=float(lag) if isinstance(lag, int | float) else None,
+                    shedding=str(body.get("shedding") or ""),
+                    weight=_int_or_none(body.get("agent_weight")),
+                    queued=_sum_or_none(body.get("queues")),
+                    shed=_sum_or_none(body.get("shed", body.get("overloaded"))),
                 )
             )
         msg_in = _rate(totals.last_message_id, counters.last_message_id, elapsed) if totals else 0.0
@@ -261,6 +271,13 @@ class Sampler:
         with contextlib.suppress(OSError, ValueError, KeyError):
             return haproxy.server_states(self.layout)
         return None
+
+
+def _sum_or_none(value: object) -> int | None:
+    """A count, or the sum of a {kind: count} mapping (per-kind queues and refusals)."""
+    if isinstance(value, dict):
+        return sum(int(v) for v in value.values() if isinstance(v, int))
+    return _int_or_none(value)
 
 
 def _int_or_none(value: object) -> int | None:

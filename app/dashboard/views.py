@@ -19,7 +19,7 @@ from aiohttp import web
 from app.dashboard import keys
 from app.dashboard.auth import identity_of, redirect
 from app.dashboard.control import ControlError
-from app.dashboard.sampler import Snapshot
+from app.dashboard.sampler import Snapshot, WorkerView
 from app.dashboard.templating import render
 from app.logs import get_logger
 from app.secrets import read_secrets
@@ -59,6 +59,18 @@ def _notice(query: Any) -> str | None:
 # ---- the live fields ---------------------------------------------------------------
 
 
+def _load(w: WorkerView) -> str:
+    """Weight, queued and refused requests, and why the worker sheds load if it does."""
+    parts = [
+        "-" if w.weight is None else f"{w.weight}%",
+        f"{_n(w.queued)} queued",
+        f"{_n(w.shed)} shed",
+    ]
+    if w.shedding:
+        parts.insert(0, f"SHEDDING: {w.shedding}")
+    return " · ".join(parts)
+
+
 def _n(value: float | int | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -91,6 +103,7 @@ def live_fields(snap: Snapshot) -> dict[str, str]:
         fields[prefix + "lease"] = "-" if w.lease_age_s is None else f"{w.lease_age_s:.1f} s"
         fields[prefix + "rate"] = _n(w.messages_per_s, 1)
         fields[prefix + "loop_lag"] = "-" if w.loop_lag_ms is None else f"{w.loop_lag_ms:.0f} ms"
+        fields[prefix + "load"] = _load(w)
         fields[prefix + "pid"] = _n(w.pid).replace(",", "")
     for m in snap.members:
         prefix = f"members.{m.name}."

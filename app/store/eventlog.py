@@ -98,18 +98,16 @@ def log_sessions_cte(source: str, kind: EventKind) -> str:
     )
 
 
-def log_dead_workers_cte(source: str, lease_param: str) -> str:
-    """A CTE logging ``worker_died`` per row of CTE ``source`` (``id, lease_expires_at``).
-
-    ``lease_param`` names the statement parameter holding the lease length in
-    seconds: a lease runs that long after its last renewal, the last moment
-    the worker is known to have been alive.
+def log_dead_workers_cte(source: str) -> str:
+    """A CTE logging ``worker_died`` per row of CTE ``source``
+    (``id, lease_expires_at, renewed_at, reason``): when the worker was last known
+    alive (its last renewal), when its lease ran out, and why it was declared dead.
     """
     return (
         f"logged_{source} AS (INSERT INTO events (kind, worker_id, detail) "
         f"SELECT '{EventKind.WORKER_DIED.value}', id, jsonb_build_object("
-        "'lease_expired_at', lease_expires_at, 'last_renewed_at', "
-        f"lease_expires_at - make_interval(secs => {lease_param})) FROM {source})"
+        "'lease_expired_at', lease_expires_at, 'last_renewed_at', renewed_at, "
+        f"'reason', reason) FROM {source})"
     )
 
 

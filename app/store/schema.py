@@ -52,6 +52,9 @@ workers = Table(
     Column("state", Text, nullable=False, server_default="active"),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("lease_expires_at", DateTime(timezone=True), nullable=False),
+    # The last renewal, and until when the worker says it sheds load (liveness.py).
+    Column("renewed_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("overloaded_until", DateTime(timezone=True)),
     CheckConstraint("state in ('active', 'draining', 'stopped', 'dead')", name="state"),
 )
 

@@ -31,10 +31,12 @@ async def register_worker(
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             """
-            INSERT INTO workers (id, pid, address, state, started_at, lease_expires_at)
-            VALUES ($1, $2, $3, 'active', now(), now() + make_interval(secs => $4))
+            INSERT INTO workers (id, pid, address, state, started_at, lease_expires_at,
+                                 renewed_at, overloaded_until)
+            VALUES ($1, $2, $3, 'active', now(), now() + make_interval(secs => $4), now(), NULL)
             ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, address = excluded.address,
-                state = 'active', started_at = now(), lease_expires_at = excluded.lease_expires_at
+                state = 'active', started_at = now(), lease_expires_at = excluded.lease_expires_at,
+                renewed_at = now(), overloaded_until = NULL
             """,
             worker_id,
             pid,
@@ -52,26 +54,81 @@ async def register_worker(
     return int(left)
 
 
-async def renew_lease(pool: asyncpg.Pool, worker_id: str, lease_s: float) -> bool:
-    """Extend this worker's lease; False when others have already declared it dead."""
-    renewed = await pool.fetchval(
-        "UPDATE workers SET lease_expires_at = now() + make_interval(secs => $2) "
+# The application_name of a worker's lease connection (liveness.LeaseKeeper). The
+# reaper looks for it in pg_stat_activity: a process that died lost its connection
+# with it, one that is merely slow (or stopped) still holds it.
+LEASE_APP_PREFIX = "switchboard-lease-"
+
+
+def lease_application_name(worker_id: str) -> str:
+    return LEASE_APP_PREFIX + worker_id
+
+
+async def renew_lease(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    worker_id: str,
+    lease_s: float,
+    overloaded_s: float = 0.0,
+) -> bool:
+    """Extend this worker's lease; False when others have already declared it dead.
+
+    ``overloaded_s`` > 0: the worker sheds load, and says so until that long from
+    now (detached sessions do not expire meanwhile, see `reap`).
+    """
+    renewed = await conn.fetchval(
+        "UPDATE workers SET lease_expires_at = now() + make_interval(secs => $2), "
+        "renewed_at = now(), overloaded_until = CASE WHEN $3::float8 > 0 "
+        "THEN now() + make_interval(secs => $3) ELSE overloaded_until END "
         "WHERE id = $1 AND state <> 'dead' RETURNING true",
         worker_id,
         lease_s,
+        overloaded_s,
     )
     return bool(renewed)
 
 
 @dataclass(frozen=True, slots=True)
+class DeadWorker:
+    worker_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reaped:
-    dead_workers: list[str]
+    dead: list[DeadWorker]
     detached_users: list[int]
     expired_sessions: int
+    # Whether expiry was held back because a live worker reports overload.
+    expiry_paused: bool = False
+
+    @property
+    def dead_workers(self) -> list[str]:
+        return [each.worker_id for each in self.dead]
 
 
-async def reap(pool: asyncpg.Pool, resume_grace_s: float, lease_s: float) -> Reaped:
-    """Declare workers whose lease ran out dead, detach their sessions, expire old detached ones.
+# Why a worker is dead, in SQL over a `workers` row (w) and the set of workers
+# holding a lease connection: its lease ran out (hung, stopped or cut off: it still
+# had the whole lease), or its lease connection is gone and it has not renewed
+# for dead_after ($1) seconds (the process died: the kernel closed its sockets).
+_DEATH_REASON = f"""
+    CASE WHEN w.lease_expires_at < now() THEN 'lease expired'
+         WHEN w.renewed_at < now() - make_interval(secs => $1)
+              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                              WHERE a.application_name = '{LEASE_APP_PREFIX}' || w.id)
+         THEN 'lease connection gone'
+    END"""
+
+
+async def reap(
+    pool: asyncpg.Pool, resume_grace_s: float, dead_after_s: float, max_grace_s: float
+) -> Reaped:
+    """Declare dead workers dead, detach their sessions, expire old detached ones.
+
+    A worker is dead when its lease ran out, or when its lease connection is gone
+    and it has not renewed for ``dead_after_s`` (see _DEATH_REASON). Detached
+    sessions expire ``resume_grace_s`` after detaching, except while a live worker
+    reports overload (its clients may be waiting to be served): then only after
+    ``max_grace_s``.
 
     Any live worker may run this; row locks make each dead worker's sessions
     be detached by exactly one reaper.
@@ -79,32 +136,45 @@ async def reap(pool: asyncpg.Pool, resume_grace_s: float, lease_s: float) -> Rea
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"""
-            WITH dead AS (
-                UPDATE workers SET state = 'dead'
-                WHERE state IN ('active', 'draining') AND lease_expires_at < now()
-                RETURNING id, lease_expires_at
+            WITH verdict AS (
+                SELECT w.id, {_DEATH_REASON} AS reason
+                FROM workers w WHERE w.state IN ('active', 'draining')
+            ), dead AS (
+                UPDATE workers w SET state = 'dead' FROM verdict v
+                WHERE w.id = v.id AND v.reason IS NOT NULL AND w.state IN ('active', 'draining')
+                RETURNING w.id, w.lease_expires_at, w.renewed_at, v.reason
             ), detached AS (
+                -- Rows locked in id order, as the resume batches lock them: no deadlock.
                 UPDATE sessions SET state = 'detached', detached_at = now(),
                                     close_reason = 'worker_died'
-                WHERE state = 'active' AND worker_id IN (SELECT id FROM dead)
+                WHERE id IN (SELECT id FROM sessions WHERE state = 'active'
+                             AND worker_id IN (SELECT id FROM dead) ORDER BY id FOR UPDATE)
+                  AND state = 'active' AND worker_id IN (SELECT id FROM dead)
                 RETURNING id, user_id, epoch, worker_id, close_reason
-            ), {log_dead_workers_cte("dead", "$1")},
+            ), {log_dead_workers_cte("dead")},
             {log_sessions_cte("detached", EventKind.SESSION_DETACHED)}
-            SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM dead) AS dead_workers,
-                   (SELECT coalesce(array_agg(DISTINCT user_id), '{{}}') FROM detached) AS users
+            SELECT (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM dead) AS dead_workers,
+                   (SELECT coalesce(array_agg(reason ORDER BY id), '{{}}') FROM dead) AS reasons,
+                   (SELECT coalesce(array_agg(DISTINCT user_id), '{{}}') FROM detached) AS users,
+                   EXISTS (SELECT 1 FROM workers WHERE state IN ('active', 'draining')
+                           AND overloaded_until > now()) AS overloaded
             """,
-            lease_s,
+            dead_after_s,
         )
+        grace = max_grace_s if row["overloaded"] else resume_grace_s
         expired = await conn.fetchval(
             "WITH expired AS (UPDATE sessions SET state = 'closed', closed_at = now(), "
-            "close_reason = 'expired' WHERE state = 'detached' "
+            "close_reason = 'expired' WHERE id IN (SELECT id FROM sessions "
+            "WHERE state = 'detached' AND detached_at < now() - make_interval(secs => $1) "
+            "ORDER BY id FOR UPDATE) AND state = 'detached' "
             "AND detached_at < now() - make_interval(secs => $1) "
             "RETURNING id, user_id, epoch, worker_id, close_reason), "
             + log_sessions_cte("expired", EventKind.SESSION_CLOSED)
             + " SELECT count(*) FROM expired",
-            resume_grace_s,
+            grace,
         )
-    return Reaped(list(row["dead_workers"]), list(row["users"]), int(expired))
+    dead = [DeadWorker(w, r) for w, r in zip(row["dead_workers"], row["reasons"], strict=True)]
+    return Reaped(dead, list(row["users"]), int(expired), bool(row["overloaded"]))
 
 
 async def set_worker_state(pool: asyncpg.Pool, worker_id: str, state: str) -> None:
@@ -255,7 +325,10 @@ old AS MATERIALIZED (
     JOIN sessions s ON s.user_id = u.id AND s.device = i.device
                    AND s.resume_token_hash = i.token_hash
     WHERE s.state = 'active'
-       OR (s.state = 'detached' AND s.detached_at > now() - make_interval(secs => $7))
+       OR (s.state = 'detached' AND (s.detached_at > now() - make_interval(secs => $7)
+           OR (s.detached_at > now() - make_interval(secs => $8) AND EXISTS (
+               SELECT 1 FROM workers w WHERE w.state IN ('active', 'draining')
+                                         AND w.overloaded_until > now()))))
     -- One lock order for every batch of every worker: no deadlocks.
     ORDER BY s.id
     FOR UPDATE OF s
@@ -279,8 +352,13 @@ async def resume_sessions(
     requests: list[ResumeRequest],
     worker_id: str,
     resume_grace_s: float,
+    max_grace_s: float,
 ) -> list[ResumedSession | None]:
     """Take over sessions by their resume tokens: a new epoch fences each previous owner.
+
+    A detached session is resumable for ``resume_grace_s`` after it detached, and
+    while a live worker reports overload (its clients may be waiting their turn) for
+    up to ``max_grace_s`` (as long as `reap` has not expired it meanwhile).
 
     Each token is rotated: the one presented stops working. None for a token
     that is unknown, already rotated (also by an earlier request of the same
@@ -294,6 +372,7 @@ async def resume_sessions(
         *columns(requests, "username", "device", "token_hash", "new_token_hash", "remote_addr"),
         worker_id,
         resume_grace_s,
+        max_grace_s,
     )
     result: list[ResumedSession | None] = [None] * len(requests)
     for row in rows:

@@ -143,7 +143,11 @@ class Commits:
         self, conn: asyncpg.Connection, requests: list[ResumeRequest]
     ) -> tuple[list[ResumedSession | None], None]:
         resumed = await session_store.resume_sessions(
-            conn, requests, self._settings.worker_id, self._settings.resume_grace_s
+            conn,
+            requests,
+            self._settings.worker_id,
+            self._settings.resume_grace_s,
+            self._settings.resume_grace_max_s,
         )
         return resumed, None
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -37,6 +38,9 @@ class Drain:
         self._status = status
         self._registry = registry
         self._events = events
+        # This worker's weight for HAProxy in percent (liveness.agent_weight: lower
+        # while the event loop lags, so a busy worker gets fewer new clients).
+        self.weight: Callable[[], int] = lambda: 100
 
     async def drain(self, why: str) -> None:
         """Stop taking clients and move the connected ones, spread out over time."""
@@ -81,9 +85,13 @@ class Drain:
             self._status.set(WorkerState.SERVING, why)
 
     async def agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """HAProxy's agent check: one word, "ready" or "drain" (weight 0, no new clients)."""
-        word = "drain" if self._status.state is WorkerState.DRAINING else "ready"
-        writer.write(f"{word}\n".encode())
+        """HAProxy's agent check: "drain" (weight 0, no new clients), or "ready" and a
+        weight in percent of the configured one (less while the event loop lags)."""
+        if self._status.state is WorkerState.DRAINING:
+            answer = "drain"
+        else:
+            answer = f"ready {self.weight()}%"
+        writer.write(f"{answer}\n".encode())
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()

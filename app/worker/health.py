@@ -29,6 +29,9 @@ class Sources:
     healthy: Callable[[], bool]
     lease_age_s: Callable[[], float]
     loop_lag_s: Callable[[], float]
+    # Why the worker sheds load ("" when it does not), and its weight for HAProxy.
+    shedding: Callable[[], str]
+    agent_weight: Callable[[], int]
     listening: Callable[[], bool]
     messages_stored: Callable[[], int]
     batches: Callable[[], int]
@@ -65,6 +68,8 @@ def health_report(src: Sources) -> dict[str, object]:
         "events_dropped": src.events_dropped(),
         # The worst of the last 10-20 s: what the dashboard's Workers page shows.
         "loop_lag_ms": round(src.loop_lag_s() * 1000, 1),
+        "shedding": src.shedding(),
+        "agent_weight": src.agent_weight(),
     }
 
 

@@ -1,16 +1,36 @@
 """Liveness: this worker's lease, the reaper that declares others dead, and fencing.
 
+A slow worker is not a dead worker (issue #21). The lease is renewed from a
+thread of its own (`LeaseThread`), with its own connection and event loop, so
+seconds of event-loop lag or CPU starvation never leave it unrenewed; and the
+lease is long (``worker_lease_s``, 15 s). A worker is declared dead when
+
+- its lease connection is gone and it has not renewed for ``worker_dead_after_s``
+  (3 s): the process died, and the kernel closed its sockets, so PostgreSQL no
+  longer lists the connection (``pg_stat_activity``); or
+- its lease ran out while it still holds that connection: the process is hung,
+  stopped, or cut off from the database for a whole lease.
+
+The thread renews only while the event loop shows life (it ran its lag probe
+within a lease): a loop hung for good lets the lease run out, and the worker is
+declared dead. A busy worker is not: it sheds load instead (`shedding`): HAProxy's
+agent check gets a lower weight (drain.py), and its renewals say it is overloaded,
+which holds back the expiry of detached sessions cluster-wide (their clients may
+be waiting for a busy server; sessions.reap).
+
 Each tick of the lease loop and of the reaper returns a `Decision`, a sentence
 saying what it saw and did (as Patroni's ``ha.py`` does for every HA loop); the
 loops log a decision when it differs from the previous one, so a steady state
 costs no log lines and every change is explained::
 
     lease:  "renewed the lease"
+            "renewed the lease; shedding load (event loop 1.2 s behind)"
             "lease renewal failed (OSError); reaping paused"
+            "not renewing: the event loop has not run for 16.0 s"
             "fenced: the others declared this worker dead; dropped 120 connections, ..."
-    reaper: "waiting: the database has answered for less than a lease (3.0 s), ..."
-            "no worker's lease ran out"
-            "declared w2 dead; detached 4000 users' sessions"
+    reaper: "waiting: the database has answered for less than a lease (15.0 s), ..."
+            "no worker is dead"
+            "declared w2 dead (lease connection gone); detached 4000 users' sessions"
 
 The decisions depend on the `LeaseStore` and a clock alone, so they are
 tested with fakes (tests/unit/test_liveness.py).
@@ -19,10 +39,12 @@ tested with fakes (tests/unit/test_liveness.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import asyncpg
@@ -31,6 +53,7 @@ from app.logs import get_logger
 from app.protocol import frames
 from app.settings import Settings
 from app.store import sessions as session_store
+from app.store.db import dsn
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog
 from app.store.sessions import Reaped
@@ -50,27 +73,62 @@ LAG_WINDOW_S = 10.0
 class LeaseStore(Protocol):
     async def register(self, worker_id: str, pid: int, address: str, lease_s: float) -> int: ...
 
-    async def renew(self, worker_id: str, lease_s: float) -> bool: ...
+    async def renew(self, worker_id: str, lease_s: float, overloaded_s: float) -> bool: ...
 
-    async def reap(self, resume_grace_s: float, lease_s: float) -> Reaped: ...
+    async def reap(
+        self, resume_grace_s: float, dead_after_s: float, max_grace_s: float
+    ) -> Reaped: ...
 
 
 class PgLeases:
-    """The `LeaseStore` in PostgreSQL. Leases get their own pool: a busy main pool
-    must not make a live worker miss its renewal and be declared dead."""
+    """The `LeaseStore` in PostgreSQL. Registering uses the main pool, reaping a pool
+    of its own (a busy main pool must not hold up the reaper); renewals go over one
+    connection owned by the lease thread, named so the reaper can see it is there
+    (session_store.lease_application_name), and made in that thread's event loop.
+    """
 
-    def __init__(self, pool: asyncpg.Pool, lease_pool: asyncpg.Pool) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, lease_pool: asyncpg.Pool) -> None:
+        self._settings = settings
         self._pool = pool
         self.lease_pool = lease_pool
+        self._conn: asyncpg.Connection | None = None
 
     async def register(self, worker_id: str, pid: int, address: str, lease_s: float) -> int:
         return await session_store.register_worker(self._pool, worker_id, pid, address, lease_s)
 
-    async def renew(self, worker_id: str, lease_s: float) -> bool:
-        return await session_store.renew_lease(self.lease_pool, worker_id, lease_s)
+    async def renew(self, worker_id: str, lease_s: float, overloaded_s: float) -> bool:
+        s = self._settings
+        timeout = max(s.lease_renew_interval_s, s.db_connect_timeout_s)
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                dsn(s),
+                timeout=s.db_connect_timeout_s,
+                server_settings={
+                    "application_name": session_store.lease_application_name(worker_id)
+                },
+            )
+        try:
+            return await asyncio.wait_for(
+                session_store.renew_lease(self._conn, worker_id, lease_s, overloaded_s), timeout
+            )
+        except BaseException:
+            conn, self._conn = self._conn, None
+            conn.terminate()  # a fresh connection next time: this one may be half-open
+            raise
 
-    async def reap(self, resume_grace_s: float, lease_s: float) -> Reaped:
-        return await session_store.reap(self.lease_pool, resume_grace_s, lease_s)
+    async def close_renewals(self) -> None:
+        """Close the lease thread's connection (in the lease thread)."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2)
+            self._conn = None
+
+    async def reap(self, resume_grace_s: float, dead_after_s: float, max_grace_s: float) -> Reaped:
+        return await session_store.reap(self.lease_pool, resume_grace_s, dead_after_s, max_grace_s)
+
+
+# How long a worker reports overload after it last shed load (its renewals carry it).
+OVERLOAD_REPORT_S = 10.0
 
 
 class Liveness:
@@ -84,6 +142,7 @@ class Liveness:
         presence: Presence,
         events: EventLog,
         clock: Callable[[], float] = time.monotonic,
+        refusals: Callable[[], int] = lambda: 0,
     ) -> None:
         self._settings = settings
         self._status = status
@@ -93,9 +152,22 @@ class Liveness:
         self._presence = presence
         self._events = events
         self._clock = clock
+        # Requests admission answered `overloaded` so far (a rising count is shedding).
+        self._refusals = refusals
+        self._refusals_seen = 0
+        self._shed_until = 0.0
+        self._shed_why = ""
+        # Written by the lease thread, read by the event loop (and the other way
+        # round for loop_alive_at); plain floats and bools, one writer each.
         self._lease_ok_at = 0.0
         # Since when the DB answered without a break: reaping waits one full lease.
         self._db_ok_since: float | None = None
+        # The others declared this worker dead: no renewals until it registered again.
+        self._fencing = False
+        # When the event loop last ran its lag probe.
+        self.loop_alive_at = clock()
+        # How the lease thread hands fencing to the event loop (LeaseThread sets it).
+        self.hand_over: Callable[[Callable[[], Awaitable[None]]], None] = _run_later
         self._decisions = DecisionLog(log)
         # The worst event-loop lag of the current and the previous LAG_WINDOW_S.
         self._lag_now = 0.0
@@ -110,14 +182,51 @@ class Liveness:
         now = self._clock()
         self._lease_ok_at = now
         self._db_ok_since = now
+        self._fencing = False
         self._events.worker_started(left)
         return Decision(f"registered; {left} sessions left from an earlier run detached")
 
-    async def lease_tick(self) -> Decision:
+    def shedding(self) -> str:
+        """Why this worker sheds load now ("" when it does not): its event loop runs
+        late, or admission refused requests since the last look (kept for
+        OVERLOAD_REPORT_S). Read by the lease thread and the agent check."""
         s = self._settings
+        now = self._clock()
+        silent = now - self.loop_alive_at
+        refusals = self._refusals()
+        why = ""
+        if silent > s.shed_lag_s + metrics.LOOP_PROBE_S:
+            why = f"event loop silent for {silent:.1f} s"
+        elif self._lag_now > s.shed_lag_s:
+            why = f"event loop {self._lag_now:.1f} s behind"
+        elif refusals > self._refusals_seen:
+            why = f"{refusals - self._refusals_seen} requests refused overloaded"
+        self._refusals_seen = refusals
+        if why:
+            self._shed_until, self._shed_why = now + OVERLOAD_REPORT_S, why
+        return self._shed_why if now < self._shed_until else ""
+
+    def shed_reason(self) -> str:
+        """Why this worker sheds load, as last judged by the lease thread ("" if not)."""
+        return self._shed_why if self._clock() < self._shed_until else ""
+
+    async def lease_tick(self) -> Decision:
+        """One renewal, on the lease thread."""
+        s = self._settings
+        if self._fencing:
+            return Decision("fenced: waiting to register again", "warning")
         asked = self._clock()
+        silent = asked - self.loop_alive_at
+        if silent > s.worker_lease_s:
+            # A loop hung for good serves nobody: let the lease run out.
+            return Decision(
+                f"not renewing: the event loop has not run for {silent:.1f} s", "warning"
+            )
+        shedding = self.shedding()
         try:
-            renewed = await self._leases.renew(s.worker_id, s.worker_lease_s)
+            renewed = await self._leases.renew(
+                s.worker_id, s.worker_lease_s, OVERLOAD_REPORT_S if shedding else 0.0
+            )
         except DB_ERRORS as exc:
             self._db_ok_since = None
             return Decision(
@@ -130,21 +239,38 @@ class Liveness:
             self._db_ok_since = now
         if renewed:
             self._lease_ok_at = now
+            if shedding:
+                return Decision(f"renewed the lease; shedding load ({shedding})")
             return Decision("renewed the lease")
         # Others declared us dead and detached our sessions: our copies are stale.
+        self._fencing = True
+        self.hand_over(self._fence_and_register)
+        return Decision("the others declared this worker dead: fencing", "warning")
+
+    async def _fence_and_register(self) -> None:
+        """On the event loop: drop every connection, then register again."""
         dropped = self.fence()
         try:
             await self.register()
         except DB_ERRORS as exc:
-            return Decision(
-                f"fenced: the others declared this worker dead; dropped {dropped}"
-                f" connections; registering again failed ({type(exc).__name__})",
-                "warning",
+            self.say(
+                "fence",
+                Decision(
+                    f"fenced: the others declared this worker dead; dropped {dropped}"
+                    f" connections; registering again failed ({type(exc).__name__})",
+                    "warning",
+                ),
             )
-        return Decision(
-            f"fenced: the others declared this worker dead; dropped {dropped}"
-            " connections, registered again",
-            "warning",
+            await asyncio.sleep(self._settings.lease_renew_interval_s)
+            self.hand_over(self._fence_and_register)
+            return
+        self.say(
+            "fence",
+            Decision(
+                f"fenced: the others declared this worker dead; dropped {dropped}"
+                " connections, registered again",
+                "warning",
+            ),
         )
 
     def fence(self) -> int:
@@ -158,7 +284,7 @@ class Liveness:
         return len(peers)
 
     async def reap_tick(self) -> Decision:
-        """Any live worker detaches the sessions of workers whose lease ran out."""
+        """Any live worker detaches the sessions of workers that are dead."""
         s = self._settings
         ok_since = self._db_ok_since
         # After an outage everyone's lease looks expired: wait until the others have
@@ -171,19 +297,23 @@ class Liveness:
                 " s), so the others may not have renewed theirs yet",
             )
         try:
-            reaped = await self._leases.reap(s.resume_grace_s, s.worker_lease_s)
+            reaped = await self._leases.reap(
+                s.resume_grace_s, s.worker_dead_after_s, s.resume_grace_max_s
+            )
         except DB_ERRORS as exc:
             self._db_ok_since = None  # wait a full lease once it answers again
             return Decision(f"reaping failed ({type(exc).__name__})", "warning")
         expired = f"; {reaped.expired_sessions} detached sessions expired"
-        if not reaped.dead_workers:
+        if reaped.expiry_paused:
+            expired += " (a worker reports overload: expiry after resume_grace_max_s)"
+        if not reaped.dead:
             if reaped.expired_sessions:
-                return Decision("no worker's lease ran out" + expired)
-            return Decision("no worker's lease ran out")
-        dead = ",".join(reaped.dead_workers)
+                return Decision("no worker is dead" + expired)
+            return Decision("no worker is dead")
+        dead = ", ".join(f"{each.worker_id} ({each.reason})" for each in reaped.dead)
         failed = []
         try:
-            await self._announcer.announce_catch_up("dead: " + dead)
+            await self._announcer.announce_catch_up("dead: " + ",".join(reaped.dead_workers))
         except DB_ERRORS as exc:
             failed.append(f"the catch-up push ({type(exc).__name__})")
         presence_failed = 0
@@ -215,15 +345,19 @@ class Liveness:
         """The worst event-loop lag of the last 10-20 s."""
         return max(self._lag_now, self._lag_before)
 
+    def agent_weight(self) -> int:
+        """HAProxy's weight for this worker in percent: 100, less while the event loop
+        lags past shed_lag_s (never below 10: if every worker lags, they share alike)."""
+        lag = max(self._lag_now, self._clock() - self.loop_alive_at)
+        shed_lag = self._settings.shed_lag_s
+        if lag <= shed_lag:
+            return 100
+        return max(10, round(100 * shed_lag / lag))
+
     # ---- the loops ---------------------------------------------------------------
     def say(self, loop: str, decision: Decision) -> None:
         """Log a decision when it differs from the loop's previous one."""
         self._decisions.say(loop, decision)
-
-    async def run_lease(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.lease_renew_interval_s)
-            self.say("lease", await self.lease_tick())
 
     async def run_reaper(self) -> None:
         while True:
@@ -238,6 +372,7 @@ class Liveness:
             due = loop.time() + interval
             await asyncio.sleep(interval)
             now = loop.time()
+            self.loop_alive_at = self._clock()
             lag = max(0.0, now - due)
             metrics.LOOP_LAG.observe(lag)
             if now - self._lag_window_at >= LAG_WINDOW_S:
@@ -245,3 +380,70 @@ class Liveness:
             self._lag_now = max(self._lag_now, lag)
             if lag > 0.25:
                 log.warning("event_loop_stalled", lag_ms=round(lag * 1000))
+
+
+def _run_later(_: Callable[[], Awaitable[None]]) -> None:
+    raise RuntimeError("Liveness.hand_over is set by LeaseThread.start")
+
+
+class LeaseThread:
+    """Runs `Liveness.lease_tick` every lease_renew_interval_s on a thread of its own,
+    with its own event loop, so a busy event loop never delays a renewal.
+
+    What a tick decides on the event loop's state (fencing) it hands over with
+    ``call_soon_threadsafe``.
+    """
+
+    def __init__(
+        self, liveness: Liveness, settings: Settings, close: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._liveness = liveness
+        self._settings = settings
+        self._close = close
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        def spawn(job: Callable[[], Awaitable[None]]) -> None:
+            async def run() -> None:
+                await job()
+
+            def create() -> None:
+                task = loop.create_task(run())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+            loop.call_soon_threadsafe(create)
+
+        self._liveness.hand_over = spawn
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.run(self._loop())
+
+    async def _loop(self) -> None:
+        interval = self._settings.lease_renew_interval_s
+        next_at = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                next_at += interval
+                try:
+                    decision = await self._liveness.lease_tick()
+                except Exception as exc:  # never let the thread die: the lease would lapse
+                    decision = Decision(
+                        f"lease tick failed ({type(exc).__name__}: {exc})", "warning"
+                    )
+                self._liveness.say("lease", decision)
+                now = time.monotonic()
+                if next_at < now:  # a renewal that took longer than the interval
+                    next_at = now
+                await asyncio.sleep(next_at - now)
+        finally:
+            await self._close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self._settings.lease_renew_interval_s + 3)

@@ -161,6 +161,11 @@ class WorkerCollector(Collector):
         if self.report is None:
             return
         report = self.report()
+        report = {
+            **report,
+            "loop_lag_s": _number(report.get("loop_lag_ms")) / 1000,
+            "shedding_now": bool(report.get("shedding")),
+        }
         state = GaugeMetricFamily(
             "switchboard_worker_state", "1 for the worker's current state.", labels=["state"]
         )
@@ -175,6 +180,18 @@ class WorkerCollector(Collector):
             "switchboard_lease_age_seconds": (
                 "Time since the worker last renewed its lease in PostgreSQL.",
                 "lease_age_s",
+            ),
+            "switchboard_event_loop_lag_worst_seconds": (
+                "The worst event-loop lag of the last 10-20 s (what status shows).",
+                "loop_lag_s",
+            ),
+            "switchboard_agent_weight_percent": (
+                "The weight the worker gives HAProxy's agent check (below 100 while it sheds).",
+                "agent_weight",
+            ),
+            "switchboard_shedding": (
+                "1 while the worker sheds load (event loop late, or requests refused overloaded).",
+                "shedding_now",
             ),
             "switchboard_listener_up": (
                 "1 while the LISTEN connection for inbox and push notifications is up.",

@@ -63,7 +63,7 @@ from app.worker.drain import Drain
 from app.worker.edge import Edge, tune_listener
 from app.worker.health import Sources, health_report, start_http
 from app.worker.listener import Listener
-from app.worker.liveness import Liveness, PgLeases
+from app.worker.liveness import LeaseThread, Liveness, PgLeases
 from app.worker.login import Login
 from app.worker.messaging import Messaging
 from app.worker.presence import Presence
@@ -131,15 +131,19 @@ class Worker:
             pool, self.status, registry, delivery, announcer, presence, self.events, revoker
         )
         drain = Drain(s, pool, self.status, registry, self.events)
+        leases = PgLeases(s, pool, lease_pool)
         liveness = Liveness(
             s,
             self.status,
-            PgLeases(pool, lease_pool),
+            leases,
             registry,
             announcer,
             presence,
             self.events,
+            refusals=lambda: admission.overloaded,
         )
+        drain.weight = liveness.agent_weight
+        lease_thread = LeaseThread(liveness, s, leases.close_renewals)
         passwords = Passwords(s)
         login = Login(
             pool, s, passwords, admission, commits, sessions, announcer, self.events, push_key
@@ -164,6 +168,8 @@ class Worker:
             healthy=liveness.healthy,
             lease_age_s=lambda: liveness.lease_age_s,
             loop_lag_s=lambda: liveness.loop_lag_s,
+            shedding=liveness.shed_reason,
+            agent_weight=liveness.agent_weight,
             listening=lambda: listener.listening,
             messages_stored=lambda: commits.writer.messages,
             batches=lambda: commits.writer.batches,
@@ -178,6 +184,7 @@ class Worker:
 
         # ---- start ---------------------------------------------------------------
         liveness.say("lease", await liveness.register())
+        lease_thread.start(loop)
         commits.start()
         announcer.start()
         delivery.start()
@@ -200,7 +207,6 @@ class Worker:
         )
         health = await start_http(s, sources, drain)
         background = [
-            loop.create_task(liveness.run_lease()),
             loop.create_task(liveness.run_reaper()),
             loop.create_task(liveness.run_lag_probe()),
             loop.create_task(deadlines.run()),
@@ -238,6 +244,7 @@ class Worker:
             await session_store.set_worker_state(pool, wid, "stopped")
         for task in background:
             task.cancel()
+        await asyncio.to_thread(lease_thread.stop)
         agent.close()
         for part in (listener, delivery, announcer, commits):
             await part.stop()

@@ -91,8 +91,11 @@ async def test_a_killed_workers_sessions_detach_and_presence_goes_offline(
     assert pid is not None
     try:
         os.kill(pid, signal.SIGKILL)
-        # Nobody is left to say goodbye: the lease runs out and another worker reaps.
-        offline = await a.recv_until("presence", timeout=cluster.settings.worker_lease_s + 10)
+        # Nobody is left to say goodbye, but its lease connection died with it: another
+        # worker reaps it after worker_dead_after_s, long before the lease runs out.
+        # (13 s here, where the lease is 15 s.)
+        timeout = cluster.settings.worker_dead_after_s + 10
+        offline = await a.recv_until("presence", timeout=timeout)
         assert offline == {"op": "presence", "user": bob, "state": "offline", "text": None}
         async with db(cluster) as conn:
             row = await conn.fetchrow(

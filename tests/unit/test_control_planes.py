@@ -91,6 +91,8 @@ async def test_the_worker_admin_endpoint_wants_the_derived_token(
         healthy=lambda: True,
         lease_age_s=lambda: 0.0,
         loop_lag_s=lambda: 0.0,
+        shedding=lambda: "",
+        agent_weight=lambda: 100,
         listening=lambda: True,
         messages_stored=lambda: 0,
         batches=lambda: 0,

@@ -112,11 +112,20 @@ async def test_drain_of_a_worker_not_serving_moves_nobody() -> None:
 
 
 @pytest.mark.parametrize(
-    ("state", "word"), [(WorkerState.SERVING, b"ready\n"), (WorkerState.DRAINING, b"drain\n")]
+    ("state", "word"),
+    [(WorkerState.SERVING, b"ready 100%\n"), (WorkerState.DRAINING, b"drain\n")],
 )
 async def test_the_agent_check_says_ready_or_drain(state: WorkerState, word: bytes) -> None:
     rig = Rig(state)
     writer = FakeAgentWriter()
     await rig.drain.agent(None, writer)  # type: ignore[arg-type]
     assert writer.data == word
+
+
+async def test_the_agent_check_gives_a_lagging_worker_a_lower_weight() -> None:
+    rig = Rig(WorkerState.SERVING)
+    rig.drain.weight = lambda: 25
+    writer = FakeAgentWriter()
+    await rig.drain.agent(None, writer)  # type: ignore[arg-type]
+    assert writer.data == b"ready 25%\n"
     assert writer.closed

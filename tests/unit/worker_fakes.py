@@ -499,12 +499,12 @@ class FakeLeases:
         self.calls.append(("register", worker_id, address, lease_s))
         return int(self._answer(self.left))
 
-    async def renew(self, worker_id: str, lease_s: float) -> bool:
-        self.calls.append(("renew", worker_id, lease_s))
+    async def renew(self, worker_id: str, lease_s: float, overloaded_s: float) -> bool:
+        self.calls.append(("renew", worker_id, lease_s, overloaded_s))
         return bool(self._answer(self.renewed))
 
-    async def reap(self, resume_grace_s: float, lease_s: float) -> Reaped:
-        self.calls.append(("reap", resume_grace_s, lease_s))
+    async def reap(self, resume_grace_s: float, dead_after_s: float, max_grace_s: float) -> Reaped:
+        self.calls.append(("reap", resume_grace_s, dead_after_s, max_grace_s))
         reaped: Reaped = self._answer(self.reaped)
         return reaped
 
