@@ -173,7 +173,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-FAULT_NAMES = ("kill-worker", "kill-leader", "rolling-restart", "drain")
+FAULT_NAMES = ("kill-worker", "kill-leader", "rolling-restart", "drain", "stall", "stall-long")
 
 
 def cmd_user(args: argparse.Namespace) -> int:

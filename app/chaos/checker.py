@@ -60,6 +60,11 @@ class Verdict:
     sessions_connected: int
     presence_mismatches: int
     notes: tuple[str, ...] = ()
+    # Workers the others declared dead during the run, and how many the fault should
+    # cost (None: not judged); workers that registered again (fenced, or restarted).
+    declared_dead: int = 0
+    expect_dead: int | None = None
+    registered_again: int = 0
 
     @property
     def ok(self) -> bool:
@@ -69,6 +74,7 @@ class Verdict:
             and self.out_of_order == 0
             and self.sessions_connected == self.sessions
             and self.presence_mismatches == 0
+            and (self.expect_dead is None or self.declared_dead == self.expect_dead)
         )
 
     def format(self) -> str:
@@ -79,6 +85,9 @@ class Verdict:
             f"  sessions {self.sessions}, resumed {self.sessions_resumed}, "
             f"connected at the end {self.sessions_connected}, "
             f"presence mismatches {self.presence_mismatches}",
+            f"  workers declared dead {self.declared_dead}"
+            + ("" if self.expect_dead is None else f" (expected {self.expect_dead})")
+            + f", registered again {self.registered_again}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -27,6 +27,9 @@ class Fault:
     description: str
     inject: Callable[[LocalCluster, Say], Awaitable[str]]
     recover: Callable[[LocalCluster, Say, str], Awaitable[None]]
+    # Workers the others must declare dead during the run (None: not judged). A
+    # stall shorter than the lease must cost none; a longer one exactly the victim.
+    expect_dead: int | None = None
 
 
 def _kill9(pid: int) -> None:
@@ -102,6 +105,36 @@ async def _undrain(cluster: LocalCluster, say: Say, victim: str) -> None:
     await asyncio.to_thread(cluster.drain_worker, victim, True)
 
 
+def _middle_worker(cluster: LocalCluster) -> tuple[str, int]:
+    workers = cluster.settings.worker_ids()
+    victim = workers[len(workers) // 2]
+    pid = cluster.pid_of(victim)
+    if pid is None:
+        raise RuntimeError(f"worker {victim} is not running")
+    return victim, pid
+
+
+def _stall(
+    seconds: Callable[[LocalCluster], float],
+) -> Callable[[LocalCluster, Say], Awaitable[str]]:
+    """SIGSTOP a worker for a while, then SIGCONT: a worker starved of CPU, swapping,
+    or paused by a debugger, as far as the rest of the cluster can tell."""
+
+    async def inject(cluster: LocalCluster, say: Say) -> str:
+        victim, pid = _middle_worker(cluster)
+        stall_s = seconds(cluster)
+        say(f"kill -STOP worker {victim} (pid {pid}) for {stall_s:.0f} s")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(stall_s)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        say(f"kill -CONT worker {victim}")
+        return victim
+
+    return inject
+
+
 FAULTS: dict[str, Fault] = {
     "kill-worker": Fault(
         "kill-worker", "kill -9 one worker under load", _kill_worker, _restart_worker
@@ -116,4 +149,19 @@ FAULTS: dict[str, Fault] = {
         "rolling-restart", "restart every worker, one at a time", _rolling_restart, _nothing
     ),
     "drain": Fault("drain", "drain one worker under load", _drain, _undrain),
+    "stall": Fault(
+        "stall",
+        "stop one worker (SIGSTOP) for less than its lease, then let it go on",
+        # 5 s with the default 15 s lease: longer than the 3 s an old lease was.
+        _stall(lambda c: min(5.0, c.settings.worker_lease_s / 2)),
+        _nothing,
+        expect_dead=0,
+    ),
+    "stall-long": Fault(
+        "stall-long",
+        "stop one worker (SIGSTOP) for longer than its lease, then let it go on",
+        _stall(lambda c: c.settings.worker_lease_s + 5),
+        _nothing,
+        expect_dead=1,
+    ),
 }

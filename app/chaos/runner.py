@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 import uuid
@@ -142,6 +143,31 @@ async def _presence_mismatches(cluster: LocalCluster, peers: list[Peer], prefix:
     return len(expected ^ actual)
 
 
+async def _db_now(cluster: LocalCluster) -> Any:
+    conn = await asyncpg.connect(dsn(cluster.settings))
+    try:
+        return await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+
+
+async def _liveness_events(cluster: LocalCluster, since: Any) -> tuple[int, int]:
+    """Workers declared dead, and workers that registered (started) again, since then.
+    Waits two events flushes first: a worker writes its events in batches."""
+    await asyncio.sleep(cluster.settings.events_flush_interval_s * 2 + 0.5)
+    conn = await asyncpg.connect(dsn(cluster.settings))
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE kind = 'worker_died') AS dead, "
+            "count(*) FILTER (WHERE kind = 'worker_started') AS started "
+            "FROM events WHERE at >= $1",
+            since,
+        )
+    finally:
+        await conn.close()
+    return int(row["dead"]), int(row["started"])
+
+
 async def run_scenario(
     cluster: LocalCluster, scenario: str, config: ChaosConfig, say: Say
 ) -> Verdict:
@@ -196,6 +222,7 @@ async def run_scenario(
             task.add_done_callback(in_flight.discard)
 
     senders = [asyncio.get_running_loop().create_task(traffic(p)) for p in by_user_main.values()]
+    db_started = await _db_now(cluster)
     await asyncio.sleep(config.warmup_s)
     say(f"[{scenario}] {fault.description}")
     detail = await fault.inject(cluster, say)
@@ -231,7 +258,13 @@ async def run_scenario(
         await asyncio.sleep(0.5)
     connected = sum(1 for p in peers if p.connected)
     notes = tuple(sorted(set(failures)))[:5]
-    verdict = judge(scenario, ledger, devices, connected, mismatches, notes)
+    dead, registered = await _liveness_events(cluster, db_started)
+    verdict = dataclasses.replace(
+        judge(scenario, ledger, devices, connected, mismatches, notes),
+        declared_dead=dead,
+        expect_dead=fault.expect_dead,
+        registered_again=registered,
+    )
     await _bounded(config.login_concurrency, [p.stop() for p in peers])
     say(verdict.format())
     return verdict

@@ -1,4 +1,5 @@
-"""Real faults under load: kill -9 a worker, kill -9 the Patroni leader, rolling restart, drain.
+"""Real faults under load: kill -9 a worker, kill -9 the Patroni leader, rolling restart,
+drain, and a worker stopped (SIGSTOP) for less and for more than its lease.
 
 Each scenario prints its counts; lost and duplicated must be 0, every session
 must end up connected (resumed where its worker went away), and the database's
@@ -7,10 +8,12 @@ view of who is logged in where must match where the clients really are.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
+from app.chaos.checker import Verdict
 from app.chaos.runner import ChaosConfig, run_scenario
 from app.cluster.launcher import LocalCluster
 from tests.cluster_fixture import make_settings, running_cluster
@@ -31,7 +34,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def _run(cluster: LocalCluster, scenario: str) -> None:
+async def _run(cluster: LocalCluster, scenario: str) -> Verdict:
     verdict = await run_scenario(cluster, scenario, CONFIG, _say)
     assert verdict.acknowledged > 0
     assert verdict.lost == 0, verdict.format()
@@ -39,7 +42,10 @@ async def _run(cluster: LocalCluster, scenario: str) -> None:
     assert verdict.out_of_order == 0, verdict.format()
     assert verdict.sessions_connected == verdict.sessions, verdict.format()
     assert verdict.presence_mismatches == 0, verdict.format()
+    if verdict.expect_dead is not None:
+        assert verdict.declared_dead == verdict.expect_dead, verdict.format()
     assert verdict.ok
+    return verdict
 
 
 async def test_kill_worker(chaos_cluster: LocalCluster) -> None:
@@ -56,3 +62,17 @@ async def test_rolling_restart(chaos_cluster: LocalCluster) -> None:
 
 async def test_drain(chaos_cluster: LocalCluster) -> None:
     await _run(chaos_cluster, "drain")
+
+
+async def test_stall_shorter_than_the_lease_is_not_a_death(chaos_cluster: LocalCluster) -> None:
+    """Slow is not dead: nothing is declared dead or fenced, nothing lost."""
+    await _run(chaos_cluster, "stall")
+
+
+async def test_stall_longer_than_the_lease(chaos_cluster: LocalCluster) -> None:
+    """Its sessions move, nothing is lost, and the worker rejoins (fenced, registered again)."""
+    verdict = await _run(chaos_cluster, "stall-long")
+    assert verdict.registered_again >= 1, verdict.format()
+    rows = {row.name: row for row in await asyncio.to_thread(chaos_cluster.status)}
+    victim = chaos_cluster.settings.worker_ids()[1]
+    assert rows[victim].healthy, rows[victim]
