@@ -165,9 +165,20 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     config = ChaosConfig(
         clients=args.clients, rate=args.rate, after_s=args.duration, seed=args.seed
     )
-    scenarios = list(FAULT_NAMES) if args.scenario == "all" else [args.scenario]
+    scenarios = [*FAULT_NAMES, "overload"] if args.scenario == "all" else [args.scenario]
     ok = True
     for scenario in scenarios:
+        if scenario == "overload":
+            from app.chaos.overload import OverloadConfig, run_overload
+
+            overload = OverloadConfig(
+                established=min(args.clients, 300),
+                rate=args.rate,
+                overload_s=max(args.duration, 12.0),
+                seed=args.seed,
+            )
+            ok = asyncio.run(run_overload(cluster, overload, _say)).ok and ok
+            continue
         verdict = asyncio.run(run_scenario(cluster, scenario, config, _say))
         ok = ok and verdict.ok
     return 0 if ok else 1
@@ -276,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_chaos,
         "inject a real fault under client load and check nothing was lost or duplicated",
     )
-    p.add_argument("scenario", choices=[*FAULT_NAMES, "all"])
+    p.add_argument(
+        "scenario",
+        choices=[*FAULT_NAMES, "overload", "all"],
+        help="stall/stall-long: SIGSTOP a worker for less/more than its lease; overload: "
+        "password logins at 3x the measured capacity while sessions keep messaging",
+    )
     p.add_argument("--clients", type=int, default=1000, help="users online (default 1000)")
     p.add_argument("--rate", type=float, default=0.5, help="messages/s per user (default 0.5)")
     p.add_argument(

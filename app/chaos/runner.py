@@ -99,7 +99,7 @@ class Peer:
                 await self._reader
 
 
-async def _bounded(n: int, jobs: list[Coroutine[Any, Any, None]]) -> None:
+async def bounded(n: int, jobs: list[Coroutine[Any, Any, None]]) -> None:
     """Run coroutines with at most ``n`` at a time."""
     gate = asyncio.Semaphore(n)
 
@@ -110,7 +110,7 @@ async def _bounded(n: int, jobs: list[Coroutine[Any, Any, None]]) -> None:
     await asyncio.gather(*(run(j) for j in jobs))
 
 
-async def _register(host: str, port: int, user: str) -> None:
+async def register_user(host: str, port: int, user: str) -> None:
     for attempt in range(20):
         try:
             client = await Client.connect(host, port, timeout=30.0)
@@ -143,7 +143,7 @@ async def _presence_mismatches(cluster: LocalCluster, peers: list[Peer], prefix:
     return len(expected ^ actual)
 
 
-async def _db_now(cluster: LocalCluster) -> Any:
+async def db_now(cluster: LocalCluster) -> Any:
     conn = await asyncpg.connect(dsn(cluster.settings))
     try:
         return await conn.fetchval("SELECT now()")
@@ -151,7 +151,7 @@ async def _db_now(cluster: LocalCluster) -> Any:
         await conn.close()
 
 
-async def _liveness_events(cluster: LocalCluster, since: Any) -> tuple[int, int]:
+async def liveness_events(cluster: LocalCluster, since: Any) -> tuple[int, int]:
     """Workers declared dead, and workers that registered (started) again, since then.
     Waits two events flushes first: a worker writes its events in batches."""
     await asyncio.sleep(cluster.settings.events_flush_interval_s * 2 + 0.5)
@@ -186,8 +186,8 @@ async def run_scenario(
 
     t0 = time.monotonic()
     say(f"[{scenario}] registering {len(users)} users, logging in {len(peers)} devices")
-    await _bounded(config.login_concurrency, [_register(host, port, u) for u in users])
-    await _bounded(config.login_concurrency, [p.start(host, port) for p in peers])
+    await bounded(config.login_concurrency, [register_user(host, port, u) for u in users])
+    await bounded(config.login_concurrency, [p.start(host, port) for p in peers])
     say(f"[{scenario}] all logged in after {time.monotonic() - t0:.1f} s")
 
     sending = True
@@ -222,7 +222,7 @@ async def run_scenario(
             task.add_done_callback(in_flight.discard)
 
     senders = [asyncio.get_running_loop().create_task(traffic(p)) for p in by_user_main.values()]
-    db_started = await _db_now(cluster)
+    db_started = await db_now(cluster)
     await asyncio.sleep(config.warmup_s)
     say(f"[{scenario}] {fault.description}")
     detail = await fault.inject(cluster, say)
@@ -258,13 +258,13 @@ async def run_scenario(
         await asyncio.sleep(0.5)
     connected = sum(1 for p in peers if p.connected)
     notes = tuple(sorted(set(failures)))[:5]
-    dead, registered = await _liveness_events(cluster, db_started)
+    dead, registered = await liveness_events(cluster, db_started)
     verdict = dataclasses.replace(
         judge(scenario, ledger, devices, connected, mismatches, notes),
         declared_dead=dead,
         expect_dead=fault.expect_dead,
         registered_again=registered,
     )
-    await _bounded(config.login_concurrency, [p.stop() for p in peers])
+    await bounded(config.login_concurrency, [p.stop() for p in peers])
     say(verdict.format())
     return verdict

@@ -1,0 +1,374 @@
+"""`switchboard chaos overload`: a login storm at a multiple of what the cluster can
+take, while established sessions keep messaging (issue #21).
+
+1. register ``login_users`` users for the storm and log ``established`` others in
+   with `ResilientClient`; they send 1:1 messages at ``rate`` per second each;
+2. **calibrate**: password logins in a closed loop (``calibrate_concurrency`` at a
+   time) for ``calibrate_s``: the capacity, in logins per second;
+3. **overload**: for ``overload_s``, start new password logins at
+   ``overload_factor`` x capacity (open loop: each is a new connection that
+   honours ``overloaded``/``retry_after``, then says ``bye``);
+4. wait until every offered login got its welcome and no worker sheds load any
+   more (at most ``settle_s``), then judge.
+
+The verdict holds: no worker declared dead or registered again (fenced) while
+its process lived; no established session dropped (no reconnect, no resume);
+every acknowledged message delivered, and the send latency of the established
+sessions (p50/p99/max, and per second); login goodput during the overload as a
+share of the capacity; every offered login done; how long until the cluster was
+back to normal. It prints a per-second timeline of the storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from app.chaos.checker import Ledger, judge
+from app.chaos.runner import PASSWORD, Peer, bounded, db_now, liveness_events, register_user
+from app.client import Client, ConnectionLost, ServerError, Timeout
+from app.cluster.health import http_json
+from app.cluster.launcher import LocalCluster
+
+Say = Callable[[str], None]
+SHED_CODES = frozenset({"overloaded", "rate_limited"})
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadConfig:
+    established: int = 300
+    rate: float = 0.5  # messages per second per established user
+    login_users: int = 400
+    calibrate_s: float = 6.0
+    calibrate_concurrency: int = 48
+    overload_factor: float = 3.0
+    overload_s: float = 12.0
+    settle_s: float = 90.0
+    # Goodput during the overload must reach this share of the capacity.
+    min_goodput: float = 0.8
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class _Second:
+    logins: int = 0
+    shed: int = 0
+    sends: list[float] = field(default_factory=list)
+    max_lag_ms: float = 0.0
+    shedding_workers: int = 0
+
+
+@dataclass(slots=True)
+class _Storm:
+    """Counts of the login side, and a per-second timeline from t0."""
+
+    t0: float
+    seconds: dict[int, _Second] = field(default_factory=dict)
+    done: int = 0
+    shed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def second(self, at: float | None = None) -> _Second:
+        index = int((time.monotonic() if at is None else at) - self.t0)
+        return self.seconds.setdefault(index, _Second())
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadVerdict:
+    capacity_per_s: float
+    offered: int
+    offered_per_s: float
+    goodput_per_s: float
+    logged_in: int
+    shed_answers: int
+    errors: dict[str, int]
+    established: int
+    established_dropped: int
+    acknowledged: int
+    lost: int
+    duplicated: int
+    send_p50_ms: float
+    send_p99_ms: float
+    send_max_ms: float
+    declared_dead: int
+    registered_again: int
+    recovered_s: float | None
+    min_goodput: float
+    timeline: tuple[str, ...] = ()
+
+    @property
+    def goodput_share(self) -> float:
+        return self.goodput_per_s / self.capacity_per_s if self.capacity_per_s else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.declared_dead == 0
+            and self.registered_again == 0
+            and self.established_dropped == 0
+            and self.lost == 0
+            and self.duplicated == 0
+            and self.logged_in == self.offered
+            and self.goodput_share >= self.min_goodput
+            and self.recovered_s is not None
+        )
+
+    def format(self) -> str:
+        recovered = "never" if self.recovered_s is None else f"{self.recovered_s:.1f} s"
+        lines = [
+            f"scenario overload: {'PASS' if self.ok else 'FAIL'}",
+            f"  capacity {self.capacity_per_s:.0f} logins/s; offered {self.offered} at"
+            f" {self.offered_per_s:.0f}/s; goodput {self.goodput_per_s:.0f}/s"
+            f" ({self.goodput_share:.0%}, at least {self.min_goodput:.0%});"
+            f" logged in by the end {self.logged_in}/{self.offered}",
+            f"  answered overloaded/rate_limited {self.shed_answers}"
+            f" ({self.shed_answers / max(1, self.offered):.2f} per login); other errors"
+            f" {dict(self.errors) or 0}",
+            f"  established sessions {self.established}, dropped {self.established_dropped};"
+            f" messages acknowledged {self.acknowledged}, lost {self.lost}, duplicated"
+            f" {self.duplicated}; send latency p50 {self.send_p50_ms:.0f} ms, p99"
+            f" {self.send_p99_ms:.0f} ms, max {self.send_max_ms:.0f} ms",
+            f"  workers declared dead {self.declared_dead}, registered again"
+            f" {self.registered_again}; back to normal {recovered} after the overload",
+        ]
+        return "\n".join(lines + list(self.timeline))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _login_once(host: str, port: int, user: str, storm: _Storm) -> None:
+    """One password login through to its welcome (a new connection when one drops),
+    honouring overloaded/rate_limited; then bye."""
+    while True:
+        try:
+            client = await Client.connect(host, port, timeout=60.0)
+        except (OSError, ConnectionLost, Timeout) as exc:
+            storm.errors[f"connect: {type(exc).__name__}"] += 1
+            await asyncio.sleep(random.uniform(0.1, 0.5))
+            continue
+        try:
+            while True:
+                try:
+                    await client.login(user, PASSWORD, "storm")
+                except ServerError as exc:
+                    if exc.code not in SHED_CODES:
+                        storm.errors[exc.code] += 1
+                        raise
+                    storm.shed += 1
+                    storm.second().shed += 1
+                    wait = exc.retry_after if exc.retry_after is not None else 1.0
+                    await asyncio.sleep(wait * random.uniform(1.0, 1.5))
+                    continue
+                storm.done += 1
+                storm.second().logins += 1
+                return
+        except (ConnectionLost, Timeout, ServerError, OSError):
+            await asyncio.sleep(random.uniform(0.1, 0.5))
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def _sample_workers(cluster: LocalCluster, storm: _Storm, stop: asyncio.Event) -> None:
+    """Each second: the worst loop lag among the workers, and how many shed load."""
+    s = cluster.settings
+    while not stop.is_set():
+        healths = await asyncio.gather(
+            *(
+                asyncio.to_thread(http_json, f"http://{s.host}:{s.worker_health_port(w)}/health")
+                for w in cluster.worker_names()
+            )
+        )
+        second = storm.second()
+        for _, body in healths:
+            if isinstance(body, dict):
+                lag = body.get("loop_lag_ms")
+                if isinstance(lag, int | float):
+                    second.max_lag_ms = max(second.max_lag_ms, float(lag))
+                if body.get("shedding"):
+                    second.shedding_workers += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _anyone_shedding(cluster: LocalCluster) -> bool:
+    s = cluster.settings
+    for w in cluster.worker_names():
+        _, body = await asyncio.to_thread(
+            http_json, f"http://{s.host}:{s.worker_health_port(w)}/health"
+        )
+        if not isinstance(body, dict) or body.get("shedding") or not body.get("healthy"):
+            return True
+    return False
+
+
+async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) -> OverloadVerdict:
+    rng = random.Random(config.seed)
+    s = cluster.settings
+    host, port = s.host, s.client_port
+    prefix = f"ovl{uuid.uuid4().hex[:6]}_"
+    est_users = [f"{prefix}e{i}" for i in range(config.established)]
+    storm_users = [f"{prefix}s{i}" for i in range(config.login_users)]
+    ledger = Ledger()
+    peers = [Peer(u, "main", ledger.session(u, "main")) for u in est_users]
+    devices = {u: ["main"] for u in est_users}
+
+    say(f"[overload] registering {len(est_users) + len(storm_users)} users")
+    await bounded(64, [register_user(host, port, u) for u in est_users + storm_users])
+    await bounded(64, [p.start(host, port) for p in peers])
+    say(f"[overload] {len(peers)} established sessions logged in; traffic starts")
+
+    storm = _Storm(t0=time.monotonic())
+    sending = True
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def send_one(sender: Peer, recipient: str, cmid: str) -> None:
+        assert sender.client is not None
+        started = time.monotonic()
+        with contextlib.suppress(Exception):  # an unacknowledged send is not in the ledger
+            sent = await sender.client.send(cmid, to=recipient, cmid=cmid)
+            ledger.record_ack(cmid, sent.id, recipient)
+            if sent.seq is not None:
+                sender.log.own_seqs.add(sent.seq)
+            storm.second(started).sends.append((time.monotonic() - started) * 1000)
+
+    async def traffic(sender: Peer) -> None:
+        n = 0
+        while sending:
+            await asyncio.sleep(rng.expovariate(config.rate))
+            if not sending:
+                break
+            recipient = rng.choice(est_users)
+            if recipient == sender.user:
+                continue
+            n += 1
+            task = asyncio.get_running_loop().create_task(
+                send_one(sender, recipient, f"{sender.user}-{n}")
+            )
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+    loop = asyncio.get_running_loop()
+    senders = [loop.create_task(traffic(p)) for p in peers]
+    stop_sampling = asyncio.Event()
+    sampler = loop.create_task(_sample_workers(cluster, storm, stop_sampling))
+    since = await db_now(cluster)
+    users = iter(range(1 << 62))
+
+    def next_user() -> str:
+        return storm_users[next(users) % len(storm_users)]
+
+    # ---- calibrate: a closed loop of password logins --------------------------------
+    say(f"[overload] calibrating: {config.calibrate_concurrency} logins at a time")
+    calibrate_end = time.monotonic() + config.calibrate_s
+
+    async def closed_loop() -> None:
+        while time.monotonic() < calibrate_end:
+            await _login_once(host, port, next_user(), storm)
+
+    before = storm.done
+    started = time.monotonic()
+    await asyncio.gather(*(closed_loop() for _ in range(config.calibrate_concurrency)))
+    capacity = (storm.done - before) / (time.monotonic() - started)
+    shed_before = storm.shed
+    say(f"[overload] capacity {capacity:.0f} logins/s")
+
+    # ---- overload: an open loop at a multiple of it ---------------------------------
+    offered_rate = max(1.0, capacity * config.overload_factor)
+    say(
+        f"[overload] offering {offered_rate:.0f} logins/s for {config.overload_s:.0f} s"
+        f" ({config.overload_factor:g}x)"
+    )
+    logins: list[asyncio.Task[None]] = []
+    done_before = storm.done
+    overload_start = time.monotonic()
+    overload_end = overload_start + config.overload_s
+    while (now := time.monotonic()) < overload_end:
+        due = int((now - overload_start) * offered_rate) + 1
+        while len(logins) < due:
+            logins.append(loop.create_task(_login_once(host, port, next_user(), storm)))
+        await asyncio.sleep(0.01)
+    goodput = (storm.done - done_before) / (time.monotonic() - overload_start)
+    say(f"[overload] storm over; {sum(not t.done() for t in logins)} logins still waiting")
+
+    # ---- back to normal ---------------------------------------------------------------
+    recovered_s: float | None = None
+    deadline = time.monotonic() + config.settle_s
+    pending = [t for t in logins if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=config.settle_s)
+    while time.monotonic() < deadline:
+        if all(t.done() for t in logins) and not await _anyone_shedding(cluster):
+            recovered_s = time.monotonic() - overload_end
+            break
+        await asyncio.sleep(0.5)
+    for task in logins:
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*logins, return_exceptions=True)
+    logged_in = sum(1 for t in logins if not t.cancelled() and t.exception() is None)
+
+    sending = False
+    await asyncio.gather(*senders)
+    if in_flight:
+        await asyncio.wait(list(in_flight), timeout=60)
+    settle_end = time.monotonic() + 30
+    while time.monotonic() < settle_end:
+        seen = {p.user: {mid for _, mid in p.log.received} for p in peers}
+        if all(mid in seen[rcpt] for mid, rcpt in ledger.acked.items()):
+            break
+        await asyncio.sleep(0.5)
+    stop_sampling.set()
+    await sampler
+    for p in peers:
+        p.sync_stats()
+    dropped = sum(1 for p in peers if p.log.reconnects or p.log.resumes or not p.connected)
+    delivery = judge("overload", ledger, devices, len(peers) - dropped, 0)
+    dead, registered = await liveness_events(cluster, since)
+    await bounded(64, [p.stop() for p in peers])
+
+    latencies = [ms for sec in storm.seconds.values() for ms in sec.sends]
+    timeline = ["  t(s)  logins  shed  sends  send_p99_ms  worst_lag_ms  shedding_workers"]
+    for index in sorted(storm.seconds):
+        sec = storm.seconds[index]
+        timeline.append(
+            f"  {index:4d}  {sec.logins:6d}  {sec.shed:4d}  {len(sec.sends):5d}"
+            f"  {_percentile(sec.sends, 0.99):11.0f}  {sec.max_lag_ms:12.0f}"
+            f"  {sec.shedding_workers:16d}"
+        )
+    verdict = OverloadVerdict(
+        capacity_per_s=capacity,
+        offered=len(logins),
+        offered_per_s=offered_rate,
+        goodput_per_s=goodput,
+        logged_in=logged_in,
+        shed_answers=storm.shed - shed_before,
+        errors=dict(storm.errors),
+        established=len(peers),
+        established_dropped=dropped,
+        acknowledged=delivery.acknowledged,
+        lost=delivery.lost,
+        duplicated=delivery.duplicated,
+        send_p50_ms=statistics.median(latencies) if latencies else 0.0,
+        send_p99_ms=_percentile(latencies, 0.99),
+        send_max_ms=max(latencies, default=0.0),
+        declared_dead=dead,
+        registered_again=registered,
+        recovered_s=recovered_s,
+        min_goodput=config.min_goodput,
+        timeline=tuple(timeline),
+    )
+    say(verdict.format())
+    return verdict
