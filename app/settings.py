@@ -201,8 +201,9 @@ class Settings:
     # a connection not logged in by then is closed, waiting or not.
     admission_wait_s: float = 5.0
     # While the worker's event loop lags this much (the worst of the last 10-20 s),
-    # password logins and registrations run one at a time and are refused rather
-    # than queued; resumes and token logins are admitted as usual.
+    # password logins and registrations run one at a time, and one that would wait
+    # past admission_wait_s is refused at once; resumes and token logins are
+    # admitted as usual.
     admission_shed_lag_s: float = 1.0
     # retry_after of an `overloaded`: from the queue's measured drain time (at least
     # the minimum), its ceiling doubling each second while refusals go on (at most

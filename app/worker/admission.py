@@ -16,8 +16,9 @@ queue is full or when it has waited ``admission_wait_s``.
 
 When the event loop lags (``loop_lag_s`` at or above ``admission_shed_lag_s``),
 the argon2 kinds are shed first: each runs one request at a time instead of its
-slots, and a new one that cannot start at once is refused without queueing,
-while resumes and token logins are admitted as before.
+slots, and a new one whose expected wait (the queue ahead times the measured
+time a slot is held) is past ``admission_wait_s`` is refused at once instead
+of queueing in vain, while resumes and token logins are admitted as before.
 
 A refusal's ``retry_after`` says when a slot would be free: the queue ahead
 times the measured time a slot is held, divided by the slots (at least
@@ -159,7 +160,7 @@ class Admission:
         queue.grant(lagging)
         if queue.running < queue.limit(lagging) and not queue.waiters:
             queue.running += 1
-        elif lagging:
+        elif lagging and self._expected_wait_s(queue, lagging) > self._wait_s:
             raise self._refuse(queue, Shed.LAGGING, lagging)
         elif len(queue.waiters) >= queue.max_waiting:
             raise self._refuse(queue, Shed.QUEUE_FULL, lagging)
@@ -205,6 +206,11 @@ class Admission:
             retry_after=self.retry_after(queue.work, lagging),
         )
 
+    @staticmethod
+    def _expected_wait_s(queue: _Queue, lagging: bool) -> float:
+        """When a slot would be free for one more request at the back of the queue."""
+        return (len(queue.waiters) + 1) * queue.hold_s / queue.limit(lagging)
+
     def retry_after(self, work: Work, lagging: bool = False) -> float:
         """The jittered wait to tell a refused request of ``work`` (and count the refusal
         towards the doubling of its ceiling)."""
@@ -215,8 +221,7 @@ class Admission:
         elif now - queue.level_at >= STEP_S:
             queue.level, queue.level_at = min(queue.level + 1, 16), now
         queue.refused_at = now
-        # When a slot would be free for one more request at the back of the queue.
-        free_in_s = (len(queue.waiters) + 1) * queue.hold_s / queue.limit(lagging)
+        free_in_s = self._expected_wait_s(queue, lagging)
         base = max(self._retry_min_s, free_in_s, self._loop_lag_s() if lagging else 0.0)
         # Drawn up to twice the estimate, so the waits average about the estimate.
         ceiling = min(self._retry_max_s, 2 * base * 2**queue.level)

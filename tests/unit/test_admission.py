@@ -12,7 +12,7 @@ import pytest
 from app.protocol import Hello, Register, Resume
 from app.settings import Settings
 from app.worker import metrics
-from app.worker.admission import CALM_S, STEP_S, Admission, Shed, Work
+from app.worker.admission import ARGON2_WORK, CALM_S, STEP_S, Admission, Shed, Work
 from app.worker.errors import RequestError
 from tests.unit.worker_fakes import GOOD_PASSWORD, Harness
 
@@ -161,7 +161,14 @@ async def test_a_waiter_that_goes_away_leaves_the_queue_and_its_slot() -> None:
 async def test_a_lagging_loop_sheds_password_work_first() -> None:
     lag = 0.0
     admission = Admission(
-        tight(max_concurrent_auth=4, max_concurrent_resumes=4, admission_shed_lag_s=1.0),
+        # A slot is held FIRST_HOLD_S (50 ms) until measured: one more in line would
+        # wait 100 ms, past this admission_wait_s.
+        tight(
+            max_concurrent_auth=4,
+            max_concurrent_resumes=4,
+            admission_shed_lag_s=1.0,
+            admission_wait_s=0.08,
+        ),
         loop_lag_s=lambda: lag,
     )
     lag = 2.0
@@ -169,11 +176,14 @@ async def test_a_lagging_loop_sheds_password_work_first() -> None:
     first = asyncio.create_task(hold(admission, Work.LOGIN, release))
     await asyncio.sleep(0)
     assert admission.running(Work.LOGIN) == 1  # one hash at a time, not 4
-    for work in (Work.LOGIN, Work.REGISTER):
-        if work is Work.REGISTER:  # a register runs too while none does...
-            second = asyncio.create_task(hold(admission, work, release))
-            await asyncio.sleep(0)
-        with pytest.raises(RequestError) as refused:  # ... and the next is refused at once
+    second = asyncio.create_task(hold(admission, Work.REGISTER, release))  # none runs: it does
+    await asyncio.sleep(0)
+    # One more of each waits (50 ms to go) ...
+    queued = [asyncio.create_task(hold(admission, w, release)) for w in ARGON2_WORK]
+    await asyncio.sleep(0)
+    for work in ARGON2_WORK:
+        assert (admission.running(work), admission.waiting(work)) == (1, 1)
+        with pytest.raises(RequestError) as refused:  # ... the next would wait in vain
             async with admission.slot(work):
                 pass
         assert admission.shed[work, Shed.LAGGING] == 1
@@ -184,8 +194,12 @@ async def test_a_lagging_loop_sheds_password_work_first() -> None:
     await asyncio.sleep(0)
     assert admission.running(Work.RESUME) == 3 and admission.running(Work.TOKEN) == 1
     assert admission.shed_counts() == {"resume": 0, "token": 0, "login": 1, "register": 1}
+    await asyncio.sleep(0.1)  # the queued ones' deadline passes behind `first` and `second`
     release.set()
     await asyncio.gather(first, second, *cheap)
+    for task in queued:  # they waited admission_wait_s in vain
+        with pytest.raises(RequestError):
+            await task
     lag = 0.0
     logins = [asyncio.create_task(hold(admission, Work.LOGIN, asyncio.Event())) for _ in range(4)]
     await asyncio.sleep(0)
