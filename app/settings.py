@@ -205,10 +205,30 @@ class Settings:
     # and a long queue for the reconnect storm after a worker dies.
     max_concurrent_resumes: int = 256
     max_resume_queue: int = 1024
+    # A request that finds its kind's slots busy waits this long for one (queue,
+    # don't bounce) before it is answered `overloaded`. Keep it below auth_timeout_s:
+    # a connection not logged in by then is closed, waiting or not.
+    admission_wait_s: float = 5.0
+    # While the worker's event loop lags this much (the worst of the last 10-20 s),
+    # password logins and registrations run one at a time, and one that would wait
+    # past admission_wait_s is refused at once; resumes and token logins are
+    # admitted as usual.
+    admission_shed_lag_s: float = 1.0
+    # retry_after of an `overloaded`: from the queue's measured drain time (at least
+    # the minimum), its ceiling doubling each second while refusals go on (at most
+    # the maximum), jittered uniformly between the minimum and the ceiling.
+    admission_retry_min_s: float = 0.5
+    admission_retry_max_s: float = 30.0
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
     argon2_parallelism: int = 1
+    # Threads that hash passwords, per worker (at most the machine's cores): with one
+    # worker per core, one each already keeps every core busy under a login storm.
+    # They run at this nice value (Linux), so the event loops, which serve the live
+    # sessions and renew the lease, win the CPU when both want it.
+    argon2_threads: int = 1
+    argon2_nice: int = 10
     min_password_chars: int = 12
     # Password throttling (app/store/throttle.py, docs/security.md). Every password
     # attempt (`hello`, the old password of `password`) is counted before it is
@@ -344,6 +364,12 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         self.shared_client_networks()  # raises SettingsError when one is not an address
+        if self.admission_wait_s <= 0 or self.admission_shed_lag_s <= 0:
+            raise SettingsError("admission_wait_s and admission_shed_lag_s must be positive")
+        if not 0 < self.admission_retry_min_s <= self.admission_retry_max_s:
+            raise SettingsError("admission_retry_min_s must be positive and <= _max_s")
+        if self.argon2_threads < 1 or not 0 <= self.argon2_nice <= 19:
+            raise SettingsError("argon2_threads must be at least 1, argon2_nice 0..19")
 
     @classmethod
     def load(

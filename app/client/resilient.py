@@ -23,7 +23,7 @@ It has the request methods of `Client` and uses one `Client` per TCP connection
 ``bye``, and reconnected after its ``after_ms``), an inbox gap, no ``pong`` to the
 keep-alive ping, or more unread events than ``max_events``. The client reconnects to
 the same host and port with exponential backoff and full jitter (`ReconnectPolicy`:
-the first try after 0-100 ms, at most 2 s apart; a server's ``retry_after`` instead
+the first try after 0-100 ms, at most 2 s apart; at least a server's ``retry_after``
 when it answers ``overloaded``/``rate_limited``), sends ``resume`` with the rotated
 token and `last_seq`; on ``bad_token`` it logs in with the device token (``login_token``,
 from its `TokenStore`), and on that token's ``auth_failed`` with the remembered
@@ -39,7 +39,17 @@ stream ends with `ServerClosed`.
 ``sent`` arrives, writes it again, same cmid, on every new link, and raises only on a
 permanent error or after ``send_timeout_s`` (120 s). Retryable errors are retried on
 the same link after ``retry_after`` (or backoff). Other requests wait for a link
-(within ``timeout``) and are sent once; read-only ones are sent again after a loss.
+(within ``timeout``) and are sent once; read-only ones are sent again after a loss,
+and any answered ``overloaded`` (not carried out) again after its ``retry_after``,
+within ``timeout``.
+
+**Retries are budgeted** (app/client/retry.py): every retry after a refusal with
+``retry_after`` (``overloaded``, ``rate_limited``; a reconnect after a refused
+login too) takes a token from the client's `RetryBudget` (`retry_budget_per_min`
+10 a minute, bursts of `retry_budget_burst` 10); with none left, it waits
+``max_retry_after_s`` (30 s). A storm of refusals therefore gets a few quick
+retries from each client, then a trickle. Reconnects after a lost connection,
+and retries after ``internal``, keep their capped backoff.
 
 **Events** come out once each: `Msg`/`Receipt` in seq order with no seq twice, the
 highest in `last_seq`. A seq past ``last_seq + 1`` is a gap, except for this device's
@@ -64,10 +74,9 @@ import enum
 import functools
 import logging
 import os
-import random
 import ssl
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Final
@@ -88,6 +97,7 @@ from app.client.events import (
     read_reply,
 )
 from app.client.requests import Requests, exactly_one
+from app.client.retry import RetryBudget, full_jitter
 from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid, tls_context
 from app.client.tokens import MemoryTokenStore, TokenStore
 from app.protocol import ErrorCode
@@ -121,18 +131,25 @@ class ReconnectPolicy:
     # in order, so a ping waits behind a send stalled by a DB failover (~20 s): keep
     # it well above that. None: no keep-alive.
     keepalive_s: float | None = 30.0
-    max_retry_after_s: float = 30.0  # cap on a server's ``retry_after``
+    # Cap on a server's ``retry_after``, and the wait of a retry when the budget is spent.
+    max_retry_after_s: float = 30.0
+    # The retry budget (app/client/retry.py): each retry the server asked to delay
+    # (overloaded, rate_limited: a retry_after) takes a token; this many come back
+    # per minute, up to the burst. Without one, it waits max_retry_after_s.
+    retry_budget_per_min: float = 10.0
+    retry_budget_burst: int = 10
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(attempt, 32))
-        return random.uniform(0.0, ceiling)
+        return full_jitter(attempt, self.backoff_base_s, self.backoff_cap_s)
 
     def retry_delay(self, exc: ServerError, attempt: int) -> float:
-        """The wait before repeating a request that got a retryable error."""
+        """The wait before repeating a request that got a retryable error: the
+        backoff, but never less than the server's ``retry_after`` (capped)."""
+        delay = self.backoff(attempt)
         if exc.retry_after is not None:
-            return min(max(exc.retry_after, 0.0), self.max_retry_after_s)
-        return self.backoff(attempt)
+            delay = max(delay, exc.retry_after)
+        return min(max(delay, 0.0), self.max_retry_after_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +269,8 @@ class ResilientClient(Requests):
         self._events_taken = asyncio.Event()
         self._retry_hint: float | None = None  # the next reconnect delay, if the server set it
         self._attempt = 0  # reconnect attempts since the last link that stayed up
+        self.retry_budget = RetryBudget(policy.retry_budget_per_min, policy.retry_budget_burst)
+        self._refused_for_load = False  # the last login was refused with a retry_after
         self._online_since = 0.0
         self._terminal_reason: str | None = None
         self._close_reason: str | None = None
@@ -342,8 +361,7 @@ class ResilientClient(Requests):
 
     async def login(self, user: str, password: str, device: str) -> Welcome:
         """Log in (``hello``); the credentials are kept to log in again after a loss."""
-        link = await self._usable_link(self._loop.time() + self._timeout)
-        welcome = await link.client.login(user, password, device)
+        link, welcome = await self._first_login(lambda client: client.login(user, password, device))
         self._credentials = _Credentials(user, device, password)
         self._logged_in(link, welcome, by_password=True, after_loss=False)
         return welcome
@@ -362,9 +380,10 @@ class ResilientClient(Requests):
         token = self.device_token(user, device)
         if token is None:
             raise ClientError(f"no device token for {user} on {device}: log in with a password")
-        link = await self._usable_link(self._loop.time() + self._timeout)
         try:
-            welcome = await link.client.login_token(user, device, token)
+            link, welcome = await self._first_login(
+                lambda client: client.login_token(user, device, token)
+            )
         except ServerError as exc:
             if exc.code == ErrorCode.AUTH_FAILED:
                 self._tokens.delete(self._server, user, device)
@@ -462,8 +481,10 @@ class ResilientClient(Requests):
 
         If the link is lost meanwhile, a read-only request is sent again on the next
         one; any other raises `ConnectionLost` (it may or may not have taken effect).
+        ``overloaded`` (not carried out) is retried as `_wait_to_retry` says.
         """
         deadline = self._loop.time() + self._timeout
+        attempt = 0
         while True:
             link = await self._usable_link(deadline)
             try:
@@ -473,6 +494,42 @@ class ResilientClient(Requests):
             except ConnectionLost:
                 if op not in READ_ONLY_OPS or self.closed:
                     raise
+            except ServerError as exc:
+                await self._wait_to_retry(exc, attempt, deadline)
+                attempt += 1
+
+    async def _first_login(
+        self, log_in: Callable[[Client], Awaitable[Welcome]]
+    ) -> tuple[_Link, Welcome]:
+        """``log_in`` on the current link, again after ``overloaded`` (`_wait_to_retry`)."""
+        deadline = self._loop.time() + self._timeout
+        attempt = 0
+        while True:
+            link = await self._usable_link(deadline)
+            try:
+                return link, await log_in(link.client)
+            except ServerError as exc:
+                await self._wait_to_retry(exc, attempt, deadline)
+                attempt += 1
+
+    async def _wait_to_retry(self, exc: ServerError, attempt: int, deadline: float) -> None:
+        """Wait before repeating a request answered ``overloaded``, or raise ``exc``:
+        for any other error, or when the wait would end past ``deadline``."""
+        if exc.code != ErrorCode.OVERLOADED:
+            raise exc
+        delay = self._retry_wait(exc, attempt)
+        if self._loop.time() + delay > deadline:
+            raise exc
+        log.info("%s; again in %.2f s", exc, delay)
+        await asyncio.sleep(delay)
+
+    def _retry_wait(self, exc: ServerError, attempt: int) -> float:
+        """The wait before retry number ``attempt`` (0 for the first): the policy's,
+        or ``max_retry_after_s`` when the server gave a retry_after and the retry
+        budget is spent."""
+        if exc.retry_after is not None and not self.retry_budget.take():
+            return self._policy.max_retry_after_s
+        return self._policy.retry_delay(exc, attempt)
 
     async def _usable_link(self, deadline: float) -> _Link:
         """The current link once it is up (logged in, if the session is)."""
@@ -512,7 +569,7 @@ class ResilientClient(Requests):
                 if not exc.retryable:
                     _settle(out.future, exc)
                     return
-                delay = self._policy.retry_delay(exc, attempt)
+                delay = self._retry_wait(exc, attempt)
                 attempt += 1
                 log.info("send cmid=%s: %s; again in %.2f s", out.cmid, exc, delay)
                 await asyncio.sleep(delay)
@@ -733,6 +790,9 @@ class ResilientClient(Requests):
                 delay, self._retry_hint = self._retry_hint, None
             else:
                 delay = self._policy.backoff(self._attempt)
+            if self._refused_for_load and not self.retry_budget.take():
+                delay = max(delay, self._policy.max_retry_after_s)  # the budget is spent
+            self._refused_for_load = False
             self._attempt += 1
             log.info("reconnecting to %s:%d in %.3f s", self._host, self._port, delay)
             await asyncio.sleep(delay)
@@ -755,6 +815,7 @@ class ResilientClient(Requests):
                     return False
                 if exc.retry_after is not None:
                     self._retry_hint = self._policy.retry_delay(exc, self._attempt)
+                    self._refused_for_load = True
                 continue
             except ClientError as exc:
                 await self._drop(link, f"login failed: {exc}")

@@ -69,6 +69,7 @@ from app.client.events import (
     server_error,
 )
 from app.client.requests import Requests, exactly_one
+from app.client.retry import RetryBudget, retry_delay
 from app.protocol import FATAL_CODES, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Client(Requests):
         max_events: int,
         keep_events: bool,
         on_event: Callable[[Event], str | None] | None = None,
+        retry_budget: RetryBudget | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -145,6 +147,9 @@ class Client(Requests):
         self._max_events = max_events
         self._keep_events = keep_events
         self._on_event = on_event
+        # Retries of `send` take from it (app/client/retry.py): share one between the
+        # connections of one client.
+        self.retry_budget = RetryBudget() if retry_budget is None else retry_budget
         # Session state, kept for resuming on another connection later.
         self.user: str | None = None
         self.device: str | None = None
@@ -175,6 +180,7 @@ class Client(Requests):
         tls: bool | ssl.SSLContext = False,
         cafile: str | os.PathLike[str] | None = None,
         server_hostname: str | None = None,
+        retry_budget: RetryBudget | None = None,
     ) -> Client:
         """Open a connection. ``timeout`` bounds the connect (and the TLS handshake) and
         is each request's default.
@@ -191,6 +197,8 @@ class Client(Requests):
         is not tracked, `events()` is not available, and no `ServerClosed` is made:
         use `wait_closed` and `close_reason`). A string it returns drops the
         connection with that reason.
+
+        ``retry_budget`` bounds `send`'s retries (default: a budget of its own).
         """
         context = tls_context(cafile) if tls is True else tls or None
         try:
@@ -222,6 +230,7 @@ class Client(Requests):
             max_events=max_events,
             keep_events=keep_events,
             on_event=on_event,
+            retry_budget=retry_budget,
         )
 
     async def __aenter__(self) -> Client:
@@ -300,7 +309,9 @@ class Client(Requests):
         ``cmid`` defaults to a fresh uuid4 hex. A retryable error (``internal``,
         ``overloaded``, ``rate_limited``, an unknown code) or a missing reply is
         retried up to ``retries`` times with the same cmid, which the server
-        deduplicates, so the message is stored at most once.
+        deduplicates, so the message is stored at most once. Each retry waits a
+        jittered, doubling backoff, at least the server's ``retry_after`` and at
+        most 30 s (the cap, also when `retry_budget` is spent).
         """
         exactly_one("send", to, room)
         cmid = new_cmid() if cmid is None else cmid
@@ -312,10 +323,13 @@ class Client(Requests):
             except (ServerError, Timeout) as exc:
                 if attempt >= retries or (isinstance(exc, ServerError) and not exc.retryable):
                     raise
-                delay = RETRY_BACKOFF_S * 2**attempt
-                if isinstance(exc, ServerError) and exc.retry_after is not None:
-                    delay = exc.retry_after
-                delay = min(max(delay, 0.0), MAX_RETRY_WAIT_S)
+                delay = retry_delay(
+                    attempt,
+                    exc.retry_after if isinstance(exc, ServerError) else None,
+                    self.retry_budget,
+                    base_s=RETRY_BACKOFF_S,
+                    cap_s=MAX_RETRY_WAIT_S,
+                )
                 log.info("send cmid=%s: %s; resending in %.2f s", cmid, exc, delay)
                 await asyncio.sleep(delay)
                 attempt += 1

@@ -35,6 +35,18 @@ async def create_user(pool: asyncpg.Pool, username: str, password_hash: str) -> 
         return int(user_id)
 
 
+async def has_password_hash(pool: asyncpg.Pool, username: str, password_hash: str) -> bool:
+    """Whether ``username`` exists with exactly this (salted, so unique) hash: whether a
+    `create_user` whose commit reported an error took effect after all."""
+    return bool(
+        await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE username = $1 AND password_hash = $2)",
+            username,
+            password_hash,
+        )
+    )
+
+
 async def find_user(pool: asyncpg.Pool, username: str) -> Account | None:
     row = await pool.fetchrow(
         "SELECT id, username, password_hash, disabled FROM users WHERE username = $1", username

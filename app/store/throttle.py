@@ -9,6 +9,10 @@ Two kinds of counter, one row per key:
 - **budget**, per client address, key ``login-addr|203.0.113.5``: at most
   ``limit`` attempts per fixed window; a right password gives its attempt back.
 
+An attempt that fails on the server's side (the database, the hash pool) is
+not the client's failure: `Throttle.password_void` and `register_void` take it
+back, so a storm of ``internal`` errors never locks anyone out.
+
 An attempt is counted *before* the password is checked, by the statement that
 lets it through or refuses it (``INSERT ... ON CONFLICT DO UPDATE ... WHERE``:
 a refused attempt updates nothing and returns no row). Parallel attempts queue
@@ -28,12 +32,17 @@ import contextlib
 import ipaddress
 import math
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
+from app.logs import get_logger
 from app.settings import IPNetwork, Settings
 from app.store.errors import DB_ERRORS
+
+log = get_logger("throttle")
 
 # How often a process that counts attempts deletes the rows nobody needs any more.
 PRUNE_EVERY_S = 600.0
@@ -149,6 +158,24 @@ async def _wait_s(pool: asyncpg.Pool, key: str, otherwise: float) -> float:
     return otherwise if wait is None else max(float(wait), 0.0)
 
 
+_UNCOUNT_BACKOFF = f"""
+UPDATE auth_throttle AS t SET
+    attempts = t.attempts - 1,
+    next_attempt_at = least(t.next_attempt_at, {_NOW} + {_delay("(t.attempts - 1)")})
+FROM {_ASYNC_COMMIT}
+WHERE t.key = $1 AND t.attempts > 0
+"""
+
+
+async def uncount_backoff(pool: asyncpg.Pool, key: str, policy: Backoff) -> None:
+    """Take back one attempt counted under ``key``'s backoff (it failed on our side).
+
+    The wait becomes no longer than the one after one attempt fewer, counted from
+    now: an attempt counted meanwhile by another request keeps a wait of its own.
+    """
+    await pool.execute(_UNCOUNT_BACKOFF, key, policy.free, policy.base_s, policy.max_s)
+
+
 async def forget(pool: asyncpg.Pool, key: str) -> None:
     """A backoff key's attempts succeeded: start afresh."""
     await pool.execute(f"DELETE FROM auth_throttle USING {_ASYNC_COMMIT} WHERE key = $1", key)
@@ -247,7 +274,11 @@ class Throttle:
         addr_key = None
         if not is_shared(host, self._shared):
             addr_key = f"{self._scope}-addr|{addr}"
-            wait = await count_budget(self._pool, addr_key, self.per_addr)
+            try:
+                wait = await count_budget(self._pool, addr_key, self.per_addr)
+            except DB_ERRORS:
+                await self._uncount(uncount_backoff(self._pool, pair_key, self.pair))
+                raise
             if wait is not None:
                 # Still counted for the pair: that pair is this address's own.
                 return Refused(_whole_seconds(wait), "address")
@@ -258,6 +289,27 @@ class Throttle:
         await forget(self._pool, attempt.pair_key)
         if attempt.addr_key is not None:
             await give_back(self._pool, attempt.addr_key)
+
+    async def password_void(self, attempt: Admitted) -> None:
+        """The attempt failed on our side (a database error, ...) before its password
+        was judged: take it back from the pair and the address. Best effort: when the
+        database fails again, the count stays (and is logged)."""
+        await self._uncount(uncount_backoff(self._pool, attempt.pair_key, self.pair))
+        if attempt.addr_key is not None:
+            await self._uncount(give_back(self._pool, attempt.addr_key))
+
+    async def register_void(self, host: str) -> None:
+        """A counted registration failed on our side: give the address its attempt back."""
+        if not is_shared(host, self._shared):
+            key = f"register-addr|{address_key(host)}"
+            await self._uncount(give_back(self._pool, key))
+
+    @staticmethod
+    async def _uncount(statement: Coroutine[Any, Any, None]) -> None:
+        try:
+            await statement
+        except DB_ERRORS as exc:
+            log.warning("throttle_uncount_failed", error=type(exc).__name__)
 
     def token_keys(self, name: str, host: str) -> tuple[str, str | None]:
         """The counters of ``login_token`` failures: per (name, address) and per address

@@ -40,6 +40,8 @@ class Sources:
     token_logins: Callable[[], int]
     token_login_batches: Callable[[], int]
     overloaded: Callable[[], int]
+    queues: Callable[[], dict[str, int]]
+    shed: Callable[[], dict[str, int]]
     events_dropped: Callable[[], int]
 
 
@@ -64,6 +66,10 @@ def health_report(src: Sources) -> dict[str, object]:
         "token_login_batches": src.token_login_batches(),
         "slow_readers": metrics.SLOW_READERS.value,
         "overloaded": src.overloaded(),
+        # Admission control by kind of work: requests waiting for a slot now, and
+        # requests answered `overloaded` since the start.
+        "queues": src.queues(),
+        "shed": src.shed(),
         # Events the events log could not keep (database away too long, or refused).
         "events_dropped": src.events_dropped(),
         # The worst of the last 10-20 s: what the dashboard's Workers page shows.

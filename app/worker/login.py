@@ -5,7 +5,9 @@ Each kind passes its own admission queue (admission.py): a password costs an
 argon2id hash, a resume or a token login a SHA-256 and a share of one batched
 statement. Password attempts and registrations are counted per client address and
 per (user, address) before any hash is computed; refused device tokens are counted
-per (user, address) and per address too (app/store/throttle.py).
+per (user, address) and per address too (app/store/throttle.py). An attempt that
+fails on our side (the database, the hash pool: `internal`) is taken back, never
+counted as the client's failure.
 
 Tokens (resume, device) are never logged: only their SHA-256 reaches the database.
 """
@@ -86,18 +88,42 @@ class Login:
 
     async def register(self, peer: Peer, req: Register) -> None:
         self._check_password_strength(req.password)
+        host = client_host(peer.peer)
         async with self._admission.slot(Work.REGISTER):
-            refused = await self._throttle.register_attempt(client_host(peer.peer))
+            refused = await self._throttle.register_attempt(host)
             if refused is not None:
                 log.info("register_rate_limited", addr=peer.peer)
                 raise _rate_limited(refused, "too many registrations from this address")
-            password_hash = await self._passwords.hash(req.password)
             try:
-                await accounts.create_user(self._pool, req.user, password_hash)
+                await self._create_user(req.user, await self._passwords.hash(req.password))
             except UserExists:
                 raise RequestError(ErrorCode.USER_EXISTS, "that username is taken") from None
+            except Exception:
+                # Ours, not the client's: its attempt does not count.
+                await self._throttle.register_void(host)
+                raise
         log.info("user_registered", user=req.user)
         peer.write(frames.Registered(req.user).encode(req.rid))
+
+    async def _create_user(self, username: str, password_hash: str) -> None:
+        """Create the account; a commit that failed without saying whether it took
+        effect (the connection cut while committing) is looked up by its hash.
+
+        Without the lookup, a register answered ``internal`` could have created the
+        account: the client's retry got ``user_exists``, and a client that gave the
+        name up got ``auth_failed`` later on. The hash has a random salt, so finding it
+        means this very request's row committed.
+        """
+        try:
+            await accounts.create_user(self._pool, username, password_hash)
+        except DB_ERRORS as exc:
+            try:
+                stored = await accounts.has_password_hash(self._pool, username, password_hash)
+            except DB_ERRORS:
+                stored = False
+            if not stored:
+                raise
+            log.warning("register_committed_despite_error", user=username, error=type(exc).__name__)
 
     async def hello(self, peer: Peer, req: Hello) -> None:
         if req.v != PROTOCOL_VERSION:
@@ -312,14 +338,23 @@ class Login:
         if isinstance(attempt, Refused):
             log.info("login_rate_limited", user=username, addr=host, by=attempt.by)
             raise _rate_limited(attempt, "too many failed logins; wait before trying again")
-        account = await accounts.find_user(self._pool, username)
-        ok = await self._passwords.verify(account.password_hash if account else None, password)
+        try:
+            account = await accounts.find_user(self._pool, username)
+            ok = await self._passwords.verify(account.password_hash if account else None, password)
+        except Exception:
+            # The database or the hash pool failed, not the client: it answers
+            # `internal`, and its attempt does not count.
+            await self._throttle.password_void(attempt)
+            raise
         if not ok or account is None:
             # A name that is no user's is not logged: it may be a password typed in
             # the wrong field (review L12).
             log.info("login_failed", user=username if account else "(no such user)", addr=host)
             return None
-        await self._throttle.password_right(attempt)
+        try:
+            await self._throttle.password_right(attempt)
+        except DB_ERRORS as exc:  # the password was right: the login goes on
+            log.warning("login_success_not_counted", error=type(exc).__name__)
         return account
 
 

@@ -6,7 +6,8 @@ time by `WorkerCollector`, so the hot path pays nothing for it. Only what has
 no counter elsewhere is counted here, with module-level metrics the hooks in
 ``session.py``, ``connection.py``, ``delivery.py``, ``revoke.py`` and ``writer.py``
 update: logins by result, revoked sessions, error frames by code, refused
-connections, delivery latency, group-commit time, items a group commit refused.
+connections, admission's refusals by kind and reason, delivery latency,
+group-commit time, items a group commit refused.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ BATCH_ITEMS_REJECTED = Counter(
     "switchboard_batch_items_rejected",
     "Group-commit items the database refused for good (the rest of their batch committed).",
     ["batcher"],
+    registry=REGISTRY,
+)
+ADMISSION_SHED = Counter(
+    "switchboard_admission_shed",
+    "Requests admission control answered `overloaded`, by kind of work (resume, token,"
+    " login, register) and reason (queue_full, deadline, lagging).",
+    ["work", "reason"],
     registry=REGISTRY,
 )
 PROXY_REFUSED = Counter(
@@ -222,6 +230,16 @@ class WorkerCollector(Collector):
         }
         for name, (help_text, key) in counters.items():
             yield CounterMetricFamily(name, help_text, value=_number(report.get(key)))
+        queues = report.get("queues")
+        if isinstance(queues, dict):
+            waiting = GaugeMetricFamily(
+                "switchboard_admission_waiting",
+                "Requests waiting for an admission slot, by kind of work.",
+                labels=["work"],
+            )
+            for work, depth in queues.items():
+                waiting.add_metric([work], _number(depth))
+            yield waiting
         pool = self.pool
         if pool is not None:
             size, idle = pool.get_size(), pool.get_idle_size()

@@ -113,7 +113,6 @@ class Worker:
             lambda name: social.require_user(pool, name),
             lambda ids: message_store.usernames(pool, ids),
         )
-        admission = Admission(s)
         announcer = Announcer(pool, push_key, wid)
         presence = Presence(pool, announcer)
         delivery = Delivery(pool, registry, announcer, self.events, s.delivery_interval_s)
@@ -145,6 +144,8 @@ class Worker:
         drain.weight = liveness.agent_weight
         lease_thread = LeaseThread(liveness, s, leases.close_renewals)
         passwords = Passwords(s)
+        # Password work is shed first when the event loop lags.
+        admission = Admission(s, loop_lag_s=lambda: liveness.loop_lag_s)
         login = Login(
             pool, s, passwords, admission, commits, sessions, announcer, self.events, push_key
         )
@@ -178,6 +179,8 @@ class Worker:
             token_logins=lambda: login.token_logins,
             token_login_batches=lambda: commits.token_logins.batches,
             overloaded=lambda: admission.overloaded,
+            queues=admission.queues,
+            shed=admission.shed_counts,
             events_dropped=lambda: self.events.dropped,
         )
         metrics.attach(lambda: health_report(sources), pool)

@@ -26,7 +26,7 @@ from tests.hostile.bystander import (
     timed,
     workers_see_client_addresses,
 )
-from tests.integration.helpers import PASSWORD, login, new_user, register
+from tests.integration.helpers import PASSWORD, db, login, new_user, register
 from tests.linechat import LineClient
 
 pytestmark = pytest.mark.integration
@@ -127,3 +127,68 @@ async def test_wrong_old_passwords_are_throttled(cluster: LocalCluster) -> None:
     assert (await timed(other, mine))["op"] == "ok"
     for each in (thief, other):
         await each.close()
+
+
+# ---- the server's failures are not the client's (issue #21) ------------------------------
+
+
+async def test_database_failures_never_count_as_failed_logins_or_registrations(
+    cluster: LocalCluster,
+) -> None:
+    """The database fails (a serialization failure, class 40) for this test's address
+    and names only, injected with triggers: the address's budget counter cannot be
+    written, so every `hello` fails after its (user, address) attempt was counted; and
+    every `register` fails at COMMIT (a deferred constraint trigger). All are answered
+    `internal`, never `auth_failed` or `rate_limited`; once the database is well, the
+    right password logs in at once and the name registers: nothing was counted."""
+    s = cluster.settings
+    user, newcomer = new_user("dbfail"), new_user("dbfail")
+    await register(cluster, user)
+    ip = attacker_ip()
+    tag = newcomer  # a unique name for the injected objects
+    async with db(cluster) as conn:
+        await conn.execute(
+            f"""
+            CREATE FUNCTION {tag}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'injected by a test' USING ERRCODE = '40001'; END $$;
+            CREATE TRIGGER {tag}_budget BEFORE INSERT OR UPDATE ON auth_throttle
+                FOR EACH ROW WHEN (NEW.key = 'login-addr|{ip}') EXECUTE FUNCTION {tag}();
+            CREATE CONSTRAINT TRIGGER {tag}_commit AFTER INSERT ON users
+                DEFERRABLE INITIALLY DEFERRED
+                FOR EACH ROW WHEN (NEW.username = '{newcomer}') EXECUTE FUNCTION {tag}();
+            """
+        )
+        try:
+            client = await connect_from(cluster, ip)
+            answers: Counter[str] = Counter()
+            for _ in range(s.login_free_failures + 3):
+                answers[(await client.request(hello(user, PASSWORD)))["code"]] += 1
+            register_frame = {"op": "register", "user": newcomer, "password": PASSWORD}
+            for _ in range(s.max_registers_per_addr + 2):
+                answers["register " + (await client.request(register_frame))["code"]] += 1
+            await client.close()
+        finally:
+            await conn.execute(
+                f"DROP TRIGGER {tag}_budget ON auth_throttle; DROP TRIGGER {tag}_commit ON users;"
+                f" DROP FUNCTION {tag}();"
+            )
+        assert answers == {
+            "internal": s.login_free_failures + 3,
+            "register internal": s.max_registers_per_addr + 2,
+        }, answers
+        assert await conn.fetchval("SELECT count(*) FROM users WHERE username = $1", newcomer) == 0
+        counted = await conn.fetchval(
+            "SELECT coalesce(sum(attempts), 0) FROM auth_throttle WHERE key = ANY($1::text[])",
+            [f"login|{user}|{ip}", f"register-addr|{ip}"],
+        )
+    assert counted == 0
+    client = await connect_from(cluster, ip)
+    assert (await timed(client, {"op": "register", "user": newcomer, "password": PASSWORD}))[
+        "op"
+    ] == "registered"
+    for name in (user, newcomer):
+        welcome = await timed(client, hello(name, PASSWORD, device=f"d-{name}"))
+        assert welcome["op"] == "welcome", welcome
+        await client.close()
+        client = await connect_from(cluster, ip)
+    await client.close()

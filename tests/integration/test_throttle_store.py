@@ -116,3 +116,24 @@ async def test_prune_deletes_only_counters_long_over(pool: asyncpg.Pool) -> None
     assert await throttle.prune(pool, 1800.0) >= 1
     left = await pool.fetch("SELECT key FROM auth_throttle WHERE key = ANY($1)", [old, fresh])
     assert [r["key"] for r in left] == [fresh]
+
+
+async def test_an_attempt_taken_back_frees_its_count_and_shortens_the_wait(
+    pool: asyncpg.Pool,
+) -> None:
+    """uncount_backoff (an attempt that failed on the server's side): one attempt
+    fewer, and a wait no longer than delay_s(attempts - 1) from now."""
+    k = key()
+    policy = Backoff(free=2, base_s=30.0, max_s=60.0, forget_s=600.0)
+    for _ in range(3):
+        await throttle.uncount_backoff(pool, k, policy)  # nothing to take back: no row
+        assert await throttle.count_backoff(pool, k, policy) is None
+        await throttle.uncount_backoff(pool, k, policy)
+    # Three attempts, each taken back: still the free ones, no wait.
+    assert await pool.fetchval("SELECT attempts FROM auth_throttle WHERE key = $1", k) == 0
+    assert await throttle.count_backoff(pool, k, policy) is None
+    assert await throttle.count_backoff(pool, k, policy) is None
+    # The second free attempt set a 30 s wait; taking it back removes it.
+    assert await throttle.count_backoff(pool, k, policy) is not None
+    await throttle.uncount_backoff(pool, k, policy)
+    assert await throttle.count_backoff(pool, k, policy) is None

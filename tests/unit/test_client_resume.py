@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -84,6 +86,7 @@ class FakeSwitchboard:
         self.swallow: set[str] = set()  # the next request of these ops: no reply, then drop
         self.mute: set[str] = set()  # requests of these ops get no reply at all
         self.resume_replies: list[Frame] = []  # canned answers to the next resumes
+        self.hello_replies: list[Frame] = []  # canned answers to the next hellos
         self.send_errors: dict[str, Frame] = {}  # cmid -> error reply
         self.replay_overlap = 0  # resume also replays this many entries already seen
         self.port = 0
@@ -148,7 +151,9 @@ class FakeSwitchboard:
         if op in self.mute:
             return
         if op == "hello":
-            if frame["password"] != self.password:
+            if self.hello_replies:
+                conn.reply(frame, self.hello_replies.pop(0))
+            elif frame["password"] != self.password:
                 conn.reply(frame, error("auth_failed", "wrong user or password"))
             else:
                 self._welcome(conn, frame, replay_after=self.acked)
@@ -796,6 +801,55 @@ def test_backoff_is_full_jitter_with_a_cap() -> None:
     assert max(first) > 0.05  # spread, not a constant
     assert all(0.0 <= policy.backoff(n) <= 2.0 for n in range(100))
     busy = ServerError("overloaded", "busy", retry_after=0.7)
-    assert policy.retry_delay(busy, 5) == 0.7
+    assert all(0.7 <= policy.retry_delay(busy, 5) <= 2.0 for _ in range(50))  # at least it
     assert policy.retry_delay(ServerError("overloaded", "busy", retry_after=999), 0) == 30.0
     assert 0.0 <= policy.retry_delay(ServerError("internal", "oops"), 0) <= 0.1
+
+
+# ---- overload: retry_after, backoff, the retry budget -------------------------------------
+
+
+async def test_an_overloaded_login_is_retried_after_retry_after(server: FakeSwitchboard) -> None:
+    server.hello_replies = [error("overloaded", "too many logins in progress", retry_after=0.2)]
+    client = await ResilientClient.connect("127.0.0.1", server.port, policy=FAST, timeout=2.0)
+    try:
+        started = asyncio.get_running_loop().time()
+        welcome = await client.login("alice", PASSWORD, "laptop")
+        assert asyncio.get_running_loop().time() - started >= 0.2
+        assert welcome.worker == "w1"
+        assert server.ops(1) == ["hello", "hello"]  # on the same connection
+        assert client.retry_budget.tokens == pytest.approx(FAST.retry_budget_burst - 1, abs=0.1)
+    finally:
+        await client.close()
+
+
+async def test_an_overloaded_login_past_the_timeout_raises(server: FakeSwitchboard) -> None:
+    server.hello_replies = [error("overloaded", "busy", retry_after=5.0)]
+    client = await ResilientClient.connect("127.0.0.1", server.port, policy=FAST, timeout=1.0)
+    try:
+        with pytest.raises(ServerError) as refused:
+            await client.login("alice", PASSWORD, "laptop")
+        assert refused.value.code == "overloaded"
+        assert server.ops(1) == ["hello"]  # not repeated: it could not be in time
+    finally:
+        await client.close()
+
+
+async def test_reconnects_beyond_the_retry_budget_wait_the_cap(server: FakeSwitchboard) -> None:
+    """Every resume refused: the first reconnect and a burst of 2 retries come at their
+    backoff; the next waits max_retry_after_s, whatever retry_after said."""
+    policy = dataclasses.replace(
+        FAST, retry_budget_burst=2, retry_budget_per_min=0.001, max_retry_after_s=0.6
+    )
+    async with logged_in(server, policy) as client:
+        server.resume_replies = [error("overloaded", "busy", retry_after=0.01)] * 4
+        server.live.drop()
+        assert await take(client, 2) == [
+            Disconnected("the server closed the connection"),
+            Resumed("w6", 0, fallback_login=False),
+        ]
+        opened = [conn.opened_at for conn in server.conns[1:]]
+        gaps = [b - a for a, b in itertools.pairwise(opened)]
+        assert all(gap < 0.3 for gap in gaps[:2]), gaps  # the budget's two retries
+        assert all(gap >= 0.6 for gap in gaps[2:]), gaps  # then the cap each time
+        assert client.retry_budget.exhausted == 2

@@ -916,3 +916,17 @@ async def test_stdin_lines_reads_a_pipe_without_blocking_the_loop() -> None:
         if write_fd >= 0:
             os.close(write_fd)
         os.close(read_fd)
+
+
+async def test_send_retries_take_from_the_clients_budget(conn: tuple[Client, Peer]) -> None:
+    client, peer = conn
+    before = client.retry_budget.tokens
+    task = asyncio.create_task(client.send("hi", to="bob", cmid="c-1"))
+    first = await peer.recv()
+    await peer.reply(
+        first, {"op": "error", "code": "overloaded", "message": "busy", "retry_after": 0.05}
+    )
+    second = await peer.recv()
+    await peer.reply(second, {"op": "sent", "cmid": "c-1", "id": 1, "ts": TS})
+    assert (await task).id == 1
+    assert client.retry_budget.tokens == pytest.approx(before - 1, abs=0.1)

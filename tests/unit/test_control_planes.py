@@ -101,6 +101,8 @@ async def test_the_worker_admin_endpoint_wants_the_derived_token(
         token_logins=lambda: 0,
         token_login_batches=lambda: 0,
         overloaded=lambda: 0,
+        queues=dict,
+        shed=dict,
         events_dropped=lambda: 0,
     )
     compared: list[tuple[bytes, bytes]] = []

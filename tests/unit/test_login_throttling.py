@@ -267,3 +267,71 @@ async def test_registrations_are_limited_per_address(h: Harness) -> None:
     for i in range(limit + 5):
         frames = await h.request(shared, Register(user=f"many{i:03}", password=GOOD_PASSWORD))
         assert code(frames[0]) == "registered"
+
+
+# ---- failures of ours are not the client's ----------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["find_user", "count_budget"])
+async def test_internal_errors_of_hello_never_count_as_failed_logins(
+    h: Harness, failing: str
+) -> None:
+    """A database that fails mid-login (after the attempt was counted) answers
+    `internal`, and takes the attempt back from the pair and the address."""
+    h.store.add_user("bob")
+    h.store.failing[failing] = ConnectionResetError("the primary went away")
+    budget = h.settings.max_login_failures_per_addr
+    for _ in range(budget + 5):
+        assert code(await hello(h, h.connect(VICTIM), "bob", GOOD_PASSWORD)) == "internal"
+    assert h.store.throttle["login|bob|198.51.100.20"].attempts == 0
+    if failing == "find_user":
+        assert h.store.throttle["login-addr|198.51.100.20"].attempts == 0
+    del h.store.failing[failing]
+    assert code(await hello(h, h.connect(VICTIM), "bob", GOOD_PASSWORD)) == "welcome"
+    # Every free failure is still there.
+    peer = h.connect(VICTIM)
+    free = h.settings.login_free_failures
+    answers = [code(await hello(h, peer, "bob", WRONG)) for _ in range(free + 1)]
+    assert answers == ["auth_failed"] * free + ["rate_limited"]
+
+
+async def test_a_right_password_logs_in_even_if_its_counter_cannot_be_cleared(
+    h: Harness,
+) -> None:
+    h.store.add_user("bob")
+    h.store.failing["forget"] = ConnectionResetError("the primary went away")
+    assert code(await hello(h, h.connect(VICTIM), "bob", GOOD_PASSWORD)) == "welcome"
+
+
+async def test_registrations_that_fail_on_our_side_give_the_address_its_attempt_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = Harness(monkeypatch, max_registers_per_addr=2)
+    peer = h.connect(ATTACKER)
+    h.store.failing["create_user"] = ConnectionResetError("the primary went away")
+    for i in range(5):
+        frames = await h.request(peer, Register(user=f"new{i}", password=GOOD_PASSWORD))
+        assert code(frames[0]) == "internal"
+    del h.store.failing["create_user"]
+    answers = [
+        code((await h.request(peer, Register(user=f"new{i}", password=GOOD_PASSWORD)))[0])
+        for i in range(3)
+    ]
+    assert answers == ["registered", "registered", "rate_limited"]
+
+
+async def test_a_register_whose_commit_took_effect_despite_an_error_is_registered(
+    h: Harness,
+) -> None:
+    """The commit reached the database but its answer was lost: the account is
+    found by its (salted, so unique) hash and the client told `registered`, not
+    `internal` (after which its retry would have met `user_exists`)."""
+    h.store.lost_commit = ConnectionResetError("cut while committing")
+    frames = await h.request(h.connect(VICTIM), Register(user="dora", password=GOOD_PASSWORD))
+    assert code(frames[0]) == "registered"
+    h.store.lost_commit = None
+    assert code(await hello(h, h.connect(VICTIM), "dora", GOOD_PASSWORD)) == "welcome"
+    # Without the account, the error stands: `internal`, and the name stays free.
+    h.store.failing["create_user"] = ConnectionResetError("cut before committing")
+    frames = await h.request(h.connect(VICTIM), Register(user="erin", password=GOOD_PASSWORD))
+    assert code(frames[0]) == "internal" and "erin" not in h.store.users

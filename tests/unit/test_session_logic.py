@@ -6,6 +6,7 @@ and every other collaborator records what it was asked to do.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import typing
@@ -35,6 +36,7 @@ from app.protocol import (
 from app.store.errors import StoreRejected
 from app.store.messages import Stored
 from app.store.sessions import ResumedSession
+from app.worker.admission import Work
 from app.worker.errors import RequestError, reply_for
 from app.worker.login import token_hash
 from app.worker.states import SessionEvent, SessionState, WorkerState, set_session_state
@@ -257,14 +259,25 @@ async def test_a_second_hello_is_refused_without_touching_the_store(h: Harness) 
 async def test_logins_past_the_admission_queue_are_told_to_retry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    h = Harness(monkeypatch, max_auth_queue=0)
+    h = Harness(monkeypatch, max_concurrent_auth=1, max_auth_queue=0)
     h.store.add_user("alice")
+    release = asyncio.Event()
+
+    async def busy() -> None:
+        async with h.admission.slot(Work.LOGIN):
+            await release.wait()
+
+    holder = asyncio.create_task(busy())
+    await asyncio.sleep(0)
     frame = error(
         await h.request(h.connect(), Hello(user="alice", password=GOOD_PASSWORD, device="d"))
     )
     assert frame["code"] == "overloaded"
-    assert 0.5 <= frame["retry_after"] <= 2.0
+    s = h.settings
+    assert s.admission_retry_min_s <= frame["retry_after"] <= s.admission_retry_max_s
     assert h.admission.overloaded == 1
+    release.set()
+    await holder
 
 
 # ---- register and password ---------------------------------------------------------

@@ -277,7 +277,9 @@ class ThrottleRow:
 @dataclass
 class FakeStore:
     """The rows Sessions and Login read and write, in dicts. ``error``, when set, is
-    raised by every call (the database is away)."""
+    raised by every call (the database is away); ``failing[name]`` by every call of
+    that function only. ``lost_commit`` makes `create_user` create the account and
+    then raise it (the commit took effect, its answer was lost)."""
 
     clock: FakeClock = field(default_factory=lambda: FakeClock())
     users: dict[str, Account] = field(default_factory=dict)
@@ -289,6 +291,8 @@ class FakeStore:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     device_tokens: dict[tuple[int, str], bytes] = field(default_factory=dict)
     error: BaseException | None = None
+    failing: dict[str, BaseException] = field(default_factory=dict)
+    lost_commit: BaseException | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,9 +300,19 @@ class FakeStore:
         for module, names in (
             (
                 accounts,
-                ("create_user", "find_user", "change_password"),
+                ("create_user", "has_password_hash", "find_user", "change_password"),
             ),
-            (throttle, ("count_backoff", "count_budget", "forget", "give_back", "prune")),
+            (
+                throttle,
+                (
+                    "count_backoff",
+                    "uncount_backoff",
+                    "count_budget",
+                    "forget",
+                    "give_back",
+                    "prune",
+                ),
+            ),
             (session_store, ("open_session", "close_session", "detach_session")),
             (message_store, ("inbox_position",)),
         ):
@@ -309,6 +323,8 @@ class FakeStore:
         self.calls.append(call)
         if self.error is not None:
             raise self.error
+        if call[0] in self.failing:
+            raise self.failing[call[0]]
 
     def called(self, name: str) -> list[tuple[Any, ...]]:
         return [call[1:] for call in self.calls if call[0] == name]
@@ -328,7 +344,14 @@ class FakeStore:
             raise UserExists(username)
         user_id = next(self._ids)
         self.users[username] = Account(user_id, username, password_hash, False)
+        if self.lost_commit is not None:
+            raise self.lost_commit
         return user_id
+
+    async def has_password_hash(self, pool: Any, username: str, password_hash: str) -> bool:
+        self._call("has_password_hash", username)
+        account = self.users.get(username)
+        return account is not None and account.password_hash == password_hash
 
     async def find_user(self, pool: Any, username: str) -> Account | None:
         self._call("find_user", username)
@@ -362,6 +385,15 @@ class FakeStore:
             attempts, row.first_attempt_at, now + policy.delay_s(attempts)
         )
         return None
+
+    async def uncount_backoff(self, pool: Any, key: str, policy: Backoff) -> None:
+        self._call("uncount_backoff", key)
+        row = self.throttle.get(key)
+        if row is not None and row.attempts > 0:
+            row.attempts -= 1
+            row.next_attempt_at = min(
+                row.next_attempt_at, self.clock() + policy.delay_s(row.attempts)
+            )
 
     async def count_budget(self, pool: Any, key: str, policy: Budget) -> float | None:
         self._call("count_budget", key)
