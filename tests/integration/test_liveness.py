@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 
+from app.cluster.health import wait_for
 from app.cluster.launcher import LocalCluster
 from app.store.sessions import lease_application_name
 from tests.integration.helpers import contacts_on_two_workers, db
@@ -55,3 +56,11 @@ async def test_a_stopped_worker_is_slow_not_dead(cluster: LocalCluster) -> None:
     assert (await b.recv_until("msg"))["id"] == sent["id"]
     await a.close()
     await b.close()
+    # HAProxy may have marked it down for new clients during the stall (its health
+    # check allows 2 s): the next tests want every worker routable again.
+    await asyncio.to_thread(
+        wait_for,
+        "w2 up in HAProxy",
+        lambda: cluster._workers_up_in_haproxy(),
+        timeout=30,
+    )
