@@ -196,6 +196,11 @@ class Settings:
     # and a long queue for the reconnect storm after a worker dies.
     max_concurrent_resumes: int = 256
     max_resume_queue: int = 1024
+    # Sessions one worker holds at most (0: no limit). At the limit a new login
+    # (hello, login_token) is answered `overloaded` with retry_after; resumes are
+    # not refused (they are sessions the cluster already holds, moving over from a
+    # worker that died). `switchboard up --capacity N` sets it (app/cluster/capacity.py).
+    worker_max_sessions: int = 0
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
@@ -293,6 +298,8 @@ class Settings:
             raise SettingsError("haproxy_processes must be at least 1")
         if self.session_recheck_interval_s <= 0 or self.push_max_age_s <= 0:
             raise SettingsError("session_recheck_interval_s and push_max_age_s must be positive")
+        if self.worker_max_sessions < 0:
+            raise SettingsError("worker_max_sessions must be 0 (no limit) or positive")
         if self.max_frame_bytes < 1024:
             raise SettingsError("max_frame_bytes must be at least 1024")
         for f in fields(self):

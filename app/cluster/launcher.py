@@ -537,6 +537,7 @@ class LocalCluster:
                 ok = running and code == 200
                 detail = (
                     f"{body.get('state', '?')} sessions={body.get('sessions', '?')}"
+                    + (f" headroom={body['headroom']}" if body.get("headroom") is not None else "")
                     if isinstance(body, dict)
                     else "not answering"
                 )
