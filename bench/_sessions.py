@@ -376,8 +376,8 @@ class Fleet:
     configs: list[GeneratorConfig]
     started_at: float = field(default_factory=time.time)
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    # Per second since started_at: counters summed over the processes.
-    timeline: dict[int, dict[str, int]] = field(default_factory=dict)
+    # Every process's ticks: (when, counters of the second before it).
+    ticks: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     online: dict[int, int] = field(default_factory=dict)  # by process: sessions online
     ready: dict[int, dict[str, int]] = field(default_factory=dict)  # by process: per worker
     reports: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -424,10 +424,9 @@ class Fleet:
         kind = message[0]
         if kind == "tick":
             _, at, counts, online = message
-            second = self.timeline.setdefault(int(at - self.started_at), {})
+            self.ticks.append((at, counts))
             for name, n in counts.items():
                 self.totals[name] += n
-                second[name] = second.get(name, 0) + n
             self.online[index] = online
         elif kind == "ready":
             self.ready[index] = message[1]
@@ -436,6 +435,16 @@ class Fleet:
             self.reports[index] = report
             for name, n in report["counts"].items():
                 self.totals[name] += n
+
+    def per_second(self, origin: float) -> dict[int, dict[str, int]]:
+        """Counters summed over the processes by second from ``origin`` (wall clock):
+        second s holds the ticks of (s - 1, s], so second 1 is the first after it."""
+        out: dict[int, dict[str, int]] = {}
+        for at, counts in self.ticks:
+            second = out.setdefault(math.ceil(at - origin), {})
+            for name, n in counts.items():
+                second[name] = second.get(name, 0) + n
+        return out
 
     def all_ready(self) -> bool:
         return len(self.ready) == len(self.configs)

@@ -231,6 +231,7 @@ class Result:
     victim: str
     victim_sessions: int
     latencies: list[float]
+    noticed: list[float]  # when each client saw its connection drop, from the kill
     resume_window_s: float
     resumes: int
     fallback_logins: int
@@ -330,7 +331,6 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                 break
             if time.monotonic() > deadline:
                 break
-        resume_window = time.monotonic() - started
         cpu_resume = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
         _bar("resumes", back, max(drops, 1), started, "done")
         sys.stderr.write("\n")
@@ -344,22 +344,24 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         while time.monotonic() < tail:
             fleet.poll(0.2)
         fleet.stop()
-    latencies = [
-        welcome - killed_at
+    resumed = [
+        (dropped - killed_at, welcome - killed_at)
         for report in fleet.reports.values()
-        for _, welcome in report["resumed"]
+        for dropped, welcome in report["resumed"]
         if welcome >= killed_at
     ]
-    kill_second = int(killed_at - fleet.started_at)
+    latencies = [welcome for _, welcome in resumed]
+    noticed = [dropped for dropped, _ in resumed]
+    storm_s = max(10, int(max(latencies, default=0.0)) + 3)
     timeline = [
         (
-            second - kill_second,
+            second,
             counts.get("connects", 0),
             counts.get("resumes", 0),
             counts.get("overloaded", 0),
         )
-        for second, counts in sorted(fleet.timeline.items())
-        if kill_second - 3 <= second <= kill_second + max(10, int(resume_window) + 3)
+        for second, counts in sorted(fleet.per_second(killed_at).items())
+        if -2 <= second <= storm_s
     ]
     return Result(
         sessions=n,
@@ -375,6 +377,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         victim=victim,
         victim_sessions=victim_sessions,
         latencies=latencies,
+        noticed=noticed,
         resume_window_s=max(latencies, default=0.0),
         resumes=fleet.totals["resumes"] - before_kill["resumes"],
         fallback_logins=fleet.totals["fallback_logins"] - before_kill["fallback_logins"],
@@ -416,6 +419,11 @@ def report(r: Result) -> str:
             f" max {max(r.latencies):.2f} s; {len(r.latencies) / max(r.resume_window_s, 1e-3):,.0f}"
             " resumes/s"
         )
+    if r.noticed:
+        lines.append(
+            f"the clients saw the drop: p50 {statistics.median(r.noticed):.2f} s, p99"
+            f" {_percentile(r.noticed, 0.99):.2f} s, max {max(r.noticed):.2f} s after the kill"
+        )
     lines.append(
         f"password/token logins after the kill: {r.fallback_logins}; overloaded during the"
         f" storm: {r.storm_overloaded:,}; sessions not back: {r.unresumed}"
@@ -431,7 +439,7 @@ def report(r: Result) -> str:
         f"rows left on {r.victim}: {left[0] + left[1] if left else 0}; rows per worker now: "
         + ", ".join(f"{w} {a:,}/{d:,}" for w, (a, d) in r.rows_after.items())
     )
-    lines.append("storm timeline (s from the kill: connects, resumes, overloaded):")
+    lines.append("storm timeline (per second; second s is (s-1, s] from the kill):")
     lines.append(f"{'s':>5} {'connects':>9} {'resumes':>9} {'overloaded':>11}")
     lines += [f"{t:>5} {c:>9,} {res:>9,} {o:>11,}" for t, c, res, o in r.timeline]
     return "\n".join(lines)
