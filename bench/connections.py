@@ -29,7 +29,9 @@ and resumes per second; CPU per login and per resume, from /proc/<pid>/stat
 (utime + stime) of every process of the cluster (workers, HAProxy, PostgreSQL with
 its backends, Patroni, etcd; not the generators, listed apart), and of the whole
 machine from /proc/stat for reference (the box is shared: other work counts there).
-Then a per-second timeline of the storm (connects, resumes, ``overloaded``) as a
+Also when the clients saw the drop, and the SYNs the kernel dropped at a full listen
+queue during the storm (TcpExt ListenDrops: such a client's connect is retried after
+1 s, then 2, 4, ... s). Then a per-second timeline of the storm (connects, resumes, ``overloaded``) as a
 table, and as a PNG plot (``--plot``; needs matplotlib: ``pip install -e .[bench]``).
 """
 
@@ -171,6 +173,16 @@ def _cpu_used(before: CpuMark, after: CpuMark) -> CpuUsed:
     )
 
 
+def _listen_drops() -> int:
+    """TcpExt ListenDrops of the whole machine (/proc/net/netstat): SYNs dropped because
+    a listen queue was full; the client tries again after 1 s, then 2, 4, ... s."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head[0] == "TcpExt:" and "ListenDrops" in head:
+            return int(values[head.index("ListenDrops")])
+    return 0
+
+
 def _rss(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -232,6 +244,7 @@ class Result:
     victim_sessions: int
     latencies: list[float]
     noticed: list[float]  # when each client saw its connection drop, from the kill
+    listen_drops: int  # SYNs dropped at full listen queues during the storm (whole machine)
     resume_window_s: float
     resumes: int
     fallback_logins: int
@@ -313,6 +326,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         fleet.poll(0.0)
         before_kill = dict(fleet.totals)
         mark = _cpu_mark(cluster, gen_pids)
+        drops_before = _listen_drops()
         print(f"kill -9 {victim} (pid {pid}) holding {victim_sessions:,} sessions", flush=True)
         killed_at = time.time()
         os.kill(pid, signal.SIGKILL)
@@ -332,6 +346,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
             if time.monotonic() > deadline:
                 break
         cpu_resume = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
+        listen_drops = _listen_drops() - drops_before
         _bar("resumes", back, max(drops, 1), started, "done")
         sys.stderr.write("\n")
         rows_after: dict[str, tuple[int, int]] = {}
@@ -378,6 +393,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         victim_sessions=victim_sessions,
         latencies=latencies,
         noticed=noticed,
+        listen_drops=listen_drops,
         resume_window_s=max(latencies, default=0.0),
         resumes=fleet.totals["resumes"] - before_kill["resumes"],
         fallback_logins=fleet.totals["fallback_logins"] - before_kill["fallback_logins"],
@@ -424,6 +440,10 @@ def report(r: Result) -> str:
             f"the clients saw the drop: p50 {statistics.median(r.noticed):.2f} s, p99"
             f" {_percentile(r.noticed, 0.99):.2f} s, max {max(r.noticed):.2f} s after the kill"
         )
+    lines.append(
+        f"SYNs dropped at a full listen queue during the storm (TcpExt ListenDrops, whole"
+        f" machine): {r.listen_drops:,}"
+    )
     lines.append(
         f"password/token logins after the kill: {r.fallback_logins}; overloaded during the"
         f" storm: {r.storm_overloaded:,}; sessions not back: {r.unresumed}"
