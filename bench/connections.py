@@ -31,8 +31,9 @@ its backends, Patroni, etcd; not the generators, listed apart), and of the whole
 machine from /proc/stat for reference (the box is shared: other work counts there).
 Also when the clients saw the drop, and the SYNs the kernel dropped at a full listen
 queue during the storm (TcpExt ListenDrops: such a client's connect is retried after
-1 s, then 2, 4, ... s). Then a per-second timeline of the storm (connects, resumes, ``overloaded``) as a
-table, and as a PNG plot (``--plot``; needs matplotlib: ``pip install -e .[bench]``).
+1 s, then 2, 4, ... s). Then a per-second timeline of the storm (connects, resumes,
+``overloaded``) as a table, and as a PNG plot (``--plot``; needs matplotlib:
+``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
