@@ -61,6 +61,7 @@ bench: bootstrap
 	$(VENV)/bin/python -m bench.failover --scenario switchover --sessions 2000
 	$(VENV)/bin/python -m bench.report_speed
 	$(VENV)/bin/python -m bench.token_storm --sessions 20000 --procs 4
+	$(VENV)/bin/python -m bench.connections --sessions 100000
 
 clean:
 	rm -rf .switchboard build *.egg-info

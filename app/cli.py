@@ -29,10 +29,26 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _sized(args: argparse.Namespace) -> Settings:
+    """The settings of ``up``: with --capacity N, sized for N sessions (capacity.py)."""
+    settings = _settings(args)
+    if args.capacity is None:
+        return settings
+    from app.cluster.capacity import Machine, plan
+
+    if args.workers is not None or args.haproxy_processes is not None:
+        raise SettingsError(
+            "--capacity chooses --workers and --haproxy-processes: pass one or the other"
+        )
+    chosen = plan(args.capacity, Machine.this(), settings)
+    print(chosen.explain(), flush=True)
+    return settings.replace(**chosen.overrides())
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from app.cluster.launcher import LocalCluster, format_status
 
-    cluster = LocalCluster(_settings(args), say=_say)
+    cluster = LocalCluster(_sized(args), say=_say)
     cluster.up()
     print()
     print(format_status(cluster.status()))
@@ -244,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--haproxy-processes",
         type=int,
         help="HAProxy processes sharing the client port, ~9,000 clients each (default 2)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=int,
+        metavar="N",
+        help="size workers, their session limit and HAProxy processes for N sessions on "
+        "this machine, and print why",
     )
     p.add_argument(
         "--foreground", action="store_true", help="stay attached; Ctrl-C stops everything"

@@ -219,6 +219,11 @@ class Settings:
     # the maximum), jittered uniformly between the minimum and the ceiling.
     admission_retry_min_s: float = 0.5
     admission_retry_max_s: float = 30.0
+    # Sessions one worker holds at most (0: no limit). At the limit a new login
+    # (hello, login_token) is answered `overloaded` with retry_after; resumes are
+    # not refused (they are sessions the cluster already holds, moving over from a
+    # worker that died). `switchboard up --capacity N` sets it (app/cluster/capacity.py).
+    worker_max_sessions: int = 0
     # argon2id cost (OWASP's baseline: 19 MiB, 2 passes, 1 lane).
     argon2_time_cost: int = 2
     argon2_memory_kib: int = 19456
@@ -328,6 +333,8 @@ class Settings:
             raise SettingsError("resume_grace_max_s must be at least resume_grace_s")
         if self.session_recheck_interval_s <= 0 or self.push_max_age_s <= 0:
             raise SettingsError("session_recheck_interval_s and push_max_age_s must be positive")
+        if self.worker_max_sessions < 0:
+            raise SettingsError("worker_max_sessions must be 0 (no limit) or positive")
         if self.max_frame_bytes < 1024:
             raise SettingsError("max_frame_bytes must be at least 1024")
         for f in fields(self):

@@ -16,9 +16,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.cluster.launcher import LocalCluster
 
 
 @dataclass
@@ -106,7 +111,6 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
         )
         return
 
-    from app.cluster.launcher import LocalCluster
     from tests.cluster_fixture import make_settings
 
     for item in args.set:
@@ -120,12 +124,7 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
     # anonymous, and then silent, for minutes: no auth or idle deadline in the way.
     overrides = {"auth_timeout_s": 3600.0, "idle_timeout_s": 3600.0, **overrides}
     settings = make_settings(workers=workers, **overrides)
-    cluster = LocalCluster(settings, say=lambda line: print(f"  [cluster] {line}", flush=True))
-    print(f"starting a {workers}-worker cluster in {settings.state_dir} ...", flush=True)
-    try:
-        t0 = time.monotonic()
-        cluster.up()
-        print(f"cluster up in {time.monotonic() - t0:.1f} s", flush=True)
+    with own_cluster(settings) as cluster:
         yield Target(
             host=settings.host,
             client_port=settings.client_port,
@@ -135,6 +134,20 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
             client_tls_port=settings.client_tls_port,
             ca_file=settings.tls_ca_file(),
         )
+
+
+@contextlib.contextmanager
+def own_cluster(settings: Settings) -> Iterator[LocalCluster]:
+    """A cluster started as `switchboard up` does, always stopped and purged at the end."""
+    from app.cluster.launcher import LocalCluster
+
+    cluster = LocalCluster(settings, say=lambda line: print(f"  [cluster] {line}", flush=True))
+    print(f"starting a {settings.workers}-worker cluster in {settings.state_dir} ...", flush=True)
+    try:
+        t0 = time.monotonic()
+        cluster.up()
+        print(f"cluster up in {time.monotonic() - t0:.1f} s", flush=True)
+        yield cluster
     finally:
         print("stopping the cluster ...", flush=True)
         cluster.down(purge=True)

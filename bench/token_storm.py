@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import multiprocessing as mp
 import secrets
 import time
@@ -149,39 +148,12 @@ def _run_storm(
 
 async def _setup_sql(settings: Settings, users: list[str]) -> list[str]:
     """Users with the default-cost hash of PASSWORD and one device token each."""
-    import asyncpg
-    from argon2 import PasswordHasher, Type
-
     from app.store.db import dsn
+    from bench._sessions import password_hash, preregister
 
     s = settings
-    hasher = PasswordHasher(
-        time_cost=s.argon2_time_cost,
-        memory_cost=s.argon2_memory_kib,
-        parallelism=s.argon2_parallelism,
-        type=Type.ID,
-    )
-    password_hash = hasher.hash(PASSWORD)
-    tokens = [secrets.token_urlsafe(32) for _ in users]
-    conn = await asyncpg.connect(dsn(s))
-    try:
-        await conn.execute(
-            """
-            WITH u AS (
-                INSERT INTO users (username, password_hash)
-                SELECT name, $2 FROM unnest($1::text[]) AS name RETURNING id, username
-            ), c AS (INSERT INTO inbox_counters (user_id) SELECT id FROM u)
-            INSERT INTO device_credentials (user_id, device, token_hash, last_addr)
-            SELECT u.id, 'bench', t.hash, '127.0.0.1'
-            FROM u JOIN unnest($1::text[], $3::bytea[]) AS t(name, hash) ON t.name = u.username
-            """,
-            users,
-            password_hash,
-            [hashlib.sha256(t.encode()).digest() for t in tokens],
-        )
-    finally:
-        await conn.close()
-    return tokens
+    hashed = password_hash(PASSWORD, s.argon2_memory_kib, s.argon2_time_cost, s.argon2_parallelism)
+    return await preregister(dsn(s), users, hashed)
 
 
 async def _setup_protocol(settings: Settings, users: list[str]) -> list[str]:

@@ -55,6 +55,6 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" 
     echo "==> preparing the venv at $VENV"
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+    "$VENV/bin/pip" install -q -e "$ROOT[dev,bench]"
     touch "$stamp"
 fi

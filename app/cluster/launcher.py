@@ -568,6 +568,8 @@ def worker_detail(health: dict[str, object]) -> str:
         f"queued={total('queues') if 'queues' in health else '?'}",
         f"shed={total('shed') if 'shed' in health else health.get('overloaded', '?')}",
     ]
+    if health.get("headroom") is not None:  # worker_max_sessions is set
+        parts.insert(2, f"headroom={health['headroom']}")
     if health.get("shedding"):
         parts.append(f"SHEDDING ({health['shedding']})")
     return " ".join(parts)

@@ -37,6 +37,7 @@ from app.protocol import (
     SetPresence,
     Typing,
 )
+from app.worker.capacity import SessionCap
 from app.worker.contacts import Contacts
 from app.worker.errors import RequestError, reply_for
 from app.worker.login import Login
@@ -46,6 +47,9 @@ from app.worker.session import Sessions
 from app.worker.states import Peer, next_session_state, request_event
 
 Handler = Callable[[Peer, Any], Awaitable[None]]
+
+# Requests that open a session the cluster did not hold (worker_max_sessions applies).
+NEW_LOGINS = (Hello, LoginToken)
 
 # What the gate says when the session table refuses a request.
 REFUSALS = {
@@ -62,9 +66,11 @@ class Dispatcher:
         messaging: Messaging,
         contacts: Contacts,
         budgets: OpBudgets,
+        cap: SessionCap | None = None,
     ) -> None:
         self.send_now = messaging.send_now
         self._budgets = budgets
+        self._cap = cap
         self._handlers: dict[type, Handler] = {
             Hello: login.hello,
             Register: login.register,
@@ -99,6 +105,8 @@ class Dispatcher:
             handler = self._handlers.get(type(req))
             if handler is None:
                 raise RequestError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not supported yet")
+            if self._cap is not None and isinstance(req, NEW_LOGINS):
+                self._cap.admit_login()
             session = peer.session
             if session is not None:
                 retry_after = self._budgets.take(session.user_id, req)

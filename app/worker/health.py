@@ -43,6 +43,8 @@ class Sources:
     queues: Callable[[], dict[str, int]]
     shed: Callable[[], dict[str, int]]
     events_dropped: Callable[[], int]
+    # worker_max_sessions (0: no limit): the headroom is what is left of it.
+    max_sessions: int = 0
 
 
 def health_report(src: Sources) -> dict[str, object]:
@@ -54,6 +56,8 @@ def health_report(src: Sources) -> dict[str, object]:
         "healthy": src.healthy(),
         "connections": len(registry.connections),
         "sessions": registry.sessions,
+        "max_sessions": src.max_sessions,
+        "headroom": src.max_sessions - registry.sessions if src.max_sessions else None,
         "users": len(registry.by_user),
         "lease_age_s": round(src.lease_age_s(), 3),
         "listening": src.listening(),

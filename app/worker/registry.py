@@ -33,6 +33,9 @@ class Registry:
         self.by_user: dict[int, set[Peer]] = {}
         self._user_ids: dict[str, int] = {}
         self._names: dict[int, str] = {}
+        # len() of every set in by_user, kept as they change: `sessions` is read on
+        # every login (worker_max_sessions), and summing 12,000 sets each time is not free.
+        self._attached = 0
         self._background: set[asyncio.Task[None]] = set()
 
     # ---- connections and sessions ------------------------------------------
@@ -46,7 +49,10 @@ class Registry:
         """``peer`` holds an ACTIVE session: frames for its user go to it too."""
         session = peer.session
         assert session is not None
-        self.by_user.setdefault(session.user_id, set()).add(peer)
+        peers = self.by_user.setdefault(session.user_id, set())
+        if peer not in peers:
+            peers.add(peer)
+            self._attached += 1
         if session.user_id not in self._names:
             self.remember_name(session.user_id, session.username)
 
@@ -55,7 +61,9 @@ class Registry:
             return
         peers = self.by_user.get(peer.session.user_id)
         if peers is not None:
-            peers.discard(peer)
+            if peer in peers:
+                peers.discard(peer)
+                self._attached -= 1
             if not peers:
                 del self.by_user[peer.session.user_id]
 
@@ -69,7 +77,7 @@ class Registry:
 
     @property
     def sessions(self) -> int:
-        return sum(len(peers) for peers in self.by_user.values())
+        return self._attached
 
     # ---- names ---------------------------------------------------------------
     async def user_id(self, username: str) -> int:

@@ -18,8 +18,8 @@ below it)::
     revoke        kicks and replacements: from pushes, at attach, and rechecked in the rows
     delivery      inbox entries to local connections, in seq order
     presence      a user's presence, pushed to the contacts
-    commits  announce  admission  ratelimit    group commits; NOTIFY/push out;
-                  login/register/resume slots; per-user op budgets
+    commits  announce  admission  ratelimit  capacity    group commits; NOTIFY/push out;
+                  login/register/resume slots; per-user op budgets; worker_max_sessions
     writer  errors                  the batcher; the exception tree -> error frames
     registry  metrics               who is connected; Prometheus
     states  decisions             the state tables and their logged setters; loop decisions
@@ -54,6 +54,7 @@ from app.store.passwords import Passwords
 from app.worker import metrics
 from app.worker.admission import Admission
 from app.worker.announce import Announcer
+from app.worker.capacity import SessionCap
 from app.worker.commits import Commits
 from app.worker.connection import ClientConnection, ConnectionParts
 from app.worker.contacts import Contacts
@@ -149,12 +150,14 @@ class Worker:
         login = Login(
             pool, s, passwords, admission, commits, sessions, announcer, self.events, push_key
         )
+        cap = SessionCap(s, registry)
         dispatcher = Dispatcher(
             sessions,
             login,
             Messaging(pool, s, registry, commits, announcer, self.events),
             Contacts(pool, registry, announcer, presence),
             OpBudgets(s),
+            cap,
         )
         limits = Limits(
             max_frame_bytes=s.max_frame_bytes,
@@ -178,10 +181,11 @@ class Worker:
             resumes=lambda: login.resumes,
             token_logins=lambda: login.token_logins,
             token_login_batches=lambda: commits.token_logins.batches,
-            overloaded=lambda: admission.overloaded,
+            overloaded=lambda: admission.overloaded + cap.refused,
             queues=admission.queues,
             shed=admission.shed_counts,
             events_dropped=lambda: self.events.dropped,
+            max_sessions=s.worker_max_sessions,
         )
         metrics.attach(lambda: health_report(sources), pool)
 

@@ -1,0 +1,529 @@
+"""N logged-in sessions through HAProxy's client port, then kill -9 of the busiest worker.
+
+    .venv/bin/python -m bench.connections --sessions 100000             # make bench
+    .venv/bin/python -m bench.connections --sessions 200000
+    .venv/bin/python -m bench.connections --sessions 20000 --state-dir DIR   # a running cluster
+
+Without ``--state-dir`` it starts a cluster of its own (``LocalCluster``, as
+``switchboard up`` does, on free ports, stopped and purged at the end), sized by
+``switchboard up --capacity N``'s plan (app/cluster/capacity.py), with the test
+suite's argon2 cost (1 MiB, 1 pass) and the generator's source addresses
+127.0.0.0/8 exempt from the per-address caps and budgets. A running cluster given
+by ``--state-dir`` must have been started with those two settings
+(``SWITCHBOARD_CONN_CAP_EXEMPT_ADDRS=127.0.0.0/8 SWITCHBOARD_SHARED_CLIENT_ADDRS=127.0.0.0/8``):
+HAProxy otherwise closes the generator's connections past 50 per address.
+
+The users are written to the database first (one shared argon2 hash: ``--setup
+sql``, the default) or each registers over the wire (``--setup register``). Then
+bench/_sessions.py's generator processes (~8,000 sessions each, source addresses
+127.0.0.2, ...) log every session in (``--login password``: ``hello``, the default;
+``--login token``: ``login_token``) and hold it, with a progress bar on stderr. Then
+the worker holding the most sessions is killed with SIGKILL; every dropped session
+resumes with its resume token (a password or token login after the kill is a
+failure: there must be none).
+
+Reported: logins per second and ``overloaded`` answers per login; RSS per session
+of the workers and of the HAProxy processes (from /proc); live session rows per
+worker in PostgreSQL; resume latency from the kill to ``welcome`` (p50, p99, max)
+and resumes per second; CPU per login and per resume, from /proc/<pid>/stat
+(utime + stime) of every process of the cluster (workers, HAProxy, PostgreSQL with
+its backends, Patroni, etcd; not the generators, listed apart), and of the whole
+machine from /proc/stat for reference (the box is shared: other work counts there).
+Also when the clients saw the drop, and the SYNs the kernel dropped at a full listen
+queue during the storm (TcpExt ListenDrops: such a client's connect is retried after
+1 s, then 2, 4, ... s). Then a per-second timeline of the storm (connects, resumes,
+``overloaded``) as a table, and as a PNG plot (``--plot``; needs matplotlib:
+``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from app.settings import Settings
+from bench._common import cluster_pids, own_cluster
+from bench._sessions import (
+    Fleet,
+    cluster_overrides,
+    default_procs,
+    password_hash,
+    preregister,
+    split,
+)
+from bench._wire import PASSWORD
+
+
+@dataclass
+class Cluster:
+    settings: Settings  # enough of them for the database's address and the ports
+    state_dir: Path
+
+    def worker_pid(self, worker: str) -> int | None:
+        try:
+            return int((self.state_dir / "run" / f"{worker}.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def _running(state_dir: Path) -> Cluster:
+    """The settings of a running cluster, from its rendered haproxy.cfg."""
+    text = (state_dir / "haproxy.cfg").read_text()
+    client = re.search(r"frontend clients\s*\n\s*bind (\S+):(\d+)", text)
+    primary = re.search(r"listen pg_primary\s*\n\s*bind (\S+):(\d+)", text)
+    if client is None or primary is None:
+        raise SystemExit(f"{state_dir}/haproxy.cfg: no client port or database port found")
+    settings = Settings.load(
+        env={},
+        state_dir=state_dir,
+        host=primary.group(1),
+        client_port=int(client.group(2)),
+        db_primary_port=int(primary.group(2)),
+    )
+    return Cluster(settings, state_dir.resolve())
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
+    if args.state_dir is not None:
+        yield _running(args.state_dir)
+        return
+    from app.cluster.capacity import Machine, plan
+    from tests.cluster_fixture import free_port_block, make_settings
+
+    overrides: dict[str, object] = dict(cluster_overrides())
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = value.strip()
+    base = make_settings(**overrides)
+    chosen = plan(args.sessions, Machine.this(), base)
+    print(chosen.explain(), flush=True)
+    # A port block has room for 10 workers: more get blocks of their own.
+    ports = {}
+    if chosen.workers > 10:
+        ports = {
+            "worker_base_port": free_port_block(),
+            "worker_health_base_port": free_port_block(),
+            "worker_agent_base_port": free_port_block(),
+        }
+    settings = base.replace(**chosen.overrides(), **ports)
+    with own_cluster(settings) as cluster:
+        yield Cluster(settings, cluster.layout.root)
+
+
+# ---- measurements ------------------------------------------------------------------------
+
+
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """utime + stime (s) of each process, from /proc/<pid>/stat."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+    return out
+
+
+@dataclass
+class CpuMark:
+    cluster: dict[int, float]  # every process of the cluster, listed afresh each time
+    generators: dict[int, float]
+    machine: float  # busy seconds of the whole machine, /proc/stat
+
+
+@dataclass
+class CpuUsed:
+    cluster: float
+    generators: float
+    machine: float
+
+
+def _cpu_mark(cluster: Cluster, generator_pids: list[int]) -> CpuMark:
+    pids = [pid for group in cluster_pids(cluster.state_dir).values() for pid in group]
+    t = psutil.cpu_times()
+    busy = float(sum(t) - t.idle - t.iowait)
+    return CpuMark(_cpu_by_pid(pids), _cpu_by_pid(generator_pids), busy)
+
+
+def _cpu_used(before: CpuMark, after: CpuMark) -> CpuUsed:
+    """Seconds used in between. A process that started since counts whole; one that
+    ended (the killed worker, closed PostgreSQL backends) took its share with it."""
+
+    def used(a: dict[int, float], b: dict[int, float]) -> float:
+        return sum(cpu - a.get(pid, 0.0) for pid, cpu in b.items())
+
+    return CpuUsed(
+        used(before.cluster, after.cluster),
+        used(before.generators, after.generators),
+        after.machine - before.machine,
+    )
+
+
+def _listen_drops() -> int:
+    """TcpExt ListenDrops of the whole machine (/proc/net/netstat): SYNs dropped because
+    a listen queue was full; the client tries again after 1 s, then 2, 4, ... s."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head[0] == "TcpExt:" and "ListenDrops" in head:
+            return int(values[head.index("ListenDrops")])
+    return 0
+
+
+def _rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total
+
+
+async def _session_rows(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Live session rows per worker: (active, detached)."""
+    import asyncpg
+
+    from app.store import dashboard
+    from app.store.db import dsn
+
+    pool = await asyncpg.create_pool(dsn(settings), min_size=1, max_size=1)
+    try:
+        totals = await dashboard.live_totals(pool)
+    finally:
+        await pool.close()
+    return {w: (s.active, s.detached) for w, s in sorted(totals.by_worker.items())}
+
+
+def _bar(label: str, done: int, total: int, started: float, extra: str = "") -> None:
+    elapsed = max(time.monotonic() - started, 1e-6)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    width = 30
+    filled = int(width * done / total) if total else width
+    eta_text = f"{eta:,.0f} s" if eta != float("inf") else "?"
+    sys.stderr.write(
+        f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}"
+        f"  {rate:,.0f}/s  ETA {eta_text}  {extra}   "
+    )
+    sys.stderr.flush()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(len(ordered) * q) - 1))]
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    sessions: int
+    login_s: float
+    logins: int
+    login_overloaded: int
+    cpu_login: CpuUsed
+    rss_workers: int
+    rss_haproxy: int
+    workers: int
+    haproxy_processes: int
+    rows_before: dict[str, tuple[int, int]]
+    victim: str
+    victim_sessions: int
+    latencies: list[float]
+    noticed: list[float]  # when each client saw its connection drop, from the kill
+    listen_drops: int  # SYNs dropped at full listen queues during the storm (whole machine)
+    resume_window_s: float
+    resumes: int
+    fallback_logins: int
+    storm_overloaded: int
+    cpu_resume: CpuUsed
+    rows_after: dict[str, tuple[int, int]]
+    timeline: list[tuple[int, int, int, int]]  # (second from the kill, connects, resumes, ovl)
+    unresumed: int
+
+
+def run(args: argparse.Namespace, cluster: Cluster) -> Result:
+    s = cluster.settings
+    n = args.sessions
+    run_id = secrets.token_hex(3)
+    users = [f"cx{run_id}_{i}" for i in range(n)]
+    tokens: list[str] | None = None
+    if args.setup == "sql":
+        from app.store.db import dsn
+
+        t0 = time.monotonic()
+        hashed = password_hash(
+            PASSWORD,
+            s.argon2_memory_kib,
+            s.argon2_time_cost,
+            s.argon2_parallelism,
+        )
+        tokens = asyncio.run(preregister(dsn(s), users, hashed))
+        print(f"set-up: {n:,} users in the database in {time.monotonic() - t0:.1f} s", flush=True)
+    procs = args.procs or default_procs(n)
+    configs = split(
+        s.host,
+        s.client_port,
+        users,
+        procs,
+        device_tokens=tokens if args.login == "token" else None,
+        register=args.setup == "register",
+        inflight=args.inflight,
+    )
+    print(
+        f"{n:,} sessions from {len(configs)} generator processes, source addresses "
+        f"{configs[0].source_addrs[0]}..{configs[-1].source_addrs[-1]}, login: {args.login}",
+        flush=True,
+    )
+    with Fleet(configs) as fleet:
+        gen_pids = [p.pid for p in fleet._procs if p.pid is not None]
+        mark = _cpu_mark(cluster, gen_pids)
+        started = time.monotonic()
+        deadline = started + args.login_timeout
+        last_bar = 0.0
+        while not fleet.all_ready():
+            fleet.poll(0.2)
+            if time.monotonic() - last_bar > 0.5:
+                last_bar = time.monotonic()
+                _bar(
+                    "logins ",
+                    fleet.totals["logins"],
+                    n,
+                    started,
+                    f"overloaded {fleet.totals['overloaded']:,}",
+                )
+            if time.monotonic() > deadline:
+                raise SystemExit(f"\nlogins not done after {args.login_timeout:.0f} s")
+        login_s = time.monotonic() - started
+        cpu_login = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
+        _bar("logins ", fleet.totals["logins"], n, started, "done")
+        sys.stderr.write("\n")
+        logins = fleet.totals["logins"]
+        login_overloaded = fleet.totals["overloaded"]
+
+        time.sleep(2.0)  # pings flowing, the last rows committed
+        pids = cluster_pids(cluster.state_dir)
+        rss_workers, rss_haproxy = _rss(pids["workers"]), _rss(pids["haproxy"])
+        rows_before = asyncio.run(_session_rows(s))
+        victim = max(rows_before, key=lambda w: rows_before[w][0])
+        victim_sessions = rows_before[victim][0]
+        pid = cluster.worker_pid(victim)
+        if pid is None:
+            raise SystemExit(f"no pid file for {victim}")
+        fleet.poll(0.0)
+        before_kill = dict(fleet.totals)
+        mark = _cpu_mark(cluster, gen_pids)
+        drops_before = _listen_drops()
+        print(f"kill -9 {victim} (pid {pid}) holding {victim_sessions:,} sessions", flush=True)
+        killed_at = time.time()
+        os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        deadline = started + args.resume_timeout
+        last_bar = 0.0
+        while True:
+            fleet.poll(0.1)
+            drops = fleet.totals["drops"] - before_kill["drops"]
+            back = fleet.totals["resumes"] - before_kill["resumes"]
+            back += fleet.totals["fallback_logins"] - before_kill["fallback_logins"]
+            if time.monotonic() - last_bar > 0.5:
+                last_bar = time.monotonic()
+                _bar("resumes", back, max(drops, victim_sessions), started)
+            if drops >= victim_sessions and back >= drops and fleet.sessions_online() >= n:
+                break
+            if time.monotonic() > deadline:
+                break
+        cpu_resume = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
+        listen_drops = _listen_drops() - drops_before
+        _bar("resumes", back, max(drops, 1), started, "done")
+        sys.stderr.write("\n")
+        rows_after: dict[str, tuple[int, int]] = {}
+        for _ in range(30):  # the dead worker's rows move as their sessions resume
+            rows_after = asyncio.run(_session_rows(s))
+            if victim not in rows_after:
+                break
+            time.sleep(1.0)
+        tail = time.monotonic() + 2.0  # the timeline's last seconds
+        while time.monotonic() < tail:
+            fleet.poll(0.2)
+        fleet.stop()
+    resumed = [
+        (dropped - killed_at, welcome - killed_at)
+        for report in fleet.reports.values()
+        for dropped, welcome in report["resumed"]
+        if welcome >= killed_at
+    ]
+    latencies = [welcome for _, welcome in resumed]
+    noticed = [dropped for dropped, _ in resumed]
+    storm_s = max(10, int(max(latencies, default=0.0)) + 3)
+    timeline = [
+        (
+            second,
+            counts.get("connects", 0),
+            counts.get("resumes", 0),
+            counts.get("overloaded", 0),
+        )
+        for second, counts in sorted(fleet.per_second(killed_at).items())
+        if -2 <= second <= storm_s
+    ]
+    return Result(
+        sessions=n,
+        login_s=login_s,
+        logins=logins,
+        login_overloaded=login_overloaded,
+        cpu_login=cpu_login,
+        rss_workers=rss_workers,
+        rss_haproxy=rss_haproxy,
+        workers=len(pids["workers"]),
+        haproxy_processes=len(pids["haproxy"]),
+        rows_before=rows_before,
+        victim=victim,
+        victim_sessions=victim_sessions,
+        latencies=latencies,
+        noticed=noticed,
+        listen_drops=listen_drops,
+        resume_window_s=max(latencies, default=0.0),
+        resumes=fleet.totals["resumes"] - before_kill["resumes"],
+        fallback_logins=fleet.totals["fallback_logins"] - before_kill["fallback_logins"],
+        storm_overloaded=fleet.totals["overloaded"] - before_kill["overloaded"],
+        cpu_resume=cpu_resume,
+        rows_after=rows_after,
+        timeline=timeline,
+        unresumed=n - sum(r["online"] for r in fleet.reports.values()),
+    )
+
+
+def report(r: Result) -> str:
+    lines = [f"== connections: {r.sessions:,} sessions"]
+    lines.append(
+        f"logins: {r.logins:,} in {r.login_s:.1f} s = {r.logins / r.login_s:,.0f}/s;"
+        f" overloaded {r.login_overloaded:,} = {r.login_overloaded / max(r.logins, 1):.2f}"
+        " per login"
+    )
+    lines.append(
+        f"CPU per login: {1000 * r.cpu_login.cluster / max(r.logins, 1):.2f} ms of the cluster's"
+        f" processes (+ {1000 * r.cpu_login.generators / max(r.logins, 1):.2f} ms in the"
+        f" generators; whole machine {1000 * r.cpu_login.machine / max(r.logins, 1):.2f} ms)"
+    )
+    lines.append(
+        f"RSS per session: workers {r.rss_workers / r.sessions / 1024:.1f} KB"
+        f" ({r.workers} processes, {r.rss_workers / 2**20:,.0f} MB),"
+        f" HAProxy {r.rss_haproxy / r.sessions / 1024:.1f} KB"
+        f" ({r.haproxy_processes} processes, {r.rss_haproxy / 2**20:,.0f} MB)"
+    )
+    lines.append(
+        "session rows per worker (active/detached): "
+        + ", ".join(f"{w} {a:,}/{d:,}" for w, (a, d) in r.rows_before.items())
+    )
+    lines.append(f"kill -9 {r.victim} holding {r.victim_sessions:,} sessions")
+    if r.latencies:
+        lines.append(
+            f"resumed {len(r.latencies):,}: from the kill to welcome p50"
+            f" {statistics.median(r.latencies):.2f} s, p99 {_percentile(r.latencies, 0.99):.2f} s,"
+            f" max {max(r.latencies):.2f} s; {len(r.latencies) / max(r.resume_window_s, 1e-3):,.0f}"
+            " resumes/s"
+        )
+    if r.noticed:
+        lines.append(
+            f"the clients saw the drop: p50 {statistics.median(r.noticed):.2f} s, p99"
+            f" {_percentile(r.noticed, 0.99):.2f} s, max {max(r.noticed):.2f} s after the kill"
+        )
+    lines.append(
+        f"SYNs dropped at a full listen queue during the storm (TcpExt ListenDrops, whole"
+        f" machine): {r.listen_drops:,}"
+    )
+    lines.append(
+        f"password/token logins after the kill: {r.fallback_logins}; overloaded during the"
+        f" storm: {r.storm_overloaded:,}; sessions not back: {r.unresumed}"
+    )
+    lines.append(
+        f"CPU per resume: {1000 * r.cpu_resume.cluster / max(r.resumes, 1):.2f} ms of the"
+        f" cluster's processes (+ {1000 * r.cpu_resume.generators / max(r.resumes, 1):.2f} ms in"
+        f" the generators; whole machine {1000 * r.cpu_resume.machine / max(r.resumes, 1):.2f}"
+        " ms), over the storm"
+    )
+    left = r.rows_after.get(r.victim)
+    lines.append(
+        f"rows left on {r.victim}: {left[0] + left[1] if left else 0}; rows per worker now: "
+        + ", ".join(f"{w} {a:,}/{d:,}" for w, (a, d) in r.rows_after.items())
+    )
+    lines.append("storm timeline (per second; second s is (s-1, s] from the kill):")
+    lines.append(f"{'s':>5} {'connects':>9} {'resumes':>9} {'overloaded':>11}")
+    lines += [f"{t:>5} {c:>9,} {res:>9,} {o:>11,}" for t, c, res, o in r.timeline]
+    return "\n".join(lines)
+
+
+def plot(r: Result, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+    seconds = [t for t, *_ in r.timeline]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    # Each count is of the second that ends at its mark.
+    ax.step(seconds, [c for _, c, _, _ in r.timeline], where="pre", label="connects/s")
+    ax.step(seconds, [res for _, _, res, _ in r.timeline], where="pre", label="resumes/s")
+    ax.step(seconds, [o for *_, o in r.timeline], where="pre", label="overloaded/s")
+    ax.axvline(0, color="grey", linestyle=":", label=f"kill -9 {r.victim}")
+    ax.set_xlabel("seconds from the kill")
+    ax.set_ylabel("per second")
+    ax.set_title(
+        f"Resume storm: {r.victim_sessions:,} of {r.sessions:,} sessions, kill -9 {r.victim}"
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"timeline plot: {path}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=100_000, help="(default 100000)")
+    parser.add_argument("--procs", type=int, help="generator processes (default N / 8000)")
+    parser.add_argument("--setup", choices=("sql", "register"), default="sql")
+    parser.add_argument("--login", choices=("password", "token"), default="password")
+    parser.add_argument(
+        "--inflight", type=int, default=100, help="first logins at once per process (100)"
+    )
+    parser.add_argument("--login-timeout", type=float, default=1800.0)
+    parser.add_argument("--resume-timeout", type=float, default=120.0)
+    parser.add_argument("--plot", type=Path, help="PNG (default connections-N.png here)")
+    parser.add_argument(
+        "--state-dir", type=Path, help="a running cluster (see above for its settings)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a Settings override for the cluster it starts (repeatable)",
+    )
+    args = parser.parse_args()
+    if args.login == "token" and args.setup != "sql":
+        raise SystemExit("--login token needs --setup sql (the device tokens are made there)")
+    with _cluster(args) as cluster:
+        result = run(args, cluster)
+    print(report(result), flush=True)
+    print(plot(result, args.plot or Path(f"connections-{args.sessions}.png")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
