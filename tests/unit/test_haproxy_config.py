@@ -57,6 +57,16 @@ def test_only_client_connections_carry_a_proxy_header(tmp_path: Path, which: str
 
 
 @pytest.mark.parametrize("which", ["local", "compose"])
+def test_workers_have_room_for_the_agents_weights(tmp_path: Path, which: str) -> None:
+    """A lagging worker's agent answers e.g. `ready 10%`: of the default weight 1 that
+    is 0, no new clients at all. With weight 100 it is 10."""
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    workers = section(config, "backend workers")
+    assert "default-server weight 100 " in workers
+    assert "timeout check 2s" in workers  # a busy worker answers its check late
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
 def test_timeouts_keepalive_and_caps_on_the_client_port(tmp_path: Path, which: str) -> None:
     config = local_config(tmp_path) if which == "local" else compose_config()
     clients = section(config, "frontend clients")
