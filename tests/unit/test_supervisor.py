@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -14,6 +15,8 @@ from app.cluster.launcher import ComponentStatus, LocalCluster, format_status
 from app.cluster.layout import Layout
 from app.cluster.process import PidRecord, write_pidfile
 from app.cluster.supervisor import Backoff, Supervisor
+from app.dashboard.sampler import EMPTY
+from app.dashboard.views import live_fields
 from app.settings import Settings
 
 
@@ -196,3 +199,10 @@ def test_status_has_a_restarts_column() -> None:
     header, line = format_status(rows).splitlines()
     assert header.split()[:4] == ["COMPONENT", "PID", "HEALTH", "RESTARTS"]
     assert line.split()[:4] == ["w1", "42", "ok", "3"]
+
+
+def test_the_dashboard_overview_lists_restarts() -> None:
+    restart = runstate.Restart("w2", 2, 0.0, "killed by SIGKILL")
+    shown = live_fields(dataclasses.replace(EMPTY, restarts=(restart,)))["restarts"]
+    assert shown.startswith("w2 2 (last at ") and shown.endswith(": killed by SIGKILL)")
+    assert live_fields(EMPTY)["restarts"] == "none"
