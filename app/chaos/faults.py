@@ -112,16 +112,22 @@ async def _kill_leader(cluster: LocalCluster, say: Say) -> str:
     if view is None or view.leader is None:
         raise RuntimeError("no Patroni leader to kill")
     node = view.leader.name
-    detail = await _kill_node(cluster, say, node, "Patroni leader")
-    t0 = time.monotonic()
 
     def new_leader() -> bool:
         v = patroni.cluster_view(cluster.settings)
         return v is not None and v.leader is not None and v.leader.name != node
 
-    while not await asyncio.to_thread(new_leader):
-        await asyncio.sleep(0.5)
-    say(f"new Patroni leader after {time.monotonic() - t0:.1f} s")
+    # Held until another node leads: started again at once, its Patroni would find its
+    # leader key still valid (patroni_ttl) and lead again, and nothing would fail over.
+    with cluster.held(node):
+        detail = await _kill_node(cluster, say, node, "Patroni leader")
+        t0 = time.monotonic()
+        deadline = t0 + cluster.settings.patroni_ttl * 3 + 60
+        while not await asyncio.to_thread(new_leader):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no new Patroni leader {deadline - t0:.0f} s after the kill")
+            await asyncio.sleep(0.5)
+    say(f"new Patroni leader after {time.monotonic() - t0:.1f} s; {node} no longer held")
     return detail
 
 

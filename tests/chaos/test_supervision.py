@@ -95,6 +95,22 @@ def test_a_killed_patroni_replica_comes_back_and_streams(scluster: LocalCluster)
     assert {m.name: m.state for m in view.members}[node] in ("running", "streaming")
 
 
+def test_a_killed_patroni_leader_comes_back_and_the_cluster_heals(scluster: LocalCluster) -> None:
+    view = patroni.cluster_view(scluster.settings)
+    assert view is not None and view.leader is not None
+    node = view.leader.name
+    patroni_pid = scluster.pid_of(node)
+    assert patroni_pid is not None
+    before = restarts(scluster, node)
+    kill9(patroni_pid, scluster.postmaster_pid(node))
+    took = back_by_itself(scluster, node, patroni_pid, 120)
+    after = patroni.cluster_view(scluster.settings)
+    assert after is not None and after.leader is not None
+    # Back within patroni_ttl, its leader key is still valid: it may lead again.
+    print(f"{node} back after {took:.1f} s; leader now {after.leader.name}", flush=True)
+    assert restarts(scluster, node) == before + 1
+
+
 def test_a_rolling_restart_is_not_undone_or_counted(scluster: LocalCluster) -> None:
     cluster = later(scluster)
     assert cluster.worker_names() == ["w1", "w2"]  # no w3: `up` started two
