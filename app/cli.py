@@ -8,8 +8,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from app.cluster.launcher import LocalCluster
 
 # The one place with imports inside functions: each command imports what it uses,
 # so `switchboard status` does not load the worker, the store or the client SDK.
@@ -45,6 +49,13 @@ def _sized(args: argparse.Namespace) -> Settings:
     return settings.replace(**chosen.overrides())
 
 
+def _running(args: argparse.Namespace, say: Callable[[str], None] | None = None) -> LocalCluster:
+    """The cluster in the state dir as `up` shaped it (run/cluster.json), not the defaults."""
+    from app.cluster.launcher import LocalCluster
+
+    return LocalCluster.running(_settings(args), say or (lambda _: None))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from app.cluster.launcher import LocalCluster, format_status
 
@@ -73,9 +84,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from app.cluster.launcher import LocalCluster
 
-    cluster = LocalCluster(_settings(args), say=_say)
+    cluster = _running(args, _say)
     running = cluster.running_components()
     cluster.down(purge=args.purge)
     print(f"stopped {', '.join(running)}" if running else "nothing was running")
@@ -85,17 +95,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from app.cluster.launcher import LocalCluster, format_status
+    from app.cluster.launcher import format_status
 
-    rows = LocalCluster(_settings(args)).status()
+    rows = _running(args).status()
     print(format_status(rows))
     return 0 if all(r.healthy for r in rows) else 1
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from app.cluster.launcher import LocalCluster
 
-    cluster = LocalCluster(_settings(args))
+    cluster = _running(args)
     if args.component not in cluster.component_names():
         print(
             f"switchboard: no component {args.component!r}; one of: "
@@ -141,26 +150,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from app.cluster.launcher import LocalCluster
 
-    cluster = LocalCluster(_settings(args))
+    cluster = _running(args)
     result = cluster.drain_worker(args.worker, undo=args.undo)
     print(f"{args.worker}: {result.get('state')}")
     return 0
 
 
 def cmd_restart_workers(args: argparse.Namespace) -> int:
-    from app.cluster.launcher import LocalCluster
 
-    LocalCluster(_settings(args), say=_say).restart_workers()
+    _running(args, _say).restart_workers()
     print("every worker restarted")
     return 0
 
 
 def cmd_tls(args: argparse.Namespace) -> int:
-    from app.cluster.launcher import LocalCluster
 
-    certs = LocalCluster(_settings(args), say=_say).reload_tls(renew=args.renew)
+    certs = _running(args, _say).reload_tls(renew=args.renew)
     names = ", ".join(certs.names)
     print(f"serving serial {certs.serial:x} for {names}, valid until {certs.not_after:%Y-%m-%d}")
     if certs.ca_file is not None:
@@ -172,9 +178,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     import asyncio
 
     from app.chaos.runner import ChaosConfig, run_scenario
-    from app.cluster.launcher import LocalCluster
 
-    cluster = LocalCluster(_settings(args), say=_say)
+    cluster = _running(args, _say)
     if not cluster.running_components():
         print("switchboard: error: no cluster is running here (`switchboard up`)", file=sys.stderr)
         return 1
@@ -200,7 +205,17 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-FAULT_NAMES = ("kill-worker", "kill-leader", "rolling-restart", "drain", "stall", "stall-long")
+FAULT_NAMES = (
+    "kill-worker",
+    "kill-leader",
+    "kill-replica",
+    "kill-haproxy",
+    "kill-etcd",
+    "rolling-restart",
+    "drain",
+    "stall",
+    "stall-long",
+)
 
 
 def cmd_user(args: argparse.Namespace) -> int:

@@ -92,6 +92,16 @@ class Settings:
     haproxy_bin: str = "haproxy"
     patroni_ttl: int = 20
     startup_timeout_s: float = 90.0
+    # Supervision (app/cluster/supervisor.py): `up` starts a supervisor that looks at
+    # every component's pid each interval and starts a dead one again. A component's
+    # first restart comes at once, each further one waits backoff_base_s, doubling up
+    # to backoff_max_s, after the one before; one that then stays up healthy_s starts
+    # again from no backoff. supervise = false: nothing restarts by itself.
+    supervise: bool = True
+    supervise_interval_s: float = 1.0
+    supervise_backoff_base_s: float = 0.5
+    supervise_backoff_max_s: float = 30.0
+    supervise_healthy_s: float = 60.0
 
     # Worker process.
     worker_id: str = ""
@@ -331,6 +341,12 @@ class Settings:
             raise SettingsError("lease_renew_interval_s must be at most worker_dead_after_s / 2")
         if self.resume_grace_max_s < self.resume_grace_s:
             raise SettingsError("resume_grace_max_s must be at least resume_grace_s")
+        if min(self.supervise_interval_s, self.supervise_backoff_base_s) <= 0:
+            raise SettingsError(
+                "supervise_interval_s and supervise_backoff_base_s must be positive"
+            )
+        if self.supervise_backoff_max_s < self.supervise_backoff_base_s:
+            raise SettingsError("supervise_backoff_max_s must be at least supervise_backoff_base_s")
         if self.session_recheck_interval_s <= 0 or self.push_max_age_s <= 0:
             raise SettingsError("session_recheck_interval_s and push_max_age_s must be positive")
         if self.worker_max_sessions < 0:

@@ -202,6 +202,10 @@ async def run(args: argparse.Namespace) -> None:
         max_concurrent_auth=64,
         # Each HAProxy process holds haproxy.MAXCONN client connections: keep a margin.
         haproxy_processes=max(2, -(-args.sessions // int(haproxy.MAXCONN * 0.9))),
+        # The killed worker or leader stays down: this times the resumes on the
+        # survivors and Patroni's failover, not the supervisor's restart (which would
+        # bring a killed leader back in seconds, leading again, with no failover).
+        supervise=False,
     )
     cluster = LocalCluster(settings, say=lambda line: print(f"  [cluster] {line}", flush=True))
     clients: list[BenchClient] = []

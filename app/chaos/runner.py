@@ -5,7 +5,8 @@
 2. each user sends 1:1 messages to random others at ``rate`` per second;
 3. after ``warmup_s`` the fault is injected; traffic goes on for ``after_s``;
 4. traffic stops, every send waits for its ``sent`` (sends stall through a DB
-   failover), the fault is undone (the killed worker or node is started again);
+   failover), the fault is undone (a killed process must be back by itself,
+   started again by the supervisor; a drained worker is undrained);
 5. wait until each acknowledged message reached each device of its recipient
    (or ``settle_s`` passes), compare the database's active sessions with where
    the clients really are, and judge.

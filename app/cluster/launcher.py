@@ -8,6 +8,7 @@ what was already started and surfaces as one ``ClusterError`` line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import asyncpg
 
-from app.cluster import etcd, haproxy, patroni, tls
+from app.cluster import etcd, haproxy, patroni, runstate, tls
 from app.cluster.errors import AlreadyRunning, ClusterError, ComponentFailed
 from app.cluster.health import http_json, port_free, wait_for
 from app.cluster.layout import Layout, load_or_create_secrets
@@ -55,6 +56,7 @@ class ComponentStatus:
     endpoint: str
     detail: str
     healthy: bool
+    restarts: int = 0  # by the supervisor since `up`
 
 
 def _socket_ready(path: Path) -> tuple[bool, str]:
@@ -68,15 +70,29 @@ class LocalCluster:
         self.say = say
         self.venv_bin = Path(sys.executable).parent
 
+    @classmethod
+    def running(cls, settings: Settings, say: Say = _quiet) -> LocalCluster:
+        """The cluster in settings' state dir, shaped as `up` started it (run/cluster.json):
+        every command but `up` uses this, so `--workers 2` is remembered."""
+        shape = runstate.read_shape(Layout.for_settings(settings))
+        return cls(settings.replace(**shape) if shape else settings, say)
+
     # ---- names -------------------------------------------------------------
     def component_names(self) -> list[str]:
+        supervisor = ["supervisor"] if self.settings.supervise or self.pid_of("supervisor") else []
         return [
             "etcd",
             *self.settings.node_names(),
             *self.haproxy_names(),
             *self.worker_names(),
             "dashboard",
+            *supervisor,
         ]
+
+    def supervised_names(self) -> list[str]:
+        """What the supervisor watches: the configured components, no stray pid files."""
+        s = self.settings
+        return ["etcd", *s.node_names(), *s.haproxy_names(), *s.worker_ids(), "dashboard"]
 
     def worker_names(self) -> list[str]:
         """The configured workers, and any more that a pid file names: a cluster
@@ -167,6 +183,8 @@ class LocalCluster:
             self._step("database roles and migrations", self._migrate)
             self._step(f"{self.settings.workers} workers", self._start_workers)
             self._step("dashboard", self._start_dashboard)
+            if self.settings.supervise:
+                self._step("supervisor", self._start_supervisor)
         except BaseException:
             self.say("start-up failed: stopping what was started")
             self.down(purge=False)
@@ -207,6 +225,11 @@ class LocalCluster:
 
     def _prepare(self, run_as: RunAs) -> None:
         self.layout.ensure()
+        runstate.write_shape(self.layout, self.settings)
+        runstate.clear_restarts(self.layout)
+        runstate.clear_holds(self.layout)
+        # The supervisor's first tick makes it again: `up` waits for that.
+        self.layout.supervisor_lock.unlink(missing_ok=True)
         secrets = load_or_create_secrets(self.layout)
         if run_as.user is not None and not run_as.can_access(self.layout.root, "x"):
             raise ComponentFailed(
@@ -252,9 +275,12 @@ class LocalCluster:
 
         return check
 
-    def _start_etcd(self, run_as: RunAs) -> None:
+    def _spawn_etcd(self, run_as: RunAs) -> PidRecord:
         env = {"PATH": "/usr/bin:/bin", "HOME": str(self.layout.etcd_data), "LANG": "C.UTF-8"}
-        self._launch("etcd", run_as.wrap(etcd.argv(self.settings, self.layout)), env)
+        return self._launch("etcd", run_as.wrap(etcd.argv(self.settings, self.layout)), env)
+
+    def _start_etcd(self, run_as: RunAs) -> None:
+        self._spawn_etcd(run_as)
         wait_for(
             "etcd",
             lambda: (etcd.healthy(self.settings), "not answering /health"),
@@ -282,11 +308,16 @@ class LocalCluster:
         ]
         return self._launch(node, run_as.wrap(argv), env)
 
+    def start_haproxy(self, name: str) -> PidRecord:
+        # A dead process's socket must not make the new one look ready.
+        self.layout.haproxy_socket_of(name).unlink(missing_ok=True)
+        argv = [self.settings.haproxy_bin, "-db", "-f", str(self.layout.haproxy_cfg_of(name))]
+        return self._launch(name, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
     def _start_haproxy(self) -> None:
         """The first process serves every port; the others share the client port with it."""
         for name in self.settings.haproxy_names():
-            argv = [self.settings.haproxy_bin, "-db", "-f", str(self.layout.haproxy_cfg_of(name))]
-            self._launch(name, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            self.start_haproxy(name)
         for name in self.settings.haproxy_names():
             wait_for(
                 name,
@@ -342,12 +373,7 @@ class LocalCluster:
         migrate.bootstrap(self.settings)
 
     def _start_workers(self) -> None:
-        base_env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            **self.settings.to_env(),
-        }
-        base_env["SWITCHBOARD_STATE_DIR"] = str(self.layout.root)
+        base_env = self._python_env()
         for wid in self.settings.worker_ids():
             self.start_worker(wid, base_env)
         for wid in self.settings.worker_ids():
@@ -360,14 +386,7 @@ class LocalCluster:
         )
 
     def start_worker(self, wid: str, env: dict[str, str] | None = None) -> PidRecord:
-        if env is None:
-            env = {
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "LANG": "C.UTF-8",
-                **self.settings.to_env(),
-                "SWITCHBOARD_STATE_DIR": str(self.layout.root),
-            }
-        env = {**env, "SWITCHBOARD_WORKER_ID": wid}
+        env = {**(env or self._python_env()), "SWITCHBOARD_WORKER_ID": wid}
         return self._launch(wid, [sys.executable, "-m", "app.worker"], env)
 
     def wait_worker(self, wid: str, timeout: float = 20) -> None:
@@ -379,20 +398,75 @@ class LocalCluster:
             alive=self._alive_check(wid),
         )
 
-    def _start_dashboard(self) -> None:
-        """The admin dashboard: one process on its app port, behind HAProxy's dashboard_port."""
-        s = self.settings
-        env = {
+    def _python_env(self) -> dict[str, str]:
+        """The environment of our own Python processes: these settings, this state dir."""
+        return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
-            **s.to_env(),
+            **self.settings.to_env(),
             "SWITCHBOARD_STATE_DIR": str(self.layout.root),
         }
-        self._launch("dashboard", [sys.executable, "-m", "app.dashboard"], env)
-        url = f"http://{s.host}:{s.dashboard_app_port()}/healthz"
+
+    def start_dashboard(self) -> PidRecord:
+        return self._launch(
+            "dashboard", [sys.executable, "-m", "app.dashboard"], self._python_env()
+        )
+
+    def _start_dashboard(self) -> None:
+        """The admin dashboard: one process on its app port, behind HAProxy's dashboard_port."""
+        self.start_dashboard()
         alive = self._alive_check("dashboard")
-        wait_for("dashboard", lambda: (http_json(url)[0] == 200, "not answering"), 20, alive)
+        wait_for("dashboard", self._dashboard_answers, 20, alive)
         wait_for("haproxy sees the dashboard", self._dashboard_up_in_haproxy, 15, alive)
+
+    def _dashboard_answers(self) -> tuple[bool, str]:
+        url = f"http://{self.settings.host}:{self.settings.dashboard_app_port()}/healthz"
+        return http_json(url)[0] == 200, "not answering"
+
+    def _start_supervisor(self) -> None:
+        """Last, once everything is up: from now on a crashed component comes back."""
+        argv = [sys.executable, "-m", "app.cluster.supervisor"]
+        self._launch("supervisor", argv, self._python_env())
+        # It takes the lock for its first tick: once it has, it is running.
+        wait_for(
+            "supervisor",
+            lambda: (self.layout.supervisor_lock.exists(), "not started yet"),
+            timeout=20,
+            alive=self._alive_check("supervisor"),
+        )
+
+    def start_component(self, name: str) -> PidRecord:
+        """Start one component again the way `up` started it, without waiting for it to
+        be ready (the supervisor's restart). A Patroni node starts as Patroni only: the
+        postmaster it detached may still run, and the new Patroni takes it over."""
+        if name == "etcd":
+            return self._spawn_etcd(RunAs.for_current_process(self.settings.run_as))
+        if name in self.settings.node_names():
+            return self.start_node(name)
+        if name in self.haproxy_names():
+            return self.start_haproxy(name)
+        if name in self.worker_names():
+            return self.start_worker(name)
+        if name == "dashboard":
+            return self.start_dashboard()
+        raise ClusterError(f"no component {name!r} to start")
+
+    def wait_ready(self, name: str, timeout: float = 60) -> None:
+        """Wait until a (re)started component serves: what `up` waits for after each step."""
+        alive = self._alive_check(name)
+        if name == "etcd":
+            wait_for("etcd", lambda: (etcd.healthy(self.settings), "not healthy"), timeout, alive)
+        elif name in self.settings.node_names():
+            self.wait_db_healthy(timeout)
+        elif name in self.haproxy_names():
+            socket = self.layout.haproxy_socket_of(name)
+            wait_for(name, functools.partial(_socket_ready, socket), timeout, alive)
+        elif name == "dashboard":
+            wait_for("dashboard", self._dashboard_answers, timeout, alive)
+            wait_for("haproxy sees the dashboard", self._dashboard_up_in_haproxy, timeout, alive)
+        else:
+            self.wait_worker(name, timeout)
+            wait_for(f"haproxy sees {name}", lambda: self._worker_up_in_haproxy(name), 15, alive)
 
     def _dashboard_up_in_haproxy(self) -> tuple[bool, str]:
         try:
@@ -419,19 +493,19 @@ class LocalCluster:
             raise ClusterError(f"worker {wid} did not take the request: {exc}") from None
 
     def restart_worker(self, wid: str) -> None:
-        """SIGTERM (the worker drains its clients to the others and exits), then start it again."""
+        """SIGTERM (the worker drains its clients to the others and exits), then start it
+        again; held meanwhile, so the supervisor does not start it a second time."""
         s = self.settings
-        rec = self._record(wid)
-        if rec is not None and rec.alive():
-            stop_all([rec], signal.SIGTERM, timeout=s.drain_spread_s + s.drain_timeout_s + 10)
-        self.start_worker(wid)
-        self.wait_worker(wid)
-        wait_for(
-            f"haproxy sees {wid}",
-            lambda: self._worker_up_in_haproxy(wid),
-            timeout=15,
-            alive=self._alive_check(wid),
-        )
+        with self.held(wid):
+            rec = self._record(wid)
+            if rec is not None and rec.alive():
+                stop_all([rec], signal.SIGTERM, timeout=s.drain_spread_s + s.drain_timeout_s + 10)
+            self.start_worker(wid)
+            self.wait_ready(wid)
+
+    def held(self, *names: str) -> contextlib.AbstractContextManager[None]:
+        """Components stopped on purpose for the block: the supervisor leaves them alone."""
+        return runstate.hold(self.layout, *names)
 
     def restart_workers(self) -> None:
         """A rolling restart: one worker at a time, each drained before it stops."""
@@ -469,6 +543,8 @@ class LocalCluster:
             return [r for r in (self._record(n) for n in names) if r is not None]
 
         s = self.settings
+        # First: nothing may start again what the next lines stop.
+        stop_all(records(["supervisor"]), signal.SIGTERM, timeout=10)
         stop_all(
             records([*self.worker_names(), "dashboard"]),
             signal.SIGTERM,
@@ -485,6 +561,8 @@ class LocalCluster:
         if self.layout.run.exists():
             for stale in self.layout.haproxy_sockets():
                 stale.unlink(missing_ok=True)
+            runstate.clear_holds(self.layout)
+            self.layout.cluster_file.unlink(missing_ok=True)
         if purge:
             shutil.rmtree(self.layout.etcd_data, ignore_errors=True)
             shutil.rmtree(self.layout.root, ignore_errors=True)
@@ -494,12 +572,17 @@ class LocalCluster:
         s = self.settings
         view = patroni.cluster_view(s)
         members = {m.name: m for m in view.members} if view else {}
+        restarts = runstate.read_restarts(self.layout)
         out = []
         for name in self.component_names():
             rec = self._record(name)
             running = rec is not None and rec.alive()
             pid = rec.pid if rec else None
-            if name == "etcd":
+            if name == "supervisor":
+                endpoint = f"every {s.supervise_interval_s:g} s (logs/supervisor.log)"
+                ok = running
+                detail = f"watching {len(self.supervised_names())} components" if ok else "down"
+            elif name == "etcd":
                 ok = running and etcd.healthy(s)
                 endpoint = f"http://{etcd.client_address(s)}"
                 detail = "healthy" if ok else "not answering"
@@ -536,7 +619,8 @@ class LocalCluster:
                 code, body = http_json(f"http://{s.host}:{s.worker_health_port(name)}/health")
                 ok = running and code == 200
                 detail = worker_detail(body) if isinstance(body, dict) else "not answering"
-            out.append(ComponentStatus(name, pid, running, endpoint, detail, ok))
+            count = restarts[name].count if name in restarts else 0
+            out.append(ComponentStatus(name, pid, running, endpoint, detail, ok, count))
         return out
 
     def log_tail(self, name: str, lines: int) -> list[str]:
@@ -585,12 +669,13 @@ def _client_ports(s: Settings) -> str:
 
 
 def format_status(rows: list[ComponentStatus]) -> str:
-    header = ("COMPONENT", "PID", "HEALTH", "ENDPOINT", "DETAIL")
+    header = ("COMPONENT", "PID", "HEALTH", "RESTARTS", "ENDPOINT", "DETAIL")
     table = [header] + [
         (
             r.name,
             str(r.pid) if r.running and r.pid else "-",
             "ok" if r.healthy else ("DOWN" if not r.running else "UNHEALTHY"),
+            str(r.restarts),
             r.endpoint,
             r.detail,
         )

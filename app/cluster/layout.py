@@ -81,6 +81,22 @@ class Layout:
     def logfile(self, component: str) -> Path:
         return self.logs / f"{component}.log"
 
+    # The supervisor's files (app/cluster/runstate.py says what each holds).
+    @property
+    def cluster_file(self) -> Path:
+        return self.run / "cluster.json"
+
+    @property
+    def restarts_file(self) -> Path:
+        return self.run / "restarts.json"
+
+    @property
+    def supervisor_lock(self) -> Path:
+        return self.run / "supervisor.lock"
+
+    def hold_file(self, component: str) -> Path:
+        return self.run / f"{component}.hold"
+
     def ensure(self) -> None:
         for path in (self.root, self.run, self.logs, self.root / "db"):
             path.mkdir(parents=True, exist_ok=True)

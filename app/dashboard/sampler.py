@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from app.cluster import haproxy, patroni
+from app.cluster import haproxy, patroni, runstate
 from app.cluster.layout import Layout
 from app.dashboard.control import Control
 from app.logs import get_logger
@@ -92,6 +92,8 @@ class Snapshot:
     members: tuple[MemberView, ...]
     backends: tuple[BackendView, ...]
     problems: tuple[str, ...] = field(default=())
+    # What the supervisor restarted since `up` (run/restarts.json).
+    restarts: tuple[runstate.Restart, ...] = field(default=())
 
     @property
     def leader(self) -> str | None:
@@ -181,10 +183,14 @@ class Sampler:
         totals_task = asyncio.ensure_future(self._totals())
         view_task = asyncio.ensure_future(asyncio.to_thread(patroni.cluster_view, s, 0.5))
         states_task = asyncio.ensure_future(asyncio.to_thread(self._server_states))
+        restarts_task = asyncio.ensure_future(
+            asyncio.to_thread(runstate.read_restarts, self.layout)
+        )
         healths = await asyncio.gather(*health_calls)
         totals = await totals_task
         view = await view_task
         states = await states_task
+        restarts = await restarts_task
         now = time.time()
         problems: list[str] = []
         if totals is None:
@@ -258,6 +264,7 @@ class Sampler:
                 BackendView(b.backend, b.server, b.status, b.sessions) for b in (states or [])
             ),
             problems=tuple(problems),
+            restarts=tuple(restarts.values()),
         )
 
     async def _totals(self) -> store.LiveTotals | None:

@@ -88,6 +88,12 @@ def live_fields(snap: Snapshot) -> dict[str, str]:
         "db": "reachable" if snap.db_ok else "unreachable",
         "sampled_at": time.strftime("%H:%M:%S", time.localtime(snap.at)) if snap.at else "-",
         "problems": "; ".join(snap.problems) or "none",
+        "restarts": "; ".join(
+            f"{r.component} {r.count} (last at "
+            f"{time.strftime('%H:%M:%S', time.localtime(r.last_at))}: {r.last_reason})"
+            for r in snap.restarts
+        )
+        or "none",
     }
     for w in snap.workers:
         prefix = f"workers.{w.id}."

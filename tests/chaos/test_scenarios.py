@@ -1,9 +1,10 @@
-"""Real faults under load: kill -9 a worker, kill -9 the Patroni leader, rolling restart,
-drain, and a worker stopped (SIGSTOP) for less and for more than its lease.
+"""Real faults under load: kill -9 a worker, the Patroni leader, a replica, HAProxy or etcd;
+a rolling restart; a drain; a worker stopped (SIGSTOP) for less and for more than its lease.
 
 Each scenario prints its counts; lost and duplicated must be 0, every session
 must end up connected (resumed where its worker went away), and the database's
-view of who is logged in where must match where the clients really are.
+view of who is logged in where must match where the clients really are. A
+killed process must come back by itself (the supervisor) or the scenario fails.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ async def test_kill_worker(chaos_cluster: LocalCluster) -> None:
 
 async def test_kill_patroni_leader(chaos_cluster: LocalCluster) -> None:
     await _run(chaos_cluster, "kill-leader")
+
+
+async def test_kill_patroni_replica(chaos_cluster: LocalCluster) -> None:
+    await _run(chaos_cluster, "kill-replica")
+
+
+async def test_kill_haproxy(chaos_cluster: LocalCluster) -> None:
+    await _run(chaos_cluster, "kill-haproxy")
+
+
+async def test_kill_etcd(chaos_cluster: LocalCluster) -> None:
+    await _run(chaos_cluster, "kill-etcd")
 
 
 async def test_rolling_restart(chaos_cluster: LocalCluster) -> None:

@@ -40,7 +40,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def rcluster() -> Iterator[LocalCluster]:
-    with running_cluster(make_settings(workers=2, events_flush_interval_s=0.2)) as c:
+    # Unsupervised: w2 is killed and must stay dead (its worker_died is reported).
+    settings = make_settings(workers=2, events_flush_interval_s=0.2, supervise=False)
+    with running_cluster(settings) as c:
         yield c
 
 

@@ -89,28 +89,31 @@ async def test_a_killed_workers_sessions_detach_and_presence_goes_offline(
     _, bob, a, b, welcome = await contacts_on_two_workers(cluster)
     pid = cluster.pid_of("w2")
     assert pid is not None
-    try:
-        os.kill(pid, signal.SIGKILL)
-        # Nobody is left to say goodbye, but its lease connection died with it: another
-        # worker reaps it after worker_dead_after_s, long before the lease runs out.
-        # (13 s here, where the lease is 15 s.)
-        timeout = cluster.settings.worker_dead_after_s + 10
-        offline = await a.recv_until("presence", timeout=timeout)
-        assert offline == {"op": "presence", "user": bob, "state": "offline", "text": None}
-        async with db(cluster) as conn:
-            row = await conn.fetchrow(
-                "SELECT state, close_reason FROM sessions WHERE id = $1", int(welcome["session"])
-            )
-            worker_state = await conn.fetchval("SELECT state FROM workers WHERE id = 'w2'")
-        assert (row["state"], row["close_reason"]) == ("detached", "worker_died")
-        assert worker_state == "dead"
-        # Its client resumes on a survivor and is online again.
-        b2, reply = await _resume(cluster, bob, welcome["resume_token"], 0)
-        assert reply["op"] == "welcome" and reply["worker"] != "w2"
-        assert (await a.recv_until("presence"))["state"] == "online"
-        await b2.close()
-    finally:
-        await asyncio.to_thread(cluster.restart_worker, "w2")
+    # Held: w2 stays dead until the test starts it again, not the supervisor.
+    with cluster.held("w2"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            # Nobody is left to say goodbye, but its lease connection died with it: another
+            # worker reaps it after worker_dead_after_s, long before the lease runs out.
+            # (13 s here, where the lease is 15 s.)
+            timeout = cluster.settings.worker_dead_after_s + 10
+            offline = await a.recv_until("presence", timeout=timeout)
+            assert offline == {"op": "presence", "user": bob, "state": "offline", "text": None}
+            async with db(cluster) as conn:
+                row = await conn.fetchrow(
+                    "SELECT state, close_reason FROM sessions WHERE id = $1",
+                    int(welcome["session"]),
+                )
+                worker_state = await conn.fetchval("SELECT state FROM workers WHERE id = 'w2'")
+            assert (row["state"], row["close_reason"]) == ("detached", "worker_died")
+            assert worker_state == "dead"
+            # Its client resumes on a survivor and is online again.
+            b2, reply = await _resume(cluster, bob, welcome["resume_token"], 0)
+            assert reply["op"] == "welcome" and reply["worker"] != "w2"
+            assert (await a.recv_until("presence"))["state"] == "online"
+            await b2.close()
+        finally:
+            await asyncio.to_thread(cluster.restart_worker, "w2")
     await a.close()
     await b.close()
 
@@ -154,12 +157,17 @@ async def test_a_message_committed_by_a_worker_that_died_before_announcing_it_ar
         await b.recv_until("msg", timeout=1.0)  # nobody told bob's worker
     pid = cluster.pid_of("w3")
     assert pid is not None
-    try:
-        os.kill(pid, signal.SIGKILL)
-        frame = await b.recv_until("msg", timeout=cluster.settings.worker_lease_s + 10)
-        assert (frame["from"], frame["body"], frame["id"]) == (sender, "unannounced", stored[0].id)
-    finally:
-        await asyncio.to_thread(cluster.restart_worker, "w3")
+    with cluster.held("w3"):  # the reaper's catch-up, not a restarted w3's, must do it
+        try:
+            os.kill(pid, signal.SIGKILL)
+            frame = await b.recv_until("msg", timeout=cluster.settings.worker_lease_s + 10)
+            assert (frame["from"], frame["body"], frame["id"]) == (
+                sender,
+                "unannounced",
+                stored[0].id,
+            )
+        finally:
+            await asyncio.to_thread(cluster.restart_worker, "w3")
     await b.close()
 
 
