@@ -25,8 +25,9 @@ times the measured time a slot is held, divided by the slots (at least
 ``admission_retry_min_s``, and at least the lag when shed for lag). The value
 sent is drawn uniformly between the minimum and a ceiling of twice that
 estimate, so refused clients spread out instead of returning together; while
-refusals of a kind go on, the ceiling doubles every `STEP_S` (up to
-``admission_retry_max_s``), and `CALM_S` without a refusal resets it.
+refusals of a kind go on, the ceiling doubles every `STEP_S` (at most
+`MAX_LEVEL` times, and never past ``admission_retry_max_s``), and `CALM_S`
+without a refusal resets it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ class Shed(enum.Enum):
 # long without a refusal resets it.
 STEP_S = 1.0
 CALM_S = 5.0
+# The ceiling grows at most 2**MAX_LEVEL times past twice the estimate: refused
+# clients come back later while refusals go on, but not so much later that the
+# queue runs dry and the slots idle (measured: with no bound the ceiling reached
+# 30 s and login goodput after a storm fell to half the capacity).
+MAX_LEVEL = 2
 # The first guess of how long a slot is held, until requests have measured it.
 FIRST_HOLD_S = 0.05
 _HOLD_WEIGHT = 0.2  # of each new measurement in the moving average
@@ -219,7 +225,7 @@ class Admission:
         if now - queue.refused_at >= CALM_S:
             queue.level, queue.level_at = 0, now
         elif now - queue.level_at >= STEP_S:
-            queue.level, queue.level_at = min(queue.level + 1, 16), now
+            queue.level, queue.level_at = min(queue.level + 1, MAX_LEVEL), now
         queue.refused_at = now
         free_in_s = self._expected_wait_s(queue, lagging)
         base = max(self._retry_min_s, free_in_s, self._loop_lag_s() if lagging else 0.0)

@@ -83,6 +83,12 @@ class Drain:
     def undrain(self, why: str) -> None:
         if self._status.state is WorkerState.DRAINING:
             self._status.set(WorkerState.SERVING, why)
+            # The workers table said draining since move_clients: say active again.
+            self._registry.spawn(self._mark_active())
+
+    async def _mark_active(self) -> None:
+        with contextlib.suppress(*DB_ERRORS):
+            await session_store.set_worker_state(self._pool, self._settings.worker_id, "active")
 
     async def agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """HAProxy's agent check: "drain" (weight 0, no new clients), or "ready" and a

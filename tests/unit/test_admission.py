@@ -12,7 +12,15 @@ import pytest
 from app.protocol import Hello, Register, Resume
 from app.settings import Settings
 from app.worker import metrics
-from app.worker.admission import ARGON2_WORK, CALM_S, STEP_S, Admission, Shed, Work
+from app.worker.admission import (
+    ARGON2_WORK,
+    CALM_S,
+    MAX_LEVEL,
+    STEP_S,
+    Admission,
+    Shed,
+    Work,
+)
 from app.worker.errors import RequestError
 from tests.unit.worker_fakes import GOOD_PASSWORD, Harness
 
@@ -45,6 +53,24 @@ async def test_a_full_queue_of_one_kind_never_overloads_a_resume(flooded: Work) 
     assert admission.overloaded == 1
     release.set()
     await asyncio.gather(*holders)
+
+
+async def test_retry_after_grows_at_most_four_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sustained refusals double the ceiling at most MAX_LEVEL times: clients told to
+    come back much later than a slot frees leave the queue dry."""
+    now = 0.0
+    admission = Admission(
+        Settings(max_concurrent_auth=1, max_auth_queue=0, admission_retry_max_s=1000.0),
+        clock=lambda: now,
+    )
+    monkeypatch.setattr("app.worker.admission.random.uniform", lambda low, high: high)
+    ceilings = []
+    for _ in range(6):
+        ceilings.append(admission.retry_after(Work.LOGIN))
+        now += STEP_S
+    base = ceilings[0]
+    assert ceilings == [base, 2 * base, 4 * base, 4 * base, 4 * base, 4 * base]
+    assert MAX_LEVEL == 2
 
 
 async def test_resume_is_not_overloaded_by_a_register_flood_on_the_worker(
@@ -242,7 +268,7 @@ async def test_retry_after_follows_the_queue_grows_under_sustained_refusals_and_
     now += STEP_S
     assert await refused() == pytest.approx(24.0, abs=0.4)  # refusals go on: doubled
     now += STEP_S
-    assert await refused() == 30.0  # capped at admission_retry_max_s
+    assert await refused() == 30.0  # capped at admission_retry_max_s (48 s otherwise)
     now += CALM_S
     assert await refused() == pytest.approx(12.0, abs=0.2)  # calm again: from the start
     release.set()

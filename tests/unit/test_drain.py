@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -61,10 +62,18 @@ def test_begin_does_nothing_when_not_serving(state: WorkerState) -> None:
     assert rig.status.state is state
 
 
-def test_undrain_serves_again_and_is_a_no_op_otherwise() -> None:
+async def test_undrain_serves_again_and_is_a_no_op_otherwise() -> None:
     rig = Rig(WorkerState.DRAINING)
+    marked: list[str] = []
+
+    async def mark_active() -> None:
+        marked.append("active")
+
+    rig.drain._mark_active = mark_active  # type: ignore[method-assign]
     rig.drain.undrain("admin")
     assert rig.status.state is WorkerState.SERVING
+    await asyncio.sleep(0)
+    assert marked == ["active"]  # the workers table says active again
     rig.drain.undrain("admin")
     assert rig.status.state is WorkerState.SERVING
     stopping = Rig(WorkerState.STOPPING)
