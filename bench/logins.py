@@ -13,9 +13,10 @@ and counted.
 
 Printed: logins per second (from the first hello sent to the last welcome), the
 latency of a login (p50/p99, retries included), the answers that asked for a retry,
-and the CPU the cluster used meanwhile (utime + stime from /proc of every cluster
-process: workers, HAProxy, Patroni, etcd, PostgreSQL's postmasters and backends),
-in milliseconds per login, by role and in all.
+the transactions that opened the sessions (workers' /health), and the CPU the
+cluster used meanwhile (utime + stime from /proc of every cluster process: workers,
+HAProxy, Patroni, etcd, PostgreSQL's postmasters and backends), in milliseconds
+per login, by role and in all.
 """
 
 from __future__ import annotations
@@ -145,6 +146,22 @@ async def _logins(
     return elapsed, latencies, retries, failed, cpu
 
 
+def _batch_sizes(settings: Settings) -> tuple[int, int] | None:
+    """(password logins, their transactions) from the workers' /health; None before
+    password logins were group-committed."""
+    from app.cluster.health import http_json
+
+    logins = batches = 0
+    for worker in settings.worker_ids():
+        url = f"http://{settings.host}:{settings.worker_health_port(worker)}/health"
+        _, health = http_json(url)
+        if "password_login_batches" not in health:
+            return None
+        logins += int(health["password_logins"])
+        batches += int(health["password_login_batches"])
+    return logins, batches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=3000, help="users to log in (default 3000)")
@@ -168,6 +185,7 @@ def main() -> None:
         elapsed, latencies, retries, failed, cpu = uvloop.run(
             _logins(settings, users, args.concurrency)
         )
+        batches = _batch_sizes(settings)
     finally:
         print("stopping the cluster ...", flush=True)
         cluster.down(purge=True)
@@ -188,6 +206,8 @@ def main() -> None:
             f" retries asked: {retries or 'none'}; failed: {failed or 'none'}",
             flush=True,
         )
+    if batches is not None:
+        print(f"group commits: {batches[0]} logins in {batches[1]} transactions", flush=True)
     print(
         f"cluster CPU: {total_ms / max(n, 1):.2f} ms per login ({per_role} ms by role)",
         flush=True,

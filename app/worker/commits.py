@@ -59,28 +59,16 @@ class Commits:
             on_commit=on_commit,
             uncertain=uncertain,
         )
-        self._resumer: Batcher[ResumeRequest, ResumedSession | None] = Batcher(
-            pool,
-            self._resume_batch,
-            name="resumes",
-            batch_max=s.max_concurrent_resumes,
-            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        self._resumer: Batcher[ResumeRequest, ResumedSession | None] = self._logins(
+            "resumes", self._resume_batch
         )
         # A login storm after an outage: one transaction per batch of devices.
-        self.token_logins: Batcher[TokenLogin, LoggedIn | TokenRefused] = Batcher(
-            pool,
-            self._token_batch,
-            name="token_logins",
-            batch_max=s.max_concurrent_resumes,
-            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        self.token_logins: Batcher[TokenLogin, LoggedIn | TokenRefused] = self._logins(
+            "token_logins", self._token_batch
         )
         # A password login storm: argon2 per login, then one transaction per batch.
-        self.password_logins: Batcher[PasswordLogin, LoggedIn | LoginRefused] = Batcher(
-            pool,
-            self._password_batch,
-            name="password_logins",
-            batch_max=s.max_concurrent_resumes,
-            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        self.password_logins: Batcher[PasswordLogin, LoggedIn | LoginRefused] = self._logins(
+            "password_logins", self._password_batch
         )
         self._acker = self._group_commit("acks", message_store.ack_batch)
         self._receipts = self._group_commit("reads", message_store.read_batch, uncertain=uncertain)
@@ -133,6 +121,21 @@ class Commits:
             author, seq = result
             self._on_receipt({author: seq})
         return True
+
+    def _logins(
+        self,
+        name: str,
+        run: Callable[[asyncpg.Connection, list[T]], Awaitable[tuple[list[R], None]]],
+    ) -> Batcher[T, R]:
+        """A batcher of logins (resumes, tokens, passwords) on the main pool: as many
+        per batch as resumes may run at once, failing after RESUME_RETRY_BUDGET_S."""
+        return Batcher(
+            self._pool,
+            run,
+            name=name,
+            batch_max=self._settings.max_concurrent_resumes,
+            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        )
 
     def _group_commit(
         self,

@@ -16,12 +16,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
 from app.store import accounts, logins
 from app.store.db import create_pool
 from app.store.logins import LoggedIn, LoginRefused, PasswordLogin, Refusal
-from tests.integration.helpers import PASSWORD, new_user, register
+from tests.integration.helpers import PASSWORD, health_sums, new_user, register
 from tests.linechat import LineClient
 
 pytestmark = pytest.mark.integration
@@ -127,14 +126,8 @@ async def test_a_users_logins_in_one_batch_respect_the_device_cap(pool: asyncpg.
     assert results[2] == LoginRefused(Refusal.TOO_MANY_DEVICES)
 
 
-def _password_batches(cluster: LocalCluster) -> tuple[int, int]:
-    s = cluster.settings
-    items = batches = 0
-    for worker in s.worker_ids():
-        _, health = http_json(f"http://{s.host}:{s.worker_health_port(worker)}/health")
-        items += int(health["password_logins"])
-        batches += int(health["password_login_batches"])
-    return items, batches
+def _password_batches(cluster: LocalCluster) -> list[int]:
+    return health_sums(cluster, "password_logins", "password_login_batches")
 
 
 @contextlib.asynccontextmanager
