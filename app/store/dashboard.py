@@ -273,7 +273,7 @@ async def kick_session(
 ) -> int | None:
     """Close a live session and tell whichever worker holds it to drop the connection.
 
-    The same two steps as a new login of the device on a worker (``open_session``
+    The same two steps as a new login of the device on a worker (``logins.open_batch``
     then ``Delivery.replace_session``): the row is closed first, so a resume
     cannot take it back, then ``sb_push`` reaches every worker, and the one
     holding the connection closes it with ``kicked``. The notification

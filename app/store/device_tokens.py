@@ -1,9 +1,10 @@
 """Device tokens (table ``device_credentials``): long-lived, revocable logins per device.
 
-A password ``hello`` issues (or replaces) the device's token inside `open_session`'s
-transaction (`issue`). ``login_token`` presents it: `login_batch` checks, rotates and
-opens the sessions of a whole batch of devices in one transaction of two set-based
-statements. Only SHA-256 hashes of tokens are stored; tokens are never logged.
+A password ``hello`` issues (or replaces) the device's token in the transaction that
+opens its session (logins.open_batch). ``login_token`` presents it: `login_batch`
+checks, rotates and opens the sessions of a whole batch of devices in one
+transaction of two set-based statements. Only SHA-256 hashes of tokens are stored;
+tokens are never logged.
 
 Every writer takes the user's row before the credential row (a login locks ``users``
 FOR NO KEY UPDATE, a disable or password change updates it first), so they
@@ -19,25 +20,7 @@ from enum import Enum
 import asyncpg
 
 from app.store.db import columns
-
-
-async def issue(
-    conn: asyncpg.Connection, user_id: int, device: str, token_hash: bytes, remote_addr: str
-) -> None:
-    """Give ``device`` a new token (replacing its old one and the old one's overlap)."""
-    await conn.execute(
-        """
-        INSERT INTO device_credentials (user_id, device, token_hash, last_addr)
-        VALUES ($1, $2, $3, $4)
-        ON CONFLICT (user_id, device) DO UPDATE SET token_hash = excluded.token_hash,
-            previous_token_hash = NULL, previous_valid_until = NULL, created_at = now(),
-            last_used_at = now(), last_addr = excluded.last_addr
-        """,
-        user_id,
-        device,
-        token_hash,
-        remote_addr,
-    )
+from app.store.logins import LoggedIn, capped, logged_in, opening
 
 
 async def revoke(conn: asyncpg.Connection | asyncpg.Pool, user_id: int, device: str) -> bool:
@@ -112,23 +95,9 @@ class TokenRefused:
     retry_after_s: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class TokenSession:
-    """A session a token opened (the new token's hash was stored)."""
-
-    session_id: int
-    user_id: int
-    epoch: int
-    replaced_session_id: int | None
-    replaced_worker_id: str | None
-    last_seq: int
-    acked: int
-    has_contacts: bool
-
-
 # Statement 1: refuse throttled pairs and addresses, then find and lock the valid
-# credentials, users first (FOR NO KEY UPDATE: as open_session, see _LOCK_USER in
-# sessions.py). A lock that waited re-checks the row it waited for: a token rotated
+# credentials, users first (FOR NO KEY UPDATE: as a password login, see _LOCK_USERS
+# in logins.py). A lock that waited re-checks the row it waited for: a token rotated
 # or revoked meanwhile is no longer found, a user disabled meanwhile is.
 _FIND = """
 WITH input AS MATERIALIZED (
@@ -161,19 +130,14 @@ ORDER BY i.ord
 """
 
 # Statement 2, a fresh snapshot with the rows locked: the device cap, then rotate the
-# tokens, replace each device's live session and open the new one (as open_session).
-_OPEN = """
+# tokens, replace each device's live session and open the new one (as logins._OPEN).
+_OPEN = f"""
 WITH input AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::bytea[], $5::bytea[],
                          $6::text[], $7::int[])
         AS t(user_id, device, current, new_token_hash, resume_token_hash, remote_addr, ord)
 ),
-counted AS MATERIALIZED (
-    SELECT i.*, (SELECT count(*) FROM sessions s WHERE s.user_id = i.user_id
-                 AND s.device <> i.device AND s.state <> 'closed') AS others
-    FROM input i
-),
-allowed AS MATERIALIZED (SELECT * FROM counted WHERE others < $9::int),
+{capped("$9")},
 rotated AS (
     UPDATE device_credentials c SET
         previous_token_hash = CASE WHEN a.current THEN c.token_hash
@@ -189,29 +153,7 @@ old AS (
     WHERE s.user_id = a.user_id AND s.device = a.device AND s.state <> 'closed'
     RETURNING a.ord, s.id, s.worker_id, s.epoch
 ),
-opened AS (
-    INSERT INTO sessions (user_id, device, worker_id, remote_addr, epoch, resume_token_hash)
-    SELECT a.user_id, a.device, $8, a.remote_addr,
-           coalesce((SELECT max(o.epoch) FROM old o WHERE o.ord = a.ord), 0) + 1,
-           a.resume_token_hash
-    FROM allowed a
-    RETURNING id, user_id, device, epoch
-),
-known AS (
-    INSERT INTO devices (user_id, device) SELECT user_id, device FROM allowed
-    ON CONFLICT DO NOTHING
-)
-SELECT c.ord, n.id AS session_id, n.epoch,
-       (SELECT o.id FROM old o WHERE o.ord = c.ord ORDER BY o.epoch DESC LIMIT 1)
-           AS replaced_session_id,
-       (SELECT o.worker_id FROM old o WHERE o.ord = c.ord ORDER BY o.epoch DESC LIMIT 1)
-           AS replaced_worker_id,
-       (SELECT last_seq FROM inbox_counters ic WHERE ic.user_id = c.user_id) AS last_seq,
-       (SELECT acked_seq FROM devices d WHERE d.user_id = c.user_id
-           AND d.device = c.device) AS acked,
-       EXISTS (SELECT 1 FROM contacts k WHERE k.owner_id = c.user_id
-           AND k.status = 'accepted') AS has_contacts
-FROM counted c LEFT JOIN opened n ON n.user_id = c.user_id AND n.device = c.device
+{opening("$8")}
 """
 
 
@@ -224,7 +166,7 @@ async def login_batch(
     overlap_s: float,
     max_devices: int,
     addr_failure_limit: int,
-) -> list[TokenSession | TokenRefused]:
+) -> list[LoggedIn | TokenRefused]:
     """Log in a batch of devices by their tokens: one transaction, two statements.
 
     Each valid token (current, or the previous one within its overlap, unexpired,
@@ -235,7 +177,7 @@ async def login_batch(
     just rotated.
     """
     failed = TokenRefused(Refusal.FAILED)
-    result: list[TokenSession | TokenRefused] = [failed] * len(requests)
+    result: list[LoggedIn | TokenRefused] = [failed] * len(requests)
     async with conn.transaction():
         found = await conn.fetch(
             _FIND,
@@ -271,20 +213,6 @@ async def login_batch(
             max_devices,
             overlap_s,
         )
-    users = {i: user_id for (user_id, _), i in picked}
     for row in rows:
-        index = row["ord"]
-        if row["session_id"] is None:
-            result[index] = TokenRefused(Refusal.TOO_MANY_DEVICES)
-            continue
-        result[index] = TokenSession(
-            session_id=int(row["session_id"]),
-            user_id=users[index],
-            epoch=int(row["epoch"]),
-            replaced_session_id=row["replaced_session_id"],
-            replaced_worker_id=row["replaced_worker_id"],
-            last_seq=int(row["last_seq"] or 0),
-            acked=int(row["acked"] or 0),
-            has_contacts=bool(row["has_contacts"]),
-        )
+        result[row["ord"]] = logged_in(row) or TokenRefused(Refusal.TOO_MANY_DEVICES)
     return result

@@ -2,7 +2,6 @@
 
 StoreError
  +-- UserExists          the username is taken
- +-- AccountDisabled     the account is disabled (``open_session`` refuses it)
  +-- AdminExists         an admin of that name exists (``admin create``)
  +-- NotFound            a user, room or message does not exist (or is not visible)
  +-- Forbidden           the caller may not do this
@@ -33,18 +32,6 @@ class StoreError(Exception):
 
 class UserExists(StoreError):
     pass
-
-
-class AccountDisabled(StoreError):
-    """The account is disabled: no session may be opened for it."""
-
-
-class PasswordChanged(StoreError):
-    """The password changed between its check and the session's opening."""
-
-
-class TooManyDevices(StoreError):
-    """The user's other devices hold as many live sessions as one user may have."""
 
 
 class AdminExists(StoreError):

@@ -230,17 +230,6 @@ async def usernames(pool: asyncpg.Pool, ids: list[int]) -> dict[int, str]:
     return {int(r["id"]): str(r["username"]) for r in rows}
 
 
-async def inbox_position(pool: asyncpg.Pool, user_id: int, device: str) -> tuple[int, int]:
-    """(the user's last inbox seq, this device's acked seq)."""
-    row = await pool.fetchrow(
-        "SELECT c.last_seq, coalesce(d.acked_seq, 0) AS acked FROM inbox_counters c "
-        "LEFT JOIN devices d ON d.user_id = c.user_id AND d.device = $2 WHERE c.user_id = $1",
-        user_id,
-        device,
-    )
-    return (int(row["last_seq"]), int(row["acked"])) if row else (0, 0)
-
-
 @dataclass(frozen=True, slots=True)
 class AckRequest:
     user_id: int

@@ -6,18 +6,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from app.store import device_tokens
 from app.store.db import columns
-from app.store.errors import AccountDisabled, PasswordChanged, TooManyDevices
 from app.store.eventlog import EventKind, log_dead_workers_cte, log_sessions_cte
-
-
-@dataclass(frozen=True, slots=True)
-class OpenedSession:
-    session_id: int
-    epoch: int
-    replaced_session_id: int | None
-    replaced_worker_id: str | None
 
 
 async def register_worker(
@@ -179,89 +169,6 @@ async def reap(
 
 async def set_worker_state(pool: asyncpg.Pool, worker_id: str, state: str) -> None:
     await pool.execute("UPDATE workers SET state = $2 WHERE id = $1", worker_id, state)
-
-
-# FOR NO KEY UPDATE conflicts with the disable's `UPDATE users`
-# (dashboard.set_user_disabled), and both take the user's row before any session
-# row, so they serialise in one order: if the disable locked the row first, this
-# waits for its commit and reads disabled = true; if this locked it first, the
-# disable's UPDATE waits for this commit, and its `UPDATE sessions` (a later
-# statement, a later snapshot) sees and closes the row opened here. It also
-# serialises one user's logins, so the device count below cannot be raced past the
-# cap; it does not conflict with the FOR KEY SHARE of foreign-key checks (messages
-# to this user commit meanwhile). (FOR KEY SHARE would not do: `disabled` is no key.)
-_LOCK_USER = "SELECT disabled, password_hash FROM users WHERE id = $1 FOR NO KEY UPDATE"
-
-# Live sessions (active or resumable) of the user's other devices.
-_OTHER_LIVE_DEVICES = (
-    "SELECT count(*) FROM sessions WHERE user_id = $1 AND device <> $2 AND state <> 'closed'"
-)
-
-
-async def open_session(
-    pool: asyncpg.Pool,
-    user_id: int,
-    device: str,
-    worker_id: str,
-    remote_addr: str,
-    resume_token_hash: bytes | None = None,
-    max_devices: int | None = None,
-    password_hash: str | None = None,
-    device_token_hash: bytes | None = None,
-) -> OpenedSession:
-    """Record a new session; a live session of the same device is replaced (one per device).
-
-    Raises AccountDisabled if the account is disabled when the transaction runs,
-    whatever the caller read before: a login racing a disable either fails here
-    or opens a row the disable then closes (see `_LOCK_USER`). Raises
-    TooManyDevices if the user's other devices hold ``max_devices`` live sessions,
-    and PasswordChanged if the password is no longer ``password_hash`` (the hash the
-    caller verified): a login checked just before a password change committed
-    cannot open a session after it (the change ended every other session).
-    With ``device_token_hash``, the device's token is (re)issued in the same
-    transaction (device_tokens.issue).
-    """
-    async with pool.acquire() as conn, conn.transaction():
-        user = await conn.fetchrow(_LOCK_USER, user_id)
-        if user is None or user["disabled"] is not False:
-            raise AccountDisabled(f"user {user_id} is disabled")
-        if password_hash is not None and user["password_hash"] != password_hash:
-            raise PasswordChanged(f"user {user_id} changed password during the login")
-        if max_devices is not None:
-            others = await conn.fetchval(_OTHER_LIVE_DEVICES, user_id, device)
-            if others >= max_devices:
-                raise TooManyDevices(f"user {user_id} has {others} devices logged in")
-        old = await conn.fetchrow(
-            "UPDATE sessions SET state = 'closed', closed_at = now(), close_reason = 'replaced' "
-            "WHERE user_id = $1 AND device = $2 AND state <> 'closed' "
-            "RETURNING id, worker_id, epoch",
-            user_id,
-            device,
-        )
-        epoch = (old["epoch"] + 1) if old else 1
-        session_id = await conn.fetchval(
-            "INSERT INTO sessions (user_id, device, worker_id, remote_addr, epoch, "
-            "resume_token_hash) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-            user_id,
-            device,
-            worker_id,
-            remote_addr,
-            epoch,
-            resume_token_hash,
-        )
-        await conn.execute(
-            "INSERT INTO devices (user_id, device) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            user_id,
-            device,
-        )
-        if device_token_hash is not None:
-            await device_tokens.issue(conn, user_id, device, device_token_hash, remote_addr)
-    return OpenedSession(
-        int(session_id),
-        epoch,
-        int(old["id"]) if old else None,
-        str(old["worker_id"]) if old else None,
-    )
 
 
 async def close_session(pool: asyncpg.Pool, session_id: int, epoch: int, reason: str) -> bool:

@@ -190,6 +190,35 @@ async def give_back(pool: asyncpg.Pool, key: str) -> None:
     )
 
 
+# Many right passwords at once (a batch of password logins, app/store/logins.py): the
+# rows locked in key order first, so two batches sharing keys cannot deadlock; an
+# address in the batch k times gets k attempts back.
+_SETTLE_RIGHTS = f"""
+WITH locked AS MATERIALIZED (
+    SELECT key FROM auth_throttle WHERE key = ANY($1::text[]) OR key = ANY($2::text[])
+    ORDER BY key FOR UPDATE
+),
+forgotten AS (
+    DELETE FROM auth_throttle t USING locked l WHERE t.key = l.key AND t.key = ANY($1::text[])
+),
+given AS (
+    UPDATE auth_throttle t SET attempts = greatest(t.attempts - g.n, 0)
+    FROM (SELECT key, count(*)::int AS n FROM unnest($2::text[]) AS key GROUP BY key) g
+    WHERE t.key = g.key AND t.key IN (SELECT key FROM locked)
+      AND t.attempts > 0 AND t.next_attempt_at > now()
+)
+SELECT {_ASYNC_COMMIT}
+"""
+
+
+async def settle_rights(
+    conn: asyncpg.Connection | asyncpg.Pool, pair_keys: list[str], addr_keys: list[str]
+) -> None:
+    """Many attempts' passwords were right: forget each pair (`forget`) and give each
+    address its attempts back (`give_back`), in one statement."""
+    await conn.execute(_SETTLE_RIGHTS, pair_keys, addr_keys)
+
+
 async def prune(pool: asyncpg.Pool, older_than_s: float) -> int:
     """Delete counters whose wait or window ended more than ``older_than_s`` ago."""
     status = await pool.execute(

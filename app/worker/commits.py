@@ -1,5 +1,5 @@
-"""The worker's group commits: sends, resumes, token logins, acks and read receipts,
-each a `Batcher`.
+"""The worker's group commits: sends, resumes, password and token logins, acks and
+read receipts, each a `Batcher`.
 
 Clients may ack (and mark read) every message: one synchronously replicated
 commit for each would cost as much as the messages themselves, so acks and
@@ -14,14 +14,19 @@ from typing import TypeVar
 
 import asyncpg
 
+from app.logs import get_logger
 from app.settings import Settings
-from app.store import device_tokens
+from app.store import device_tokens, logins, throttle
 from app.store import messages as message_store
 from app.store import sessions as session_store
-from app.store.device_tokens import TokenLogin, TokenRefused, TokenSession
+from app.store.device_tokens import TokenLogin, TokenRefused
+from app.store.errors import DB_ERRORS
+from app.store.logins import LoggedIn, LoginRefused, PasswordLogin
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import ResumedSession, ResumeRequest
 from app.worker.writer import Batcher, MessageWriter
+
+log = get_logger("commits")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,20 +59,16 @@ class Commits:
             on_commit=on_commit,
             uncertain=uncertain,
         )
-        self._resumer: Batcher[ResumeRequest, ResumedSession | None] = Batcher(
-            pool,
-            self._resume_batch,
-            name="resumes",
-            batch_max=s.max_concurrent_resumes,
-            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        self._resumer: Batcher[ResumeRequest, ResumedSession | None] = self._logins(
+            "resumes", self._resume_batch
         )
         # A login storm after an outage: one transaction per batch of devices.
-        self.token_logins: Batcher[TokenLogin, TokenSession | TokenRefused] = Batcher(
-            pool,
-            self._token_batch,
-            name="token_logins",
-            batch_max=s.max_concurrent_resumes,
-            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        self.token_logins: Batcher[TokenLogin, LoggedIn | TokenRefused] = self._logins(
+            "token_logins", self._token_batch
+        )
+        # A password login storm: argon2 per login, then one transaction per batch.
+        self.password_logins: Batcher[PasswordLogin, LoggedIn | LoginRefused] = self._logins(
+            "password_logins", self._password_batch
         )
         self._acker = self._group_commit("acks", message_store.ack_batch)
         self._receipts = self._group_commit("reads", message_store.read_batch, uncertain=uncertain)
@@ -75,6 +76,7 @@ class Commits:
             self.writer,
             self._resumer,
             self.token_logins,
+            self.password_logins,
             self._acker,
             self._receipts,  # type: ignore[assignment]
         )
@@ -95,10 +97,15 @@ class Commits:
         """Resume a session here; concurrent resumes share one statement."""
         return await self._resumer.submit(request)
 
-    async def log_in_by_token(self, request: TokenLogin) -> TokenSession | TokenRefused:
+    async def log_in_by_token(self, request: TokenLogin) -> LoggedIn | TokenRefused:
         """Check and rotate a device token and open its session; concurrent token
         logins share one transaction (device_tokens.login_batch)."""
         return await self.token_logins.submit(request)
+
+    async def log_in_by_password(self, request: PasswordLogin) -> LoggedIn | LoginRefused:
+        """Open the session of a login whose password argon2 found right; concurrent
+        logins share one transaction (logins.open_batch)."""
+        return await self.password_logins.submit(request)
 
     async def ack(self, request: AckRequest) -> int:
         """Move a device's acked position; concurrent acks share one statement."""
@@ -114,6 +121,21 @@ class Commits:
             author, seq = result
             self._on_receipt({author: seq})
         return True
+
+    def _logins(
+        self,
+        name: str,
+        run: Callable[[asyncpg.Connection, list[T]], Awaitable[tuple[list[R], None]]],
+    ) -> Batcher[T, R]:
+        """A batcher of logins (resumes, tokens, passwords) on the main pool: as many
+        per batch as resumes may run at once, failing after RESUME_RETRY_BUDGET_S."""
+        return Batcher(
+            self._pool,
+            run,
+            name=name,
+            batch_max=self._settings.max_concurrent_resumes,
+            retry_budget_s=RESUME_RETRY_BUDGET_S,
+        )
 
     def _group_commit(
         self,
@@ -153,7 +175,7 @@ class Commits:
 
     async def _token_batch(
         self, conn: asyncpg.Connection, requests: list[TokenLogin]
-    ) -> tuple[list[TokenSession | TokenRefused], None]:
+    ) -> tuple[list[LoggedIn | TokenRefused], None]:
         s = self._settings
         opened = await device_tokens.login_batch(
             conn,
@@ -164,4 +186,23 @@ class Commits:
             max_devices=s.max_devices_per_user,
             addr_failure_limit=s.max_login_failures_per_addr,
         )
+        return opened, None
+
+    async def _password_batch(
+        self, conn: asyncpg.Connection, requests: list[PasswordLogin]
+    ) -> tuple[list[LoggedIn | LoginRefused], None]:
+        s = self._settings
+        opened = await logins.open_batch(
+            conn, requests, worker_id=s.worker_id, max_devices=s.max_devices_per_user
+        )
+        # Committed: from here on nothing may fail the batch (a retry would open the
+        # sessions again). The passwords were right, refused or not: settle them.
+        try:
+            await throttle.settle_rights(
+                conn,
+                [r.pair_key for r in requests],
+                [r.addr_key for r in requests if r.addr_key is not None],
+            )
+        except DB_ERRORS as exc:  # the logins stand; only their counters stay
+            log.warning("login_success_not_counted", logins=len(requests), error=type(exc).__name__)
         return opened, None

@@ -39,6 +39,8 @@ class Sources:
     resumes: Callable[[], int]
     token_logins: Callable[[], int]
     token_login_batches: Callable[[], int]
+    password_logins: Callable[[], int]
+    password_login_batches: Callable[[], int]
     overloaded: Callable[[], int]
     queues: Callable[[], dict[str, int]]
     shed: Callable[[], dict[str, int]]
@@ -68,6 +70,9 @@ def health_report(src: Sources) -> dict[str, object]:
         # Device-token logins, and the transactions that opened them (device_tokens.py).
         "token_logins": src.token_logins(),
         "token_login_batches": src.token_login_batches(),
+        # Password logins past argon2, and the transactions that opened them (logins.py).
+        "password_logins": src.password_logins(),
+        "password_login_batches": src.password_login_batches(),
         "slow_readers": metrics.SLOW_READERS.value,
         "overloaded": src.overloaded(),
         # Admission control by kind of work: requests waiting for a slot now, and

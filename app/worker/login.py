@@ -33,15 +33,15 @@ from app.protocol import (
 )
 from app.settings import Settings
 from app.store import accounts
-from app.store import messages as message_store
-from app.store import sessions as session_store
 from app.store.accounts import Account
 from app.store.device_tokens import Refusal, TokenLogin, TokenRefused
-from app.store.errors import DB_ERRORS, AccountDisabled, PasswordChanged, TooManyDevices, UserExists
+from app.store.errors import DB_ERRORS, UserExists
 from app.store.eventlog import EventLog
+from app.store.logins import LoggedIn, LoginRefused, PasswordLogin
+from app.store.logins import Refusal as LoginRefusal
 from app.store.passwords import Passwords
 from app.store.sessions import ResumeRequest
-from app.store.throttle import Refused, Throttle, client_host
+from app.store.throttle import Admitted, Refused, Throttle, client_host
 from app.worker import metrics
 from app.worker.admission import Admission, Work
 from app.worker.announce import Announcer
@@ -126,58 +126,88 @@ class Login:
             log.warning("register_committed_despite_error", user=username, error=type(exc).__name__)
 
     async def hello(self, peer: Peer, req: Hello) -> None:
+        """Log in with the password: the attempt counted, argon2 in its slot, then the
+        session opened in a group commit (Commits.log_in_by_password)."""
         if req.v != PROTOCOL_VERSION:
             raise RequestError(
                 ErrorCode.UNSUPPORTED_VERSION, f"this server speaks v{PROTOCOL_VERSION}"
             )
-        pool = self._pool
-        s = self._settings
         async with self._admission.slot(Work.LOGIN):
-            account = await self._check_password(peer, req.user, req.password)
-            if account is None:
-                metrics.LOGINS.labels("failed").inc()
-                raise RequestError(ErrorCode.AUTH_FAILED, "wrong username or password")
-            if account.disabled:
-                raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
+            checked = await self._verify_password(peer, req.user, req.password)
+        if checked is None:
+            metrics.LOGINS.labels("failed").inc()
+            raise RequestError(ErrorCode.AUTH_FAILED, "wrong username or password")
+        account, attempt = checked
+        if account.disabled:
+            await self._password_right(attempt)
+            raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
         token = secrets.token_urlsafe(24)  # 192 random bits; only its hash is stored
         device_token = new_device_token()
         try:
-            opened = await session_store.open_session(
-                pool,
-                account.id,
-                req.device,
-                s.worker_id,
-                peer.peer,
-                token_hash(token),
-                max_devices=s.max_devices_per_user,
-                password_hash=account.password_hash,
-                device_token_hash=token_hash(device_token),
+            opened = await self._commits.log_in_by_password(
+                PasswordLogin(
+                    account.id,
+                    req.device,
+                    account.password_hash,
+                    token_hash(device_token),
+                    token_hash(token),
+                    peer.peer,
+                    attempt.pair_key,
+                    attempt.addr_key,
+                )
             )
-        except AccountDisabled:  # disabled since find_user read the account
-            raise RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled") from None
-        except PasswordChanged:  # the password checked is not the account's any more
-            raise RequestError(ErrorCode.AUTH_FAILED, "wrong username or password") from None
-        except TooManyDevices:
-            raise RequestError(
-                ErrorCode.TOO_MANY_DEVICES,
-                f"{s.max_devices_per_user} other devices of this user are logged in; "
-                "end one (bye) first",
-            ) from None
+        except Exception:
+            # Not committed (the database, the batch): ours, not the client's.
+            await self._throttle.password_void(attempt)
+            raise
+        if isinstance(opened, LoginRefused):
+            raise self._refusal(opened)
+        metrics.LOGINS.labels("ok").inc()
+        await self._welcome(peer, opened, req, token, device_token, "hello")
+
+    async def _welcome(
+        self,
+        peer: Peer,
+        opened: LoggedIn,
+        req: Hello | LoginToken,
+        token: str,
+        device_token: str,
+        why: str,
+    ) -> None:
+        """Attach a session a login opened, and fence out the one it replaced."""
+        user_id = opened.user_id
         if opened.replaced_session_id is not None:  # logged first: never two at once
             self._events.session_replaced(
-                account.id, opened.replaced_session_id, opened.epoch - 1, opened.replaced_worker_id
+                user_id, opened.replaced_session_id, opened.epoch - 1, opened.replaced_worker_id
             )
-        self._events.session_opened(account.id, opened.session_id, opened.epoch)
-        last_seq, acked = await message_store.inbox_position(pool, account.id, req.device)
+        self._events.session_opened(user_id, opened.session_id, opened.epoch)
         session = Session(
-            opened.session_id, account.id, account.username, req.device, opened.epoch, acked
+            opened.session_id, user_id, req.user, req.device, opened.epoch, opened.acked
         )
-        metrics.LOGINS.labels("ok").inc()
         await self._sessions.attach(
-            peer, session, token, last_seq, acked, req.rid, why="hello", device_token=device_token
+            peer,
+            session,
+            token,
+            opened.last_seq,
+            opened.acked,
+            req.rid,
+            why=why,
+            has_contacts=opened.has_contacts,
+            device_token=device_token,
         )
         if opened.replaced_session_id is not None:
-            self._announcer.replace_session(account.id, opened.replaced_session_id, None)
+            self._announcer.replace_session(user_id, opened.replaced_session_id, None)
+
+    def _refusal(self, refused: LoginRefused) -> RequestError:
+        if refused.why is LoginRefusal.DISABLED:  # disabled since find_user read the account
+            return RequestError(ErrorCode.ACCOUNT_DISABLED, "this account is disabled")
+        if refused.why is LoginRefusal.PASSWORD_CHANGED:  # the hash checked is not current
+            return RequestError(ErrorCode.AUTH_FAILED, "wrong username or password")
+        return RequestError(
+            ErrorCode.TOO_MANY_DEVICES,
+            f"{self._settings.max_devices_per_user} other devices of this user are logged in; "
+            "end one (bye) first",
+        )
 
     async def resume(self, peer: Peer, req: Resume) -> None:
         """Take over a session on this worker with its resume token: no password hash needed."""
@@ -256,30 +286,7 @@ class Login:
             return
         self.token_logins += 1
         metrics.LOGINS.labels("token_ok").inc()
-        if opened.replaced_session_id is not None:  # logged first: never two at once
-            self._events.session_replaced(
-                opened.user_id,
-                opened.replaced_session_id,
-                opened.epoch - 1,
-                opened.replaced_worker_id,
-            )
-        self._events.session_opened(opened.user_id, opened.session_id, opened.epoch)
-        session = Session(
-            opened.session_id, opened.user_id, req.user, req.device, opened.epoch, opened.acked
-        )
-        await self._sessions.attach(
-            peer,
-            session,
-            token,
-            opened.last_seq,
-            opened.acked,
-            req.rid,
-            why="login_token",
-            has_contacts=opened.has_contacts,
-            device_token=device_token,
-        )
-        if opened.replaced_session_id is not None:
-            self._announcer.replace_session(opened.user_id, opened.replaced_session_id, None)
+        await self._welcome(peer, opened, req, token, device_token, "login_token")
 
     async def _refuse_token(
         self, req: LoginToken, host: str, refused: TokenRefused, pair_key: str, addr_key: str | None
@@ -331,8 +338,21 @@ class Login:
         peer.write(OK.encode(req.rid))
 
     async def _check_password(self, peer: Peer, username: str, password: str) -> Account | None:
-        """The account if ``password`` is its password, else None (after counting the
-        attempt; `RequestError` rate_limited when the attempt may not be made yet)."""
+        """The account if ``password`` is its password (the attempt settled), else None."""
+        checked = await self._verify_password(peer, username, password)
+        if checked is None:
+            return None
+        account, attempt = checked
+        await self._password_right(attempt)
+        return account
+
+    async def _verify_password(
+        self, peer: Peer, username: str, password: str
+    ) -> tuple[Account, Admitted] | None:
+        """The account and its counted attempt if ``password`` is its password, else
+        None (after counting the attempt; `RequestError` rate_limited when the attempt
+        may not be made yet). A right attempt is still to be settled: `_password_right`,
+        or the login batch's settlement (throttle.settle_rights)."""
         host = client_host(peer.peer)
         attempt = await self._throttle.password_attempt(username, host)
         if isinstance(attempt, Refused):
@@ -351,11 +371,13 @@ class Login:
             # the wrong field (review L12).
             log.info("login_failed", user=username if account else "(no such user)", addr=host)
             return None
+        return account, attempt
+
+    async def _password_right(self, attempt: Admitted) -> None:
         try:
             await self._throttle.password_right(attempt)
         except DB_ERRORS as exc:  # the password was right: the login goes on
             log.warning("login_success_not_counted", error=type(exc).__name__)
-        return account
 
 
 def _rate_limited(refused: Refused, message: str) -> RequestError:

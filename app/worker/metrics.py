@@ -218,6 +218,10 @@ class WorkerCollector(Collector):
                 "Transactions that checked, rotated and opened a batch of device-token logins.",
                 "token_login_batches",
             ),
+            "switchboard_password_login_batches": (
+                "Transactions that opened a batch of password logins (after argon2).",
+                "password_login_batches",
+            ),
             "switchboard_slow_readers": ("Connections dropped as slow readers.", "slow_readers"),
             "switchboard_overloaded": (
                 "Logins, registrations and resumes refused by admission control.",

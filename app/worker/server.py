@@ -181,6 +181,8 @@ class Worker:
             resumes=lambda: login.resumes,
             token_logins=lambda: login.token_logins,
             token_login_batches=lambda: commits.token_logins.batches,
+            password_logins=lambda: commits.password_logins.items,
+            password_login_batches=lambda: commits.password_logins.batches,
             overloaded=lambda: admission.overloaded + cap.refused,
             queues=admission.queues,
             shed=admission.shed_counts,

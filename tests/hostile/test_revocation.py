@@ -17,6 +17,7 @@ which opens the window a disable must hit during a login.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import urllib.request
 import uuid
@@ -28,11 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.cluster.launcher import LocalCluster
 from app.secrets import read_secrets
-from app.store import accounts
+from app.store import accounts, logins
 from app.store import dashboard as dash_store
-from app.store import sessions as session_store
 from app.store.db import create_pool, dsn
-from app.store.errors import AccountDisabled
+from app.store.logins import LoggedIn, LoginRefused, PasswordLogin, Refusal
 from app.store.social import push_key
 from tests.cluster_fixture import make_settings, running_cluster
 from tests.integration.helpers import (
@@ -67,7 +67,7 @@ def cluster() -> Iterator[LocalCluster]:
 
 @pytest.fixture
 async def pool(cluster: LocalCluster) -> AsyncIterator[asyncpg.Pool]:
-    # Room for the serialisation test's four at once: a lock holder, open_session,
+    # Room for the serialisation test's four at once: a lock holder, the login batch,
     # the disable, and the poll of pg_stat_activity.
     p = await create_pool(cluster.settings, size=6)
     try:
@@ -185,31 +185,69 @@ async def test_a_disable_during_a_login_leaves_no_live_session(
     await bystanders.close()
 
 
-async def test_open_session_and_a_disable_serialise_on_the_user_row(
+async def test_a_password_change_during_a_login_refuses_it(
     cluster: LocalCluster, pool: asyncpg.Pool
 ) -> None:
-    """Both orders, in the store: a disable that commits first makes open_session refuse;
-    an open_session that locked the user's row first makes the disable wait for it and
+    """argon2 verified the old password while the change committed: the login's batch
+    finds another hash on the locked row and answers auth_failed; no session opens."""
+    user = new_user("changing")
+    await register(cluster, user)
+    with only_worker(cluster, "w1"):
+        client = await LineClient.connect(cluster.settings.host, cluster.settings.client_port)
+        await client.send(
+            {"op": "hello", "user": user, "password": PASSWORD, "device": "d", "rid": 1}
+        )
+        await asyncio.sleep(VERIFY_DELAY_S / 3)  # find_user has read the old hash
+        started = time.monotonic()
+        await pool.execute(
+            "UPDATE users SET password_hash = password_hash || 'changed' WHERE username = $1", user
+        )
+        reply = await client.recv(timeout=10)
+    assert time.monotonic() - started < VERIFY_DELAY_S  # the change came mid-login
+    assert (reply["op"], reply["code"], reply["rid"]) == ("error", "auth_failed", 1)
+    assert await live_sessions(pool, user) == []
+    await client.close()
+
+
+def _login(user_id: int, device: str) -> PasswordLogin:
+    digest = hashlib.sha256(f"{user_id}{device}".encode()).digest()
+    return PasswordLogin(user_id, device, "x", digest, digest, "test", "pair", None)
+
+
+async def _open(pool: asyncpg.Pool, user_id: int, device: str) -> LoggedIn | LoginRefused:
+    async with pool.acquire() as conn:
+        (result,) = await logins.open_batch(
+            conn, [_login(user_id, device)], worker_id="w9", max_devices=10
+        )
+    return result
+
+
+async def test_a_login_batch_and_a_disable_serialise_on_the_user_row(
+    cluster: LocalCluster, pool: asyncpg.Pool
+) -> None:
+    """Both orders, in the store: a disable that commits first makes the login batch
+    refuse; a batch that locked the user's row first makes the disable wait for it and
     close the row it opened."""
     key = admin_key(cluster)
     first = new_user("first")
     first_id = await accounts.create_user(pool, first, "x")
     await dash_store.set_user_disabled(pool, first, True, key)
-    with pytest.raises(AccountDisabled):
-        await session_store.open_session(pool, first_id, "d", "w9", "test")
+    assert await _open(pool, first_id, "d") == LoginRefused(Refusal.DISABLED)
 
     second = new_user("second")
     user_id = await accounts.create_user(pool, second, "x")
-    earlier = await session_store.open_session(pool, user_id, "d", "w9", "test")
+    earlier = await _open(pool, user_id, "d")
+    assert isinstance(earlier, LoggedIn)
     async with pool.acquire() as holder, holder.transaction():
-        # Hold the device's earlier row: open_session takes the user's row, then waits here.
+        # Hold the device's earlier row: the batch takes the user's row, then waits here.
         await holder.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", earlier.session_id)
-        opening = asyncio.ensure_future(session_store.open_session(pool, user_id, "d", "w9", "t"))
-        await waiting_on_a_lock(pool, "UPDATE sessions SET state = 'closed'%replaced%")
+        opening = asyncio.ensure_future(_open(pool, user_id, "d"))
+        await waiting_on_a_lock(pool, "%AS t(user_id, device, device_token_hash%")
         disabling = asyncio.ensure_future(dash_store.set_user_disabled(pool, second, True, key))
-        # The disable waits for the share lock open_session holds on the user's row.
+        # The disable waits for the lock the batch holds on the user's row.
         await waiting_on_a_lock(pool, "UPDATE users SET disabled%")
     opened = await asyncio.wait_for(opening, 10)
+    assert isinstance(opened, LoggedIn)
     assert await asyncio.wait_for(disabling, 10) == 1  # it saw and closed the new row
     row = await pool.fetchrow(
         "SELECT state, close_reason FROM sessions WHERE id = $1", opened.session_id

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from app.cluster import haproxy
+from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
 from app.store.db import dsn
 from tests.linechat import LineClient
@@ -95,3 +96,14 @@ async def db(cluster: LocalCluster) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+def health_sums(cluster: LocalCluster, *fields: str) -> list[int]:
+    """Each of ``fields`` of the workers' /health, summed over the workers."""
+    s = cluster.settings
+    sums = [0] * len(fields)
+    for worker in s.worker_ids():
+        _, health = http_json(f"http://{s.host}:{s.worker_health_port(worker)}/health")
+        for i, name in enumerate(fields):
+            sums[i] += int(health[name])
+    return sums

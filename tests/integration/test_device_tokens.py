@@ -20,14 +20,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
 from app.secrets import read_secrets
 from app.store import dashboard as dash_store
 from app.store.db import create_pool
 from app.store.social import push_key
 from app.worker.revoke import KICKED_MESSAGES
-from tests.integration.helpers import PASSWORD, db, login, new_user, register
+from tests.integration.helpers import PASSWORD, db, health_sums, login, new_user, register
 from tests.linechat import LineClient
 
 pytestmark = pytest.mark.integration
@@ -263,14 +262,8 @@ async def test_the_dashboard_revokes_a_device_and_ends_its_live_session(
     assert ok["op"] == "welcome", ok
 
 
-def _token_batches(cluster: LocalCluster) -> tuple[int, int]:
-    s = cluster.settings
-    logins = batches = 0
-    for worker in s.worker_ids():
-        _, health = http_json(f"http://{s.host}:{s.worker_health_port(worker)}/health")
-        logins += int(health["token_logins"])
-        batches += int(health["token_login_batches"])
-    return logins, batches
+def _token_batches(cluster: LocalCluster) -> list[int]:
+    return health_sums(cluster, "token_logins", "token_login_batches")
 
 
 async def test_a_token_login_storm_shares_batched_statements(

@@ -100,6 +100,8 @@ async def test_the_worker_admin_endpoint_wants_the_derived_token(
         resumes=lambda: 0,
         token_logins=lambda: 0,
         token_login_batches=lambda: 0,
+        password_logins=lambda: 0,
+        password_login_batches=lambda: 0,
         overloaded=lambda: 0,
         queues=dict,
         shed=dict,

@@ -121,7 +121,7 @@ async def test_hello_with_a_wrong_password_fails_and_counts_the_failure(h: Harne
     assert not peer.closed
     assert peer.state is SessionState.ANONYMOUS
     assert h.registry.by_user == {}
-    assert h.store.called("open_session") == []
+    assert h.store.called("password_batch") == []
 
 
 async def test_hello_for_an_unknown_user_fails_the_same_way(h: Harness) -> None:
@@ -219,14 +219,14 @@ async def test_hello_of_a_disabled_account_is_refused(h: Harness) -> None:
     peer = h.connect()
     frame = error(await h.request(peer, Hello(user="alice", password=GOOD_PASSWORD, device="d")))
     assert frame["code"] == "account_disabled"
-    assert h.store.called("open_session") == []
+    assert h.store.called("password_batch") == []
 
 
 async def test_hello_of_an_account_disabled_while_its_password_is_checked_is_refused(
     h: Harness,
 ) -> None:
     """find_user read the account enabled and the disable committed during argon2:
-    the store's open_session (which locks the user's row in PostgreSQL) refuses it."""
+    the login's batch (which locks the user's row in PostgreSQL) refuses it."""
     h.store.add_user("alice")
     verify = h.passwords.verify
 
@@ -239,7 +239,7 @@ async def test_hello_of_an_account_disabled_while_its_password_is_checked_is_ref
     peer = h.connect()
     frame = error(await h.request(peer, Hello(user="alice", password=GOOD_PASSWORD, device="d")))
     assert frame["code"] == "account_disabled"
-    assert h.store.called("open_session") == [(1, "d", WORKER_ID)]
+    assert h.store.called("password_batch") == [([(1, "d")],)]
     assert peer.state is SessionState.ANONYMOUS and not peer.closed
     assert h.store.sessions == {} and h.registry.by_user == {}
 

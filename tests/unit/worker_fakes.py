@@ -11,8 +11,9 @@ frames out::
     assert frames[0]["op"] == "welcome"
 
 The store functions the worker modules call directly (app.store.accounts,
-app.store.sessions, app.store.messages, and app.store.throttle's counters) are
-replaced by `FakeStore` with pytest's monkeypatch; every pool handed to the
+app.store.sessions, and app.store.throttle's counters) are replaced by
+`FakeStore` with pytest's monkeypatch, and `FakeCommits` hands password logins
+to `FakeStore.password_batch`; every pool handed to the
 parts is `NO_POOL`, which fails loudly if any real store code is reached. The
 throttle counters run on the harness's `FakeClock` (``h.clock.advance(s)``).
 """
@@ -31,14 +32,13 @@ import pytest
 from app.protocol import ErrorCode, Hello, Request, error_frame
 from app.settings import Settings
 from app.store import accounts, throttle
-from app.store import messages as message_store
 from app.store import sessions as session_store
 from app.store.accounts import Account
-from app.store.errors import AccountDisabled, NotFound, PasswordChanged, TooManyDevices, UserExists
+from app.store.errors import DB_ERRORS, NotFound, UserExists
 from app.store.eventlog import EventLog
+from app.store.logins import LoggedIn, LoginRefused, PasswordLogin, Refusal
 from app.store.messages import AckRequest, NewMessage, ReadRequest, Stored
 from app.store.sessions import (
-    OpenedSession,
     Reaped,
     ResumedSession,
     ResumeRequest,
@@ -220,9 +220,12 @@ class FakePasswords:
 
 
 class FakeCommits:
-    """The group commits, answering at once with canned results."""
+    """The group commits, answering at once with canned results; a password login
+    goes to ``store`` (`FakeStore.password_batch`, a batch of one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: FakeStore | None = None, max_devices: int = 10) -> None:
+        self.store = store
+        self.max_devices = max_devices
         self.resumed: ResumedSession | None = None  # what take_over returns
         self.receipt_ok = True
         self.error: BaseException | None = None  # raised by ack and record_receipt
@@ -237,6 +240,11 @@ class FakeCommits:
     async def take_over(self, request: ResumeRequest) -> ResumedSession | None:
         self.take_overs.append(request)
         return self.resumed
+
+    async def log_in_by_password(self, request: PasswordLogin) -> LoggedIn | LoginRefused:
+        assert self.store is not None, "FakeCommits(store) for password logins"
+        (result,) = await self.store.password_batch([request], self.max_devices)
+        return result
 
     async def ack(self, request: AckRequest) -> int:
         if self.error is not None:
@@ -313,8 +321,7 @@ class FakeStore:
                     "prune",
                 ),
             ),
-            (session_store, ("open_session", "close_session", "detach_session")),
-            (message_store, ("inbox_position",)),
+            (session_store, ("close_session", "detach_session")),
         ):
             for name in names:
                 monkeypatch.setattr(module, name, getattr(self, name))
@@ -426,45 +433,6 @@ class FakeStore:
         return len(old)
 
     # ---- app.store.sessions ------------------------------------------------------
-    async def open_session(
-        self,
-        pool: Any,
-        user_id: int,
-        device: str,
-        worker_id: str,
-        remote_addr: str,
-        resume_token_hash: bytes | None = None,
-        max_devices: int | None = None,
-        password_hash: str | None = None,
-        device_token_hash: bytes | None = None,
-    ) -> OpenedSession:
-        self._call("open_session", user_id, device, worker_id)
-        if device_token_hash is not None:
-            self.device_tokens[(user_id, device)] = device_token_hash
-        if any(a.id == user_id and a.disabled for a in self.users.values()):
-            raise AccountDisabled(f"user {user_id} is disabled")
-        if password_hash is not None and any(
-            a.id == user_id and a.password_hash != password_hash for a in self.users.values()
-        ):
-            raise PasswordChanged(f"user {user_id} changed password during the login")
-        others = sum(
-            1
-            for row in self.sessions.values()
-            if row.user_id == user_id and row.device != device and row.state != "closed"
-        )
-        if max_devices is not None and others >= max_devices:
-            raise TooManyDevices(f"user {user_id} has {others} devices logged in")
-        old_id, epoch = None, 1
-        for sid, row in self.sessions.items():
-            if row.user_id == user_id and row.device == device and row.state != "closed":
-                row.state, row.reason = "closed", "replaced"
-                old_id, epoch = sid, row.epoch + 1
-        session_id = 1000 + len(self.sessions)
-        self.sessions[session_id] = SessionRow(
-            user_id, device, epoch, resume_token_hash, worker_id=worker_id
-        )
-        return OpenedSession(session_id, epoch, old_id, worker_id if old_id else None)
-
     async def close_session(self, pool: Any, session_id: int, epoch: int, reason: str) -> bool:
         self._call("close_session", session_id, epoch, reason)
         row = self.sessions.get(session_id)
@@ -481,10 +449,52 @@ class FakeStore:
         row.state, row.reason = "detached", reason
         return True
 
-    # ---- app.store.messages ------------------------------------------------------
-    async def inbox_position(self, pool: Any, user_id: int, device: str) -> tuple[int, int]:
-        self._call("inbox_position", user_id, device)
-        return self.last_seq.get(user_id, 0), self.acked.get((user_id, device), 0)
+    # ---- app.store.logins, then throttle.settle_rights (Commits._password_batch) ------
+    async def password_batch(
+        self, requests: list[PasswordLogin], max_devices: int
+    ) -> list[LoggedIn | LoginRefused]:
+        """A batch of password logins as one transaction (all of it, or when ``error``
+        or ``failing["password_batch"]`` is set, none of it), then the settlement."""
+        self._call("password_batch", [(r.user_id, r.device) for r in requests])
+        results = [self._open(r, max_devices) for r in requests]
+        try:  # as Commits._password_batch: committed, so a failure here is only logged
+            for r in requests:
+                await self.forget(None, r.pair_key)
+                if r.addr_key is not None:
+                    await self.give_back(None, r.addr_key)
+        except DB_ERRORS:
+            pass
+        return results
+
+    def _open(self, r: PasswordLogin, max_devices: int) -> LoggedIn | LoginRefused:
+        """One login, by logins.open_batch's rules."""
+        account = next((a for a in self.users.values() if a.id == r.user_id), None)
+        if account is None or account.disabled:
+            return LoginRefused(Refusal.DISABLED)
+        if account.password_hash != r.password_hash:
+            return LoginRefused(Refusal.PASSWORD_CHANGED)
+        live = [(sid, row) for sid, row in self.sessions.items() if row.state != "closed"]
+        others = sum(1 for _, row in live if row.user_id == r.user_id and row.device != r.device)
+        if others >= max_devices:
+            return LoginRefused(Refusal.TOO_MANY_DEVICES)
+        self.device_tokens[(r.user_id, r.device)] = r.device_token_hash
+        old_id, epoch = None, 1
+        for sid, row in live:
+            if row.user_id == r.user_id and row.device == r.device:
+                row.state, row.reason = "closed", "replaced"
+                old_id, epoch = sid, row.epoch + 1
+        session_id = 1000 + len(self.sessions)
+        self.sessions[session_id] = SessionRow(r.user_id, r.device, epoch, r.resume_token_hash)
+        return LoggedIn(
+            session_id,
+            r.user_id,
+            epoch,
+            old_id,
+            WORKER_ID if old_id else None,
+            self.last_seq.get(r.user_id, 0),
+            self.acked.get((r.user_id, r.device), 0),
+            has_contacts=True,
+        )
 
     # ---- the Registry's lookups --------------------------------------------------
     async def require_user_id(self, username: str) -> int:
@@ -635,7 +645,7 @@ class Harness:
         self.presence = FakePresence()
         self.delivery = FakeDelivery()
         self.events = FakeEvents()
-        self.commits = FakeCommits()
+        self.commits = FakeCommits(self.store, self.settings.max_devices_per_user)
         self.passwords = FakePasswords()
         self.admission = Admission(self.settings)
         self.rows = FakeSessionRows(self.store)
