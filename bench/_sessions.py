@@ -31,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import hashlib
 import math
 import multiprocessing as mp
+import os
 import random
 import resource
 import secrets
@@ -147,7 +149,7 @@ class Generator:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((session.addr, 0))
-            await loop.sock_connect(sock, (self.c.host, self.c.port))
+            await _connect(loop, sock, (self.c.host, self.c.port))
             _, wire = await loop.create_connection(
                 lambda: Wire(lambda f: self.on_frame(session, f)), sock=sock
             )
@@ -274,6 +276,7 @@ class Generator:
                     self.counts["resumes"] += 1
                     self.resumed.append((session.dropped_at, time.time()))
             except (ConnectionError, TimeoutError):
+                self.counts["login_errors"] += 1
                 wire.close()
                 continue
             self.welcomed(session, wire, reply)
@@ -346,6 +349,29 @@ class Generator:
             if session.wire is not None:
                 out[session.worker] = out.get(session.worker, 0) + 1
         return out
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int]
+) -> None:
+    """A non-blocking connect to a numeric address.
+
+    Not ``loop.sock_connect``: uvloop's resolves every address with getaddrinfo in
+    libuv's thread pool (4 threads), numeric or not, and in a reconnect storm of
+    thousands at once on a busy box that queue held connects back by up to 11 s
+    (strace: bind, then connect of the same socket 11 s later).
+    """
+    err = sock.connect_ex(address)
+    if err == errno.EINPROGRESS:
+        writable = loop.create_future()
+        loop.add_writer(sock.fileno(), lambda: writable.done() or writable.set_result(None))
+        try:
+            await writable
+        finally:
+            loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _backoff(attempt: int) -> float:

@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -82,8 +82,9 @@ class Cluster:
 def _running(state_dir: Path) -> Cluster:
     """The settings of a running cluster, from its rendered haproxy.cfg."""
     text = (state_dir / "haproxy.cfg").read_text()
-    client = re.search(r"frontend clients\s*\n\s*bind (\S+):(\d+)", text)
-    primary = re.search(r"listen pg_primary\s*\n\s*bind (\S+):(\d+)", text)
+    # The first bind line of each section, past any comment lines.
+    client = re.search(r"frontend clients\s*\n(?:\s*#.*\n)*\s*bind (\S+):(\d+)", text)
+    primary = re.search(r"listen pg_primary\s*\n(?:\s*#.*\n)*\s*bind (\S+):(\d+)", text)
     if client is None or primary is None:
         raise SystemExit(f"{state_dir}/haproxy.cfg: no client port or database port found")
     settings = Settings.load(
@@ -144,6 +145,7 @@ class CpuMark:
     cluster: dict[int, float]  # every process of the cluster, listed afresh each time
     generators: dict[int, float]
     machine: float  # busy seconds of the whole machine, /proc/stat
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> workers, postgres, ...
 
 
 @dataclass
@@ -151,13 +153,22 @@ class CpuUsed:
     cluster: float
     generators: float
     machine: float
+    # The cluster's share by role (workers, postgres, haproxy, patroni+etcd).
+    by_role: dict[str, float] = field(default_factory=dict)
+
+    def per(self, count: int) -> str:
+        """ms per item, by role: where the CPU went."""
+        n = max(count, 1)
+        return ", ".join(
+            f"{role} {1000 * seconds / n:.2f}" for role, seconds in self.by_role.items()
+        )
 
 
 def _cpu_mark(cluster: Cluster, generator_pids: list[int]) -> CpuMark:
-    pids = [pid for group in cluster_pids(cluster.state_dir).values() for pid in group]
+    roles = {pid: role for role, group in cluster_pids(cluster.state_dir).items() for pid in group}
     t = psutil.cpu_times()
     busy = float(sum(t) - t.idle - t.iowait)
-    return CpuMark(_cpu_by_pid(pids), _cpu_by_pid(generator_pids), busy)
+    return CpuMark(_cpu_by_pid(list(roles)), _cpu_by_pid(generator_pids), busy, roles)
 
 
 def _cpu_used(before: CpuMark, after: CpuMark) -> CpuUsed:
@@ -167,10 +178,15 @@ def _cpu_used(before: CpuMark, after: CpuMark) -> CpuUsed:
     def used(a: dict[int, float], b: dict[int, float]) -> float:
         return sum(cpu - a.get(pid, 0.0) for pid, cpu in b.items())
 
+    by_role: dict[str, float] = {}
+    for pid, cpu in after.cluster.items():
+        role = after.roles.get(pid, "other")
+        by_role[role] = by_role.get(role, 0.0) + cpu - before.cluster.get(pid, 0.0)
     return CpuUsed(
         used(before.cluster, after.cluster),
         used(before.generators, after.generators),
         after.machine - before.machine,
+        by_role,
     )
 
 
@@ -182,6 +198,30 @@ def _listen_drops() -> int:
         if head[0] == "TcpExt:" and "ListenDrops" in head:
             return int(values[head.index("ListenDrops")])
     return 0
+
+
+def _softnet() -> tuple[int, int]:
+    """(packets dropped at a full per-CPU input queue, SYNs retransmitted), whole machine.
+
+    Loopback traffic enters the receiving side through the per-CPU backlog queue
+    (net.core.netdev_max_backlog long): a burst past it is dropped there, before any
+    listen queue (so ListenDrops stays 0), and a dropped SYN is sent again after
+    1 s, then 2, 4, ... s."""
+    dropped = 0
+    for line in Path("/proc/net/softnet_stat").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 1:
+            dropped += int(fields[1], 16)
+    syn_retrans = 0
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head[0] == "TcpExt:" and "TCPSynRetrans" in head:
+            syn_retrans = int(values[head.index("TCPSynRetrans")])
+    return dropped, syn_retrans
+
+
+def _netdev_max_backlog() -> int:
+    return int(Path("/proc/sys/net/core/netdev_max_backlog").read_text())
 
 
 def _rss(pids: list[int]) -> int:
@@ -238,6 +278,8 @@ class Result:
     cpu_login: CpuUsed
     rss_workers: int
     rss_haproxy: int
+    rss_base_workers: int  # before the first login: the processes' own start-up memory
+    rss_base_haproxy: int
     workers: int
     haproxy_processes: int
     rows_before: dict[str, tuple[int, int]]
@@ -246,13 +288,18 @@ class Result:
     latencies: list[float]
     noticed: list[float]  # when each client saw its connection drop, from the kill
     listen_drops: int  # SYNs dropped at full listen queues during the storm (whole machine)
+    softnet_drops: tuple[int, int]  # packets dropped at the per-CPU input queue: logins, storm
+    syn_retrans: tuple[int, int]  # SYNs sent again: logins, storm
+    netdev_max_backlog: int
     resume_window_s: float
     resumes: int
     fallback_logins: int
     storm_overloaded: int
     cpu_resume: CpuUsed
     rows_after: dict[str, tuple[int, int]]
-    timeline: list[tuple[int, int, int, int]]  # (second from the kill, connects, resumes, ovl)
+    # (second from the kill, drops seen, connects, failed connects or connections lost
+    # before their welcome, resumes, overloaded)
+    timeline: list[tuple[int, int, int, int, int, int]]
     unresumed: int
 
 
@@ -289,6 +336,9 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         f"{configs[0].source_addrs[0]}..{configs[-1].source_addrs[-1]}, login: {args.login}",
         flush=True,
     )
+    base_pids = cluster_pids(cluster.state_dir)
+    rss_base_workers, rss_base_haproxy = _rss(base_pids["workers"]), _rss(base_pids["haproxy"])
+    net_login = _softnet()
     with Fleet(configs) as fleet:
         gen_pids = [p.pid for p in fleet._procs if p.pid is not None]
         mark = _cpu_mark(cluster, gen_pids)
@@ -310,6 +360,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                 raise SystemExit(f"\nlogins not done after {args.login_timeout:.0f} s")
         login_s = time.monotonic() - started
         cpu_login = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
+        net_storm = _softnet()
         _bar("logins ", fleet.totals["logins"], n, started, "done")
         sys.stderr.write("\n")
         logins = fleet.totals["logins"]
@@ -348,6 +399,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                 break
         cpu_resume = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
         listen_drops = _listen_drops() - drops_before
+        net_end = _softnet()
         _bar("resumes", back, max(drops, 1), started, "done")
         sys.stderr.write("\n")
         rows_after: dict[str, tuple[int, int]] = {}
@@ -372,7 +424,9 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
     timeline = [
         (
             second,
+            counts.get("drops", 0),
             counts.get("connects", 0),
+            counts.get("connect_errors", 0) + counts.get("login_errors", 0),
             counts.get("resumes", 0),
             counts.get("overloaded", 0),
         )
@@ -395,6 +449,11 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         latencies=latencies,
         noticed=noticed,
         listen_drops=listen_drops,
+        softnet_drops=(net_storm[0] - net_login[0], net_end[0] - net_storm[0]),
+        syn_retrans=(net_storm[1] - net_login[1], net_end[1] - net_storm[1]),
+        netdev_max_backlog=_netdev_max_backlog(),
+        rss_base_workers=rss_base_workers,
+        rss_base_haproxy=rss_base_haproxy,
         resume_window_s=max(latencies, default=0.0),
         resumes=fleet.totals["resumes"] - before_kill["resumes"],
         fallback_logins=fleet.totals["fallback_logins"] - before_kill["fallback_logins"],
@@ -418,11 +477,18 @@ def report(r: Result) -> str:
         f" processes (+ {1000 * r.cpu_login.generators / max(r.logins, 1):.2f} ms in the"
         f" generators; whole machine {1000 * r.cpu_login.machine / max(r.logins, 1):.2f} ms)"
     )
+    lines.append(f"  by role (ms per login): {r.cpu_login.per(r.logins)}")
     lines.append(
         f"RSS per session: workers {r.rss_workers / r.sessions / 1024:.1f} KB"
         f" ({r.workers} processes, {r.rss_workers / 2**20:,.0f} MB),"
         f" HAProxy {r.rss_haproxy / r.sessions / 1024:.1f} KB"
         f" ({r.haproxy_processes} processes, {r.rss_haproxy / 2**20:,.0f} MB)"
+    )
+    lines.append(
+        "RSS per session above the processes' start-up memory: workers"
+        f" {(r.rss_workers - r.rss_base_workers) / r.sessions / 1024:.2f} KB"
+        f" (base {r.rss_base_workers / max(r.workers, 1) / 2**20:,.0f} MB each), HAProxy"
+        f" {(r.rss_haproxy - r.rss_base_haproxy) / r.sessions / 1024:.2f} KB"
     )
     lines.append(
         "session rows per worker (active/detached): "
@@ -446,6 +512,11 @@ def report(r: Result) -> str:
         f" machine): {r.listen_drops:,}"
     )
     lines.append(
+        f"packets dropped at the per-CPU input queue (softnet_stat, netdev_max_backlog"
+        f" {r.netdev_max_backlog:,}): logins {r.softnet_drops[0]:,}, storm {r.softnet_drops[1]:,};"
+        f" SYNs sent again: logins {r.syn_retrans[0]:,}, storm {r.syn_retrans[1]:,}"
+    )
+    lines.append(
         f"password/token logins after the kill: {r.fallback_logins}; overloaded during the"
         f" storm: {r.storm_overloaded:,}; sessions not back: {r.unresumed}"
     )
@@ -455,14 +526,19 @@ def report(r: Result) -> str:
         f" the generators; whole machine {1000 * r.cpu_resume.machine / max(r.resumes, 1):.2f}"
         " ms), over the storm"
     )
+    lines.append(f"  by role (ms per resume): {r.cpu_resume.per(r.resumes)}")
     left = r.rows_after.get(r.victim)
     lines.append(
         f"rows left on {r.victim}: {left[0] + left[1] if left else 0}; rows per worker now: "
         + ", ".join(f"{w} {a:,}/{d:,}" for w, (a, d) in r.rows_after.items())
     )
     lines.append("storm timeline (per second; second s is (s-1, s] from the kill):")
-    lines.append(f"{'s':>5} {'connects':>9} {'resumes':>9} {'overloaded':>11}")
-    lines += [f"{t:>5} {c:>9,} {res:>9,} {o:>11,}" for t, c, res, o in r.timeline]
+    lines.append(
+        f"{'s':>5} {'drops':>7} {'connects':>9} {'failed':>7} {'resumes':>9} {'overloaded':>11}"
+    )
+    lines += [
+        f"{t:>5} {d:>7,} {c:>9,} {f:>7,} {res:>9,} {o:>11,}" for t, d, c, f, res, o in r.timeline
+    ]
     return "\n".join(lines)
 
 
@@ -477,8 +553,9 @@ def plot(r: Result, path: Path) -> str:
     seconds = [t for t, *_ in r.timeline]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     # Each count is of the second that ends at its mark.
-    ax.step(seconds, [c for _, c, _, _ in r.timeline], where="pre", label="connects/s")
-    ax.step(seconds, [res for _, _, res, _ in r.timeline], where="pre", label="resumes/s")
+    ax.step(seconds, [row[1] for row in r.timeline], where="pre", label="drops seen/s")
+    ax.step(seconds, [row[2] for row in r.timeline], where="pre", label="connects/s")
+    ax.step(seconds, [row[4] for row in r.timeline], where="pre", label="resumes/s")
     ax.step(seconds, [o for *_, o in r.timeline], where="pre", label="overloaded/s")
     ax.axvline(0, color="grey", linestyle=":", label=f"kill -9 {r.victim}")
     ax.set_xlabel("seconds from the kill")
