@@ -190,14 +190,19 @@ def _cpu_used(before: CpuMark, after: CpuMark) -> CpuUsed:
     )
 
 
-def _listen_drops() -> int:
-    """TcpExt ListenDrops of the whole machine (/proc/net/netstat): SYNs dropped because
-    a listen queue was full; the client tries again after 1 s, then 2, 4, ... s."""
+def _tcpext(name: str) -> int:
+    """A TcpExt counter of the whole machine (/proc/net/netstat), 0 if there is none."""
     lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
     for head, values in zip(lines[::2], lines[1::2], strict=False):
-        if head[0] == "TcpExt:" and "ListenDrops" in head:
-            return int(values[head.index("ListenDrops")])
+        if head[0] == "TcpExt:" and name in head:
+            return int(values[head.index(name)])
     return 0
+
+
+def _listen_drops() -> int:
+    """SYNs dropped because a listen queue was full; the client tries again after 1 s,
+    then 2, 4, ... s."""
+    return _tcpext("ListenDrops")
 
 
 def _softnet() -> tuple[int, int]:
@@ -212,12 +217,7 @@ def _softnet() -> tuple[int, int]:
         fields = line.split()
         if len(fields) > 1:
             dropped += int(fields[1], 16)
-    syn_retrans = 0
-    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
-    for head, values in zip(lines[::2], lines[1::2], strict=False):
-        if head[0] == "TcpExt:" and "TCPSynRetrans" in head:
-            syn_retrans = int(values[head.index("TCPSynRetrans")])
-    return dropped, syn_retrans
+    return dropped, _tcpext("TCPSynRetrans")
 
 
 def _netdev_max_backlog() -> int:

@@ -92,11 +92,11 @@ async def test_a_killed_workers_sessions_detach_and_presence_goes_offline(
     # A worker judges nobody in its first lease after start (reap_tick): an earlier
     # test may have restarted the survivors, so let them be older than a lease first.
     async with db(cluster) as conn:
-        youngest = await conn.fetchval(
+        youngest_age_s = await conn.fetchval(
             "SELECT extract(epoch FROM now() - max(started_at)) FROM workers WHERE id <> 'w2'"
             " AND state = 'active'"
         )
-    await asyncio.sleep(max(0.0, cluster.settings.worker_lease_s + 1 - float(youngest or 0)))
+    await asyncio.sleep(max(0.0, cluster.settings.worker_lease_s + 1 - float(youngest_age_s or 0)))
     # Held: w2 stays dead until the test starts it again, not the supervisor.
     with cluster.held("w2"):
         try:
