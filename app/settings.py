@@ -64,6 +64,21 @@ class Settings:
     worker_health_base_port: int = 7101
     # HAProxy's agent check asks each worker "ready" or "drain" on this port.
     worker_agent_base_port: int = 7201
+    # WebSocket clients (docs/protocol.md, "WebSocket transport"): the same frames, one
+    # per text message, through HAProxy's `websockets` frontend: plain ws:// on
+    # client_ws_port (loopback only, like client_port) and wss:// on client_wss_port
+    # (TLS with the client_tls_port's certificate), to each worker's worker_ws port.
+    # The web chat page is served on both, at /chat/.
+    client_ws_port: int = 5280
+    client_wss_port: int = 5281
+    worker_ws_base_port: int = 7301
+    # Browser origins (scheme://host[:port], comma-separated) allowed to open a
+    # WebSocket besides the cluster's own (an Origin naming the Host the browser
+    # dialled); a request without Origin is not a browser's and is allowed.
+    ws_allowed_origins: str = ""
+    # The worker pings each WebSocket client this often and drops one that does not
+    # answer within half of it (aiohttp's heartbeat).
+    ws_heartbeat_s: float = 30.0
     agent_interval_s: float = 1.0
     haproxy_stats_port: int = 8404
     # HAProxy processes binding the client port together (SO_REUSEPORT). One
@@ -361,8 +376,19 @@ class Settings:
         if not 1 <= self.dashboard_app_port() <= 65535 or self.dashboard_app_port_offset == 0:
             raise SettingsError("dashboard_port + dashboard_app_port_offset must be another port")
         _networks("proxy_trusted_addrs", self.proxy_trusted_addrs)
-        if self.client_port == self.client_tls_port:
-            raise SettingsError("client_port and client_tls_port must differ")
+        client_ports = (
+            self.client_port,
+            self.client_tls_port,
+            self.client_ws_port,
+            self.client_wss_port,
+        )
+        if len(set(client_ports)) != len(client_ports):
+            raise SettingsError(
+                "client_port, client_tls_port, client_ws_port and client_wss_port must differ"
+            )
+        if self.ws_heartbeat_s <= 0:
+            raise SettingsError("ws_heartbeat_s must be positive")
+        self.ws_origin_list()  # raises SettingsError when one is not an origin
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SettingsError("tls_cert and tls_key go together: set both, or neither")
         self.tls_name_list()  # raises SettingsError when one is not a name or address
@@ -452,6 +478,23 @@ class Settings:
 
     def worker_agent_port(self, worker_id: str) -> int:
         return self.worker_agent_base_port + _index(worker_id) - 1
+
+    def worker_ws_port(self, worker_id: str) -> int:
+        return self.worker_ws_base_port + _index(worker_id) - 1
+
+    def ws_origin_list(self) -> tuple[str, ...]:
+        """``ws_allowed_origins`` split and checked: each ``scheme://host[:port]``."""
+        origins = []
+        for item in self.ws_allowed_origins.split(","):
+            origin = item.strip().rstrip("/").lower()
+            if not origin:
+                continue
+            if not re.fullmatch(r"(https?)://[a-z0-9.\-\[\]:]+", origin):
+                raise SettingsError(
+                    f"ws_allowed_origins: {item.strip()!r} is not scheme://host[:port]"
+                )
+            origins.append(origin)
+        return tuple(origins)
 
     def dashboard_app_port(self) -> int:
         """Where the dashboard process listens; HAProxy's dashboard_port forwards here."""
@@ -547,6 +590,8 @@ class Settings:
         ports = {
             "client_port": self.client_port,
             "client_tls_port": self.client_tls_port,
+            "client_ws_port": self.client_ws_port,
+            "client_wss_port": self.client_wss_port,
             "haproxy_stats_port": self.haproxy_stats_port,
             "dashboard_port": self.dashboard_port,
             "dashboard app": self.dashboard_app_port(),
@@ -562,6 +607,7 @@ class Settings:
             ports[f"worker {wid}"] = self.worker_port(wid)
             ports[f"worker {wid} health"] = self.worker_health_port(wid)
             ports[f"worker {wid} agent"] = self.worker_agent_port(wid)
+            ports[f"worker {wid} websocket"] = self.worker_ws_port(wid)
         return ports
 
 

@@ -121,6 +121,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
             "worker_base_port": free_port_block(),
             "worker_health_base_port": free_port_block(),
             "worker_agent_base_port": free_port_block(),
+            "worker_ws_base_port": free_port_block(),
         }
     settings = base.replace(**chosen.overrides(), **ports)
     with own_cluster(settings) as cluster:

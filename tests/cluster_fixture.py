@@ -14,7 +14,7 @@ from app.cluster.launcher import LocalCluster
 from app.cluster.layout import Layout
 from app.settings import Settings
 
-PORT_BLOCK = 60
+PORT_BLOCK = 70
 
 
 def _free(port: int) -> bool:
@@ -53,11 +53,14 @@ def make_settings(workers: int = 3, **overrides: object) -> Settings:
         "dashboard_port": base + 6,
         # base + 7 is the dashboard app port (dashboard_port + dashboard_app_port_offset).
         "client_tls_port": base + 8,
+        "client_ws_port": base + 9,
+        "client_wss_port": base + 50,
         "pg_base_port": base + 10,
         "patroni_rest_base_port": base + 15,
         "worker_base_port": base + 20,
         "worker_health_base_port": base + 30,
         "worker_agent_base_port": base + 40,
+        "worker_ws_base_port": base + 60,
         # Real argon2id, cheaper parameters: tests log in hundreds of times.
         "argon2_memory_kib": 1024,
         "argon2_time_cost": 1,

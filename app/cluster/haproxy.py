@@ -41,6 +41,14 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
         for wid in settings.worker_ids()
     )
+    # The same servers for WebSockets, on their worker_ws ports, without a PROXY
+    # header: the client's address travels in X-Forwarded-For (the template).
+    ws_workers = "\n".join(
+        f"    server {wid} {host}:{settings.worker_ws_port(wid)} check port "
+        f"{settings.worker_health_port(wid)} agent-check agent-port "
+        f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
+        for wid in settings.worker_ids()
+    )
     db = "\n".join(
         f"    server {node} {host}:{settings.pg_port(node)} check port "
         f"{settings.patroni_rest_port(node)}"
@@ -60,6 +68,14 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
             f"tcp-ut {settings.tcp_user_timeout_s()}s ssl crt {layout.haproxy_pem} "
             "ssl-min-ver TLSv1.2"
         ),
+        client_ws_host=settings.plaintext_bind_host(),
+        client_ws_port=settings.client_ws_port,
+        client_wss_bind=(
+            f"    bind {settings.public_bind_host()}:{settings.client_wss_port} "
+            f"tcp-ut {settings.tcp_user_timeout_s()}s ssl crt {layout.haproxy_pem} "
+            "ssl-min-ver TLSv1.2 alpn http/1.1"
+        ),
+        ws_worker_servers=ws_workers,
         db_primary_port=settings.db_primary_port,
         db_replica_port=settings.db_replica_port,
         haproxy_stats_port=settings.haproxy_stats_port,

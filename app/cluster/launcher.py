@@ -517,15 +517,22 @@ class LocalCluster:
             states = haproxy.server_states(self.layout)
         except OSError as exc:
             return False, f"stats socket: {exc}"
-        status = next((x.status for x in states if x.backend == "workers" and x.server == wid), "?")
-        return status == "UP", f"{wid} is {status}"
+        # Routable for TCP and WebSocket clients alike.
+        found = {x.backend: x.status for x in states if x.server == wid}
+        status = found.get("workers", "?")
+        ws_status = found.get("ws_workers", "?")
+        return status == ws_status == "UP", f"{wid} is {status} (websockets {ws_status})"
 
     def _workers_up_in_haproxy(self) -> tuple[bool, str]:
         try:
             states = haproxy.server_states(self.layout)
         except OSError as exc:
             return False, f"stats socket: {exc}"
-        down = [s.server for s in states if s.backend == "workers" and s.status != "UP"]
+        down = [
+            f"{s.backend}/{s.server}"
+            for s in states
+            if s.backend in ("workers", "ws_workers") and s.status != "UP"
+        ]
         return not down, f"not UP yet: {', '.join(down)}"
 
     def _clear_stale_pidfiles(self) -> None:
@@ -664,7 +671,9 @@ def _client_ports(s: Settings) -> str:
     reach = "PUBLIC" if s.plaintext_is_public() else "loopback only"
     return (
         f"clients TLS {s.public_bind_host()}:{s.client_tls_port}, "
-        f"plaintext {s.plaintext_bind_host()}:{s.client_port} ({reach})"
+        f"plaintext {s.plaintext_bind_host()}:{s.client_port} ({reach}), "
+        f"wss {s.public_bind_host()}:{s.client_wss_port} (web chat /chat/), "
+        f"ws {s.plaintext_bind_host()}:{s.client_ws_port}"
     )
 
 

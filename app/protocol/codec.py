@@ -467,6 +467,30 @@ class Decoder:
             self._fail(out, ErrorCode.FRAME_TOO_LARGE, self._too_large_message())
         return out
 
+    def receive_message(self, data: bytes) -> list[Request | FrameError]:
+        """Consume one whole frame of a message-framed transport (a WebSocket text
+        message): no newline splitting, the same limits and error budget.
+
+        A message of only whitespace is ignored like a blank line. Newlines inside are
+        JSON whitespace (a raw one inside a string is invalid JSON: ``bad_json``).
+        """
+        out: list[Request | FrameError] = []
+        if self._closed:
+            return out
+        if len(data) > self._limits.max_frame_bytes:
+            self._fail(out, ErrorCode.FRAME_TOO_LARGE, self._too_large_message())
+        elif data.strip():
+            self._handle(out, _parse_safely(data, self._specs))
+        return out
+
+    def reject(self, code: ErrorCode, message: str) -> list[Request | FrameError]:
+        """A frame the transport could not hand over (a binary WebSocket message):
+        a protocol error like the decoder's own, counted towards the budget."""
+        out: list[Request | FrameError] = []
+        if not self._closed:
+            self._handle(out, FrameError(code, message))
+        return out
+
     def _too_large_message(self) -> str:
         return f"frame exceeds {self._limits.max_frame_bytes} bytes"
 

@@ -1,6 +1,8 @@
 """The thin asyncio adapter: socket bytes to the codec, decoded requests to the session.
 
-One ``ClientConnection`` per TCP connection. Requests are handled strictly in
+One ``ClientConnection`` per client connection: a TCP one (this is its asyncio
+protocol), or a WebSocket, whose adapter (websocket.py) plays an asyncio transport
+and hands over whole messages (``message_received``). Requests are handled strictly in
 order by a task that exists only while there is work, so an idle connection
 costs a protocol object, a decoder and a small buffer, not a coroutine.
 
@@ -122,6 +124,18 @@ class ClientConnection(asyncio.Protocol):
         if not self.parts.edge.trusted(peer[0]):
             self._refuse(Refusal.UNTRUSTED_SOURCE)
             return
+        self._opened()
+
+    def attach(self, transport: asyncio.Transport, peer: str) -> None:
+        """Start on a transport whose edge has already named the client (websocket.py:
+        HAProxy's X-Forwarded-For, checked there), so no PROXY header follows."""
+        self.transport = transport
+        self.peer = peer
+        self._preamble = None
+        self._opened()
+
+    def _opened(self) -> None:
+        assert self.transport is not None
         # Past this much unsent output the kernel buffer is full: see write().
         self.transport.set_write_buffer_limits(high=self.settings.max_write_buffer_bytes)
         self.parts.deadlines.watch(self)
@@ -132,7 +146,18 @@ class ClientConnection(asyncio.Protocol):
             data = self._read_preamble(data)
             if not data:
                 return
-        items = self.decoder.receive_data(data)
+        self._received(self.decoder.receive_data(data))
+
+    def message_received(self, data: bytes) -> None:
+        """One whole frame from a message-framed transport (a WebSocket text message)."""
+        self._received(self.decoder.receive_message(data))
+
+    def frame_refused(self, message: str) -> None:
+        """A message the transport cannot hand over as a frame (a binary one): `bad_frame`."""
+        self._received(self.decoder.reject(ErrorCode.BAD_FRAME, message))
+
+    def _received(self, items: list[Request | FrameError]) -> None:
+        """Admit decoded frames under the flood budget and queue them for handling."""
         if not items:
             return
         admitted = self._take_tokens(len(items))

@@ -6,6 +6,7 @@ What each part does, and the order of the layers (each imports only those
 below it)::
 
     server        this file: pools, parts, start and stop
+    websocket     the WebSocket adapter (and the web chat page): messages -> connection
     connection    the asyncio adapter: bytes -> codec -> dispatcher, flood and write limits
     edge  timeouts  who may connect (HAProxy), the client's address; auth and idle deadlines
     health        /health, /metrics, /admin (aiohttp, typed AppKeys)
@@ -74,6 +75,7 @@ from app.worker.revoke import PgSessionRows, Revoker
 from app.worker.session import Sessions
 from app.worker.states import WorkerState, WorkerStatus
 from app.worker.timeouts import Deadlines
+from app.worker.websocket import start_websockets
 
 log = get_logger("worker")
 
@@ -215,6 +217,7 @@ class Worker:
             drain.agent, s.host, s.worker_agent_port(wid), reuse_address=True
         )
         health = await start_http(s, sources, drain)
+        websockets = await start_websockets(parts, s.host, s.worker_ws_port(wid))
         background = [
             loop.create_task(liveness.run_reaper()),
             loop.create_task(liveness.run_lag_probe()),
@@ -234,6 +237,7 @@ class Worker:
             port=s.worker_port(wid),
             health_port=s.worker_health_port(wid),
             agent_port=s.worker_agent_port(wid),
+            ws_port=s.worker_ws_port(wid),
         )
         await self._stop.wait()
 
@@ -244,6 +248,8 @@ class Worker:
         server.close()
         for peer in list(registry.connections):
             peer.fail(ErrorCode.SHUTTING_DOWN, "worker stopping; reconnect")
+        # WebSockets: their shutting_down frames go out, then the handlers end.
+        await websockets.cleanup()
         with contextlib.suppress(Exception):
             # Whatever is still attached stays resumable on another worker.
             await asyncio.wait_for(

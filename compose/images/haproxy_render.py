@@ -25,9 +25,11 @@ from string import Template
 WORKER_SLOTS = 32
 NODES = ("n1", "n2", "n3")
 WORKER_PORT, WORKER_HEALTH_PORT, WORKER_AGENT_PORT = 7001, 7101, 7201
+WORKER_WS_PORT = 7301
 PG_PORT, PATRONI_REST_PORT = 5432, 8008
 DNS = "resolvers docker resolve-prefer ipv4"
 CLIENT_TLS_PORT = 5223
+CLIENT_WSS_PORT = 5281
 TLS_PEM = "/etc/switchboard/tls/haproxy.pem"
 
 RESOLVERS = """
@@ -62,6 +64,14 @@ VALUES = {
     "client_plain_host": "127.0.0.1",
     "client_tls_bind": (
         f"    bind :{CLIENT_TLS_PORT} tcp-ut 90s ssl crt {TLS_PEM} ssl-min-ver TLSv1.2"
+    ),
+    # WebSockets as the client ports: ws:// on the container's loopback, wss:// on every
+    # address with the same PEM.
+    "client_ws_host": "127.0.0.1",
+    "client_ws_port": 5280,
+    "client_wss_bind": (
+        f"    bind :{CLIENT_WSS_PORT} tcp-ut 90s ssl crt {TLS_PEM} ssl-min-ver TLSv1.2 "
+        "alpn http/1.1"
     ),
     "db_primary_port": 5000,
     "db_replica_port": 5001,
@@ -109,11 +119,22 @@ def render(template: str) -> str:
         f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
         f"{DNS} init-addr none"
     )
+    ws_workers = (
+        f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_WS_PORT} check port "
+        f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
+        f"{DNS} init-addr none"
+    )
     db = "\n".join(
         f"    server {node} {node}:{PG_PORT} check port {PATRONI_REST_PORT} {DNS} init-addr none"
         for node in NODES
     )
-    values = dict(VALUES, worker_servers=workers, primary_servers=db, replica_servers=db)
+    values = dict(
+        VALUES,
+        worker_servers=workers,
+        ws_worker_servers=ws_workers,
+        primary_servers=db,
+        replica_servers=db,
+    )
     try:
         text = Template(template).substitute(values)
     except KeyError as exc:

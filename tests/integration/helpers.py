@@ -32,15 +32,16 @@ def only_worker(cluster: LocalCluster, worker: str) -> Any:
     every agent_interval_s, which would end the maintenance.
     """
     others = [w for w in cluster.settings.worker_ids() if w != worker]
-    for w in others:
-        haproxy.runtime_command_all(cluster.layout, f"disable agent workers/{w}")
-        haproxy.runtime_command_all(cluster.layout, f"set server workers/{w} state maint")
+    servers = [f"{backend}/{w}" for w in others for backend in ("workers", "ws_workers")]
+    for server in servers:
+        haproxy.runtime_command_all(cluster.layout, f"disable agent {server}")
+        haproxy.runtime_command_all(cluster.layout, f"set server {server} state maint")
     try:
         yield
     finally:
-        for w in others:
-            haproxy.runtime_command_all(cluster.layout, f"set server workers/{w} state ready")
-            haproxy.runtime_command_all(cluster.layout, f"enable agent workers/{w}")
+        for server in servers:
+            haproxy.runtime_command_all(cluster.layout, f"set server {server} state ready")
+            haproxy.runtime_command_all(cluster.layout, f"enable agent {server}")
 
 
 async def register(cluster: LocalCluster, user: str) -> None:

@@ -39,6 +39,10 @@ def compose_config() -> str:
     return text
 
 
+def server_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r"\s*server(-template)?\s", line)]
+
+
 def section(config: str, header: str) -> str:
     start = config.index("\n" + header + "\n") + 1
     end = config.find("\n\n", start)
@@ -49,11 +53,34 @@ def section(config: str, header: str) -> str:
 def test_only_client_connections_carry_a_proxy_header(tmp_path: Path, which: str) -> None:
     config = local_config(tmp_path) if which == "local" else compose_config()
     servers = [line for line in config.splitlines() if re.match(r"\s*server(-template)?\s", line)]
-    workers = [line for line in servers if "agent-check" in line]
+    workers = server_lines(section(config, "backend workers"))
     assert workers and all("send-proxy-v2" in line for line in workers)
     # Health checks go to the health port: HAProxy sends them no header.
     assert all(" check port " in line and "check-send-proxy" not in line for line in workers)
     assert all("send-proxy" not in line for line in servers if line not in workers)
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_websockets_reach_the_same_workers_with_the_client_address(
+    tmp_path: Path, which: str
+) -> None:
+    """The ws_workers backend: the workers' WebSocket ports with the checks, agent and
+    weights of `workers`; the client's address in headers HAProxy sets itself."""
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    tcp, ws = section(config, "backend workers"), section(config, "backend ws_workers")
+    tcp_servers, ws_servers = server_lines(tcp), server_lines(ws)
+    assert ws_servers and len(ws_servers) == len(tcp_servers)
+    for tcp_line, ws_line in zip(tcp_servers, ws_servers, strict=True):
+        assert "send-proxy" not in ws_line and ":73" in ws_line
+        # The same health port, agent and interval as the TCP server of that worker.
+        assert tcp_line.split(" check port ")[1] == ws_line.split(" check port ")[1]
+    assert "default-server weight 100 " in ws and "timeout tunnel 120000ms" in ws
+    front = section(config, "frontend websockets")
+    assert "http-request set-header X-Forwarded-For %[src]" in front
+    assert "http-request set-header X-Forwarded-Source-Port %[src_port]" in front
+    assert "track-sc0 src,ipmask(32,64) table clients unless conn_cap_exempt" in front
+    assert re.search(r"bind \S*:5281 .*ssl crt ", front)
+    assert re.search(r"bind 127\.0\.0\.1:5280 ", front)
 
 
 @pytest.mark.parametrize("which", ["local", "compose"])

@@ -1,0 +1,180 @@
+"""The WebSocket adapter (app/worker/websocket.py) over the harness's real request path.
+
+A real aiohttp server on loopback runs the worker's WebSocket app, whose connections
+are real ``ClientConnection``s over `worker_fakes.Harness` (no database); an aiohttp
+client plays HAProxy, sending the headers HAProxy sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from app.protocol import Limits
+from app.worker.connection import ConnectionParts
+from app.worker.edge import Edge
+from app.worker.timeouts import Deadlines
+from app.worker.websocket import make_app, origin_allowed
+from tests.unit.worker_fakes import GOOD_PASSWORD, Harness
+
+HAPROXY_HEADERS = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Source-Port": "40123"}
+
+
+@asynccontextmanager
+async def served(h: Harness) -> AsyncIterator[TestServer]:
+    s = h.settings
+    parts = ConnectionParts(
+        s,
+        Limits(max_frame_bytes=s.max_frame_bytes),
+        h.dispatcher,
+        h.sessions,
+        h.delivery,  # type: ignore[arg-type]
+        Edge(s),
+        Deadlines(s),
+    )
+    server = TestServer(make_app(parts), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def ws_client(
+    server: TestServer, headers: dict[str, str] | None = None
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            server.make_url("/ws"), headers=HAPROXY_HEADERS if headers is None else headers
+        ) as ws,
+    ):
+        yield ws
+
+
+async def frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await ws.receive(timeout=5)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    value: dict[str, Any] = orjson.loads(msg.data)
+    return value
+
+
+@pytest.fixture
+def h(monkeypatch: pytest.MonkeyPatch) -> Harness:
+    return Harness(
+        monkeypatch, max_frame_bytes=2048, ws_allowed_origins="https://chat.example:5281"
+    )
+
+
+async def test_one_frame_per_text_message_each_way(h: Harness) -> None:
+    h.store.add_user("alice")
+    async with served(h) as server, ws_client(server) as ws:
+        await ws.send_str('{"op":"ping","rid":1}')
+        # Pretty-printed JSON: newlines are whitespace inside one message.
+        await ws.send_str('{\n  "op": "ping",\n  "rid": 2\n}')
+        assert await frame(ws) == {"op": "pong", "rid": 1}
+        assert await frame(ws) == {"op": "pong", "rid": 2}
+        hello = {"op": "hello", "user": "alice", "password": GOOD_PASSWORD, "device": "web"}
+        await ws.send_str(orjson.dumps({**hello, "rid": 3}).decode())
+        welcome = await frame(ws)
+        assert welcome["op"] == "welcome" and welcome["rid"] == 3
+        # The session is the connection's: the client's address is HAProxy's header.
+        (conn,) = h.registry.connections
+        assert conn.peer == "203.0.113.9:40123"
+        assert conn.session is not None
+
+
+async def test_a_binary_message_is_bad_frame_and_the_connection_stays(h: Harness) -> None:
+    async with served(h) as server, ws_client(server) as ws:
+        await ws.send_bytes(b'{"op":"ping","rid":1}')
+        error = await frame(ws)
+        assert error["op"] == "error" and error["code"] == "bad_frame"
+        await ws.send_str('{"op":"ping","rid":2}')
+        assert await frame(ws) == {"op": "pong", "rid": 2}
+
+
+async def test_bad_json_and_blank_messages(h: Harness) -> None:
+    async with served(h) as server, ws_client(server) as ws:
+        await ws.send_str("   ")  # ignored, like a blank line
+        await ws.send_str('{"op":"ping","body":"raw\nnewline"}')  # a raw newline in a string
+        error = await frame(ws)
+        assert error["code"] == "bad_json"
+        await ws.send_str('{"op":"ping","rid":2}')
+        assert await frame(ws) == {"op": "pong", "rid": 2}
+
+
+async def test_a_message_over_max_frame_bytes_is_fatal_frame_too_large(h: Harness) -> None:
+    async with served(h) as server, ws_client(server) as ws:
+        await ws.send_str('{"op":"ping","pad":"' + "x" * 2048 + '"}')
+        error = await frame(ws)
+        assert error["code"] == "frame_too_large"
+        closed = await ws.receive(timeout=5)
+        assert closed.type is aiohttp.WSMsgType.CLOSE
+    assert not h.registry.connections
+
+
+async def test_far_over_the_limit_aiohttp_closes_with_1009(h: Harness) -> None:
+    async with served(h) as server, ws_client(server) as ws:
+        await ws.send_str("x" * 5000)
+        closed = await ws.receive(timeout=5)
+        assert closed.type is aiohttp.WSMsgType.CLOSE
+        assert closed.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_too_many_errors_closes_as_on_tcp(h: Harness) -> None:
+    async with served(h) as server, ws_client(server) as ws:
+        for _ in range(h.settings.max_errors_per_connection + 1):
+            await ws.send_bytes(b"\x00")
+        codes = [(await frame(ws))["code"] for _ in range(h.settings.max_errors_per_connection + 2)]
+        assert codes[-1] == "too_many_errors"
+        assert (await ws.receive(timeout=5)).type is aiohttp.WSMsgType.CLOSE
+
+
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({}, False),  # no X-Forwarded-For: not through HAProxy's websockets frontend
+        ({"X-Forwarded-For": "not an address"}, False),
+        ({**HAPROXY_HEADERS, "Origin": "https://evil.example"}, False),
+        ({**HAPROXY_HEADERS, "Origin": "https://chat.example:5281"}, True),  # listed
+    ],
+)
+async def test_edge_refusals(h: Harness, headers: dict[str, str], allowed: bool) -> None:
+    async with served(h) as server, aiohttp.ClientSession() as http:
+        if allowed:
+            async with http.ws_connect(server.make_url("/ws"), headers=headers) as ws:
+                await ws.send_str('{"op":"ping","rid":1}')
+                assert (await frame(ws))["op"] == "pong"
+        else:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(server.make_url("/ws"), headers=headers)
+            assert refused.value.status == 403
+
+
+def test_origin_rules() -> None:
+    assert origin_allowed(None, "127.0.0.1:5281", ())  # not a browser
+    assert origin_allowed("https://127.0.0.1:5281", "127.0.0.1:5281", ())  # its own page
+    assert origin_allowed("HTTPS://Chat.Example/", "x", ("https://chat.example",))
+    assert not origin_allowed("https://127.0.0.1:5281", "127.0.0.1:5280", ())
+    assert not origin_allowed("null", "127.0.0.1:5281", ())
+    assert not origin_allowed("https://evil.example", None, ())
+
+
+async def test_the_chat_page_is_served_with_a_strict_csp(h: Harness) -> None:
+    async with served(h) as server, aiohttp.ClientSession() as http:
+        async with http.get(server.make_url("/chat/")) as page:
+            assert page.status == 200
+            assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+            assert '<script type="module" src="app.js">' in await page.text()
+        async with http.get(server.make_url("/chat/app.js")) as script:
+            assert script.status == 200
+            assert script.headers["Content-Type"].startswith("text/javascript")
+        async with http.get(server.make_url("/chat/..%2fconnection.py")) as escape:
+            assert escape.status == 404
