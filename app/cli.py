@@ -184,7 +184,11 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         print("switchboard: error: no cluster is running here (`switchboard up`)", file=sys.stderr)
         return 1
     config = ChaosConfig(
-        clients=args.clients, rate=args.rate, after_s=args.duration, seed=args.seed
+        clients=args.clients,
+        rate=args.rate,
+        after_s=args.duration,
+        seed=args.seed,
+        transport=args.transport,
     )
     scenarios = [*FAULT_NAMES, "overload"] if args.scenario == "all" else [args.scenario]
     ok = True
@@ -337,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=6.0, help="seconds of traffic after the fault (6)"
     )
     p.add_argument("--seed", type=int, help="random seed for the traffic")
+    p.add_argument(
+        "--transport",
+        choices=["tcp", "ws"],
+        default="tcp",
+        help="clients over the TCP client port or WebSockets (client_ws_port); default tcp",
+    )
 
     p = add("user", cmd_user, "disable or re-enable a user account")
     p.add_argument("action", choices=["disable", "enable"])

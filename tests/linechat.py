@@ -8,6 +8,7 @@ import contextlib
 import itertools
 from typing import Any
 
+import aiohttp
 import orjson
 
 
@@ -72,3 +73,56 @@ class LineClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+class WsLineClient(LineClient):
+    """The same raw client over a WebSocket (``ws://host:port/ws``): a frame per text
+    message. ``send`` of bytes sends them as one text message (a trailing newline
+    removed), so tests written for lines work unchanged."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+        self.backlog = collections.deque()
+        self._rids = itertools.count(1)
+
+    @classmethod
+    async def connect(cls, host: str, port: int, source: str | None = None) -> LineClient:
+        connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None)
+        session = aiohttp.ClientSession(connector=connector)
+        try:
+            ws = await session.ws_connect(f"ws://{host}:{port}/ws", max_msg_size=1 << 20)
+        except BaseException:
+            await session.close()
+            raise
+        return cls(session, ws)
+
+    async def send(self, frame: dict[str, Any] | bytes) -> None:
+        data = frame if isinstance(frame, bytes) else orjson.dumps(frame)
+        await self.ws.send_str(data.removesuffix(b"\n").decode("utf-8", "surrogateescape"))
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"connection closed ({msg.type.name})")
+        frame: dict[str, Any] = orjson.loads(msg.data)
+        return frame
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        try:
+            msg = await self.ws.receive(timeout)
+        except TimeoutError:
+            return False
+        return msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 2.0)
+        await self.session.close()
+
+
+async def connect(host: str, port: int, transport: str = "tcp") -> LineClient:
+    """A raw client over ``transport``: "tcp" (lines) or "ws" (a WebSocket)."""
+    if transport == "ws":
+        return await WsLineClient.connect(host, port)
+    return await LineClient.connect(host, port)

@@ -30,6 +30,7 @@ from app.chaos.checker import Ledger, SessionLog, Verdict, judge
 from app.chaos.faults import FAULTS
 from app.client import Client, Msg, ResilientClient, Resumed, ServerError
 from app.client.resilient import LinkState
+from app.client.wire import Transport
 from app.cluster.launcher import LocalCluster
 from app.store.db import dsn
 
@@ -47,6 +48,9 @@ class ChaosConfig:
     settle_s: float = 60.0
     login_concurrency: int = 100
     seed: int | None = None
+    # "tcp" (the plaintext client port) or "ws" (WebSockets through client_ws_port):
+    # every client registers, logs in, sends and resumes over it.
+    transport: Transport = "tcp"
 
 
 class Peer:
@@ -59,8 +63,8 @@ class Peer:
         self.client: ResilientClient | None = None
         self._reader: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self.client = await ResilientClient.connect(host, port, timeout=30.0)
+    async def start(self, host: str, port: int, transport: Transport = "tcp") -> None:
+        self.client = await ResilientClient.connect(host, port, timeout=30.0, transport=transport)
         welcome = await self.client.login(self.user, PASSWORD, self.device)
         self.log.worker = welcome.worker
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -111,10 +115,10 @@ async def bounded(n: int, jobs: list[Coroutine[Any, Any, None]]) -> None:
     await asyncio.gather(*(run(j) for j in jobs))
 
 
-async def register_user(host: str, port: int, user: str) -> None:
+async def register_user(host: str, port: int, user: str, transport: Transport = "tcp") -> None:
     for attempt in range(20):
         try:
-            client = await Client.connect(host, port, timeout=30.0)
+            client = await Client.connect(host, port, timeout=30.0, transport=transport)
             try:
                 await client.register(user, PASSWORD)
             finally:
@@ -175,7 +179,8 @@ async def run_scenario(
     fault = FAULTS[scenario]
     rng = random.Random(config.seed)
     s = cluster.settings
-    host, port = s.host, s.client_port
+    transport = config.transport
+    host, port = s.host, s.client_ws_port if transport == "ws" else s.client_port
     prefix = f"chaos{uuid.uuid4().hex[:6]}_"
     users = [f"{prefix}{i}" for i in range(config.clients)]
     ledger = Ledger()
@@ -186,9 +191,14 @@ async def run_scenario(
     by_user_main = {p.user: p for p in peers if p.device == "main"}
 
     t0 = time.monotonic()
-    say(f"[{scenario}] registering {len(users)} users, logging in {len(peers)} devices")
-    await bounded(config.login_concurrency, [register_user(host, port, u) for u in users])
-    await bounded(config.login_concurrency, [p.start(host, port) for p in peers])
+    say(
+        f"[{scenario}] registering {len(users)} users, logging in {len(peers)} devices "
+        f"over {transport}"
+    )
+    await bounded(
+        config.login_concurrency, [register_user(host, port, u, transport) for u in users]
+    )
+    await bounded(config.login_concurrency, [p.start(host, port, transport) for p in peers])
     say(f"[{scenario}] all logged in after {time.monotonic() - t0:.1f} s")
 
     sending = True

@@ -100,6 +100,7 @@ from app.client.requests import Requests, exactly_one
 from app.client.retry import RetryBudget, full_jitter
 from app.client.sdk import MAX_EVENTS, MAX_LINE_BYTES, Client, new_cmid, tls_context
 from app.client.tokens import MemoryTokenStore, TokenStore
+from app.client.wire import Transport
 from app.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,10 @@ class ResilientClient(Requests):
         tls: ssl.SSLContext | None,
         server_hostname: str | None,
         token_store: TokenStore | None = None,
+        transport: Transport = "tcp",
     ) -> None:
         self._host = host
+        self._transport: Transport = transport
         self._port = port
         self._tls = tls  # one context for every link: each reconnect verifies alike
         self._server_hostname = server_hostname
@@ -293,6 +296,7 @@ class ResilientClient(Requests):
         cafile: str | os.PathLike[str] | None = None,
         server_hostname: str | None = None,
         token_store: TokenStore | None = None,
+        transport: Transport = "tcp",
     ) -> ResilientClient:
         """Open the first connection (`ConnectionLost`/`Timeout` if that fails).
 
@@ -300,7 +304,8 @@ class ResilientClient(Requests):
         ``keep_events=False`` discards events, and ``tls``, ``cafile`` and
         ``server_hostname`` are as for `Client.connect`: every reconnect (and its
         resume) goes over TLS, verified the same way. ``token_store`` keeps the
-        device tokens (default: in memory, for this object's life).
+        device tokens (default: in memory, for this object's life). ``transport``
+        (``"tcp"`` or ``"ws"``) is every link's, as for `Client.connect`.
         """
         self = cls(
             host,
@@ -313,6 +318,7 @@ class ResilientClient(Requests):
             tls=tls_context(cafile) if tls is True else tls or None,
             server_hostname=server_hostname,
             token_store=token_store,
+            transport=transport,
         )
         await self._open_link()
         self._spawn(self._supervise(), "switchboard-client-supervisor")
@@ -703,6 +709,7 @@ class ResilientClient(Requests):
             on_event=functools.partial(self._on_link_event, number),
             tls=self._tls or False,
             server_hostname=self._server_hostname,
+            transport=self._transport,
         )
         # No await since connect: the new link's reader has not run yet.
         self._links_opened = number

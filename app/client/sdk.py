@@ -9,16 +9,19 @@
             if isinstance(event, Msg):
                 await client.ack(event.seq)
 
-``tls=True`` speaks TLS (the server's port 5223) and verifies the server: its
-certificate must chain to a trusted CA (the system's, or ``cafile``, such as a local
+``transport="ws"`` speaks the same frames over a WebSocket instead (HAProxy's ports
+5280 ``ws://`` on loopback and 5281 ``wss://``; `app.client.wire`).
+
+``tls=True`` speaks TLS (the server's port 5223, or 5281 for WebSockets) and verifies
+the server: its certificate must chain to a trusted CA (the system's, or ``cafile``, such as a local
 cluster's ``<state_dir>/tls/ca.pem``) and name ``server_hostname`` (the host dialled
 by default); `UntrustedServer` otherwise. Without it the connection is plaintext,
 which a server offers on loopback only (port 5222).
 
-Framing is newline-delimited orjson. Every request carries a fresh integer
-``rid``; one background task reads the socket, resolves the pending request
-whose ``rid`` a reply echoes, and queues every other frame as an `Event`, in
-arrival order. Inbox entries (`Msg`, `Receipt`) are deduplicated by ``seq``
+Framing is newline-delimited orjson on TCP, a text message per frame on a WebSocket.
+Every request carries a fresh integer ``rid``; one background task reads the socket,
+resolves the pending request whose ``rid`` a reply echoes, and queues every other
+frame as an `Event`, in arrival order. Inbox entries (`Msg`, `Receipt`) are deduplicated by ``seq``
 (delivery is at least once), and ``last_seq`` is the highest one received.
 
 When the connection ends, pending requests fail with `ConnectionLost` and the
@@ -34,7 +37,6 @@ builds failover (reconnect, ``resume``, resends) on top of it, using ``on_event`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -52,7 +54,6 @@ from app.client.errors import (
     ProtocolError,
     ServerError,
     Timeout,
-    UntrustedServer,
 )
 from app.client.events import (
     ErrorEvent,
@@ -70,6 +71,7 @@ from app.client.events import (
 )
 from app.client.requests import Requests, exactly_one
 from app.client.retry import RetryBudget, retry_delay
+from app.client.wire import Transport, Wire, WireError, open_wire
 from app.protocol import FATAL_CODES, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,7 @@ class Client(Requests):
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        wire: Wire,
         *,
         timeout: float,
         max_line_bytes: int,
@@ -140,8 +141,7 @@ class Client(Requests):
         on_event: Callable[[Event], str | None] | None = None,
         retry_budget: RetryBudget | None = None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._wire = wire
         self._timeout = timeout
         self._max_line_bytes = max_line_bytes
         self._max_events = max_events
@@ -181,6 +181,7 @@ class Client(Requests):
         cafile: str | os.PathLike[str] | None = None,
         server_hostname: str | None = None,
         retry_budget: RetryBudget | None = None,
+        transport: Transport = "tcp",
     ) -> Client:
         """Open a connection. ``timeout`` bounds the connect (and the TLS handshake) and
         is each request's default.
@@ -199,32 +200,22 @@ class Client(Requests):
         connection with that reason.
 
         ``retry_budget`` bounds `send`'s retries (default: a budget of its own).
+
+        ``transport``: ``"tcp"`` (the client ports) or ``"ws"`` (a WebSocket to the
+        WebSocket ports, path ``/ws``); everything else is the same.
         """
         context = tls_context(cafile) if tls is True else tls or None
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    host,
-                    port,
-                    limit=max_line_bytes,
-                    ssl=context,
-                    server_hostname=(server_hostname or host) if context else None,
-                    ssl_handshake_timeout=timeout if context else None,
-                ),
-                timeout,
-            )
-        except TimeoutError:
-            raise Timeout(f"cannot connect to {host}:{port} within {timeout:g} s") from None
-        except ssl.SSLCertVerificationError as exc:
-            raise UntrustedServer(
-                f"cannot verify {server_hostname or host}:{port}: {exc.verify_message}"
-            ) from exc
-        except OSError as exc:
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ConnectionLost(f"cannot connect to {host}:{port}: {why}") from exc
+        wire = await open_wire(
+            transport,
+            host,
+            port,
+            timeout=timeout,
+            max_line_bytes=max_line_bytes,
+            context=context,
+            server_hostname=server_hostname,
+        )
         return cls(
-            reader,
-            writer,
+            wire,
             timeout=timeout,
             max_line_bytes=max_line_bytes,
             max_events=max_events,
@@ -252,6 +243,10 @@ class Client(Requests):
     def close_reason(self) -> str | None:
         """Why the connection ended, or None while it is open."""
         return self._close_reason
+
+    def extra_info(self, name: str) -> object:
+        """The connection's transport information (``"ssl_object"``, ``"peername"``)."""
+        return self._wire.extra_info(name)
 
     # --- requests ------------------------------------------------------------------
 
@@ -356,9 +351,8 @@ class Client(Requests):
         self._closing = True
         self._reader_task.cancel()
         await asyncio.wait([self._reader_task])
-        self._writer.close()
-        with contextlib.suppress(OSError):  # a reset connection is closed all the same
-            await self._writer.wait_closed()
+        self._wire.close()
+        await self._wire.wait_closed()
 
     def abort(self, reason: str) -> None:
         """Drop the connection now, without ``bye`` (the session stays resumable).
@@ -387,9 +381,8 @@ class Client(Requests):
         self._pending[rid] = future
         limit = self._timeout if timeout is None else timeout
         try:
-            self._writer.write(orjson.dumps(frame) + b"\n")
             async with asyncio.timeout(limit):
-                await self._writer.drain()
+                await self._wire.send(orjson.dumps(frame))
                 reply = await future
         except ClientError:
             raise
@@ -434,17 +427,12 @@ class Client(Requests):
         try:
             while True:
                 try:
-                    line = await self._reader.readline()
-                except ValueError:  # the stream's limit: a line over max_line_bytes
-                    reason = f"the server sent a line over {self._max_line_bytes} bytes"
+                    line = await self._wire.read_frame()
+                except WireError as exc:
+                    reason = str(exc)
                     break
-                except OSError as exc:
-                    reason = f"connection error: {exc}"
-                    break
-                if not line.endswith(b"\n"):
-                    break  # EOF; a partial last line is not a frame
-                if not line.strip():
-                    continue
+                if line is None:
+                    break  # EOF, or the WebSocket closed
                 try:
                     frame = orjson.loads(line)
                 except orjson.JSONDecodeError:
@@ -517,4 +505,4 @@ class Client(Requests):
         if not self._closing and self._keep_events and self._on_event is None:
             self._events.put_nowait(ServerClosed(reason))
         self._events.put_nowait(_END)
-        self._writer.close()
+        self._wire.close()

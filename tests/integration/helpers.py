@@ -14,6 +14,7 @@ from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
 from app.store.db import dsn
 from tests.linechat import LineClient
+from tests.linechat import connect as connect_line
 
 PASSWORD = "correct horse battery staple"
 
@@ -44,9 +45,15 @@ def only_worker(cluster: LocalCluster, worker: str) -> Any:
             haproxy.runtime_command_all(cluster.layout, f"enable agent {server}")
 
 
-async def register(cluster: LocalCluster, user: str) -> None:
+def client_port(cluster: LocalCluster, transport: str = "tcp") -> int:
+    """The plaintext port of ``transport``: client_port, or client_ws_port for "ws"."""
     s = cluster.settings
-    client = await LineClient.connect(s.host, s.client_port)
+    return s.client_ws_port if transport == "ws" else s.client_port
+
+
+async def register(cluster: LocalCluster, user: str, transport: str = "tcp") -> None:
+    s = cluster.settings
+    client = await connect_line(s.host, client_port(cluster, transport), transport)
     reply = await client.request({"op": "register", "user": user, "password": PASSWORD})
     assert reply["op"] == "registered", reply
     await client.close()
@@ -58,14 +65,16 @@ async def login(
     device: str = "laptop",
     worker: str | None = None,
     register_first: bool = True,
+    transport: str = "tcp",
 ) -> tuple[LineClient, dict[str, Any]]:
+    """Log in over ``transport`` ("tcp", or "ws": a WebSocket through HAProxy)."""
     s = cluster.settings
     if register_first:
-        await register(cluster, user)
+        await register(cluster, user, transport)
     # HAProxy picks the server once the connection is established: keep the other
     # workers in maintenance until the reply shows where the client landed.
     with only_worker(cluster, worker) if worker else contextlib.nullcontext():
-        client = await LineClient.connect(s.host, s.client_port)
+        client = await connect_line(s.host, client_port(cluster, transport), transport)
         welcome = await client.request(
             {"op": "hello", "user": user, "password": PASSWORD, "device": device}
         )

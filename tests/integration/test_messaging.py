@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import orjson
+import pytest
 
 from app.cluster.launcher import LocalCluster
 from app.secrets import read_secrets
@@ -26,10 +27,13 @@ from tests.integration.helpers import (
 from tests.linechat import LineClient
 
 
-async def test_alice_on_one_worker_messages_bob_on_another(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_alice_on_one_worker_messages_bob_on_another(
+    cluster: LocalCluster, transport: str
+) -> None:
     alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w1")
-    b, _ = await login(cluster, bob, worker="w2")
+    a, _ = await login(cluster, alice, worker="w1", transport=transport)
+    b, _ = await login(cluster, bob, worker="w2", transport=transport)
     sent = await a.request({"op": "send", "to": bob, "cmid": "m1", "body": "hello bob", "rid": 7})
     assert sent["op"] == "sent" and sent["rid"] == 7 and sent["cmid"] == "m1"
     assert isinstance(sent["id"], int) and sent["ts"].endswith("Z")
@@ -131,10 +135,13 @@ async def test_resend_with_same_client_id_stores_one_message(cluster: LocalClust
     await b.close()
 
 
-async def test_room_message_reaches_members_on_three_workers(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_room_message_reaches_members_on_three_workers(
+    cluster: LocalCluster, transport: str
+) -> None:
     names = [new_user("carol"), new_user("dave"), new_user("erin")]
     clients = [
-        (await login(cluster, name, worker=w))[0]
+        (await login(cluster, name, worker=w, transport=transport))[0]
         for name, w in zip(names, ["w1", "w2", "w3"], strict=True)
     ]
     carol, dave, erin = clients

@@ -18,6 +18,7 @@ from app.store import messages as message_store
 from app.store.db import dsn
 from app.store.messages import NewMessage
 from tests.integration.helpers import (
+    client_port,
     contacts_on_two_workers,
     db,
     login,
@@ -26,30 +27,42 @@ from tests.integration.helpers import (
     register,
 )
 from tests.linechat import LineClient
+from tests.linechat import connect as connect_line
 
 
 async def _resume(
-    cluster: LocalCluster, user: str, token: str, last_seq: int, worker: str | None = None
+    cluster: LocalCluster,
+    user: str,
+    token: str,
+    last_seq: int,
+    worker: str | None = None,
+    transport: str = "tcp",
 ) -> tuple[LineClient, dict]:
     s = cluster.settings
     frame = {"op": "resume", "user": user, "device": "laptop", "token": token, "last_seq": last_seq}
+    port = client_port(cluster, transport)
     if worker:
         with only_worker(cluster, worker):
-            client = await LineClient.connect(s.host, s.client_port)
+            client = await connect_line(s.host, port, transport)
             return client, await client.request(frame)
-    client = await LineClient.connect(s.host, s.client_port)
+    client = await connect_line(s.host, port, transport)
     return client, await client.request(frame)
 
 
-async def test_resume_on_another_worker_replays_after_last_seq(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_resume_on_another_worker_replays_after_last_seq(
+    cluster: LocalCluster, transport: str
+) -> None:
     alice, bob = new_user("alice"), new_user("bob")
-    a, _ = await login(cluster, alice, worker="w3")
-    b, welcome = await login(cluster, bob, worker="w1")
+    a, _ = await login(cluster, alice, worker="w3", transport=transport)
+    b, welcome = await login(cluster, bob, worker="w1", transport=transport)
     for i in range(4):
         await a.request({"op": "send", "to": bob, "cmid": f"r{i}", "body": f"m{i}"})
     assert [(await b.recv())["seq"] for _ in range(4)] == [1, 2, 3, 4]
     await b.close()  # a dropped connection: the session is detached, not closed
-    b2, resumed = await _resume(cluster, bob, welcome["resume_token"], 2, worker="w2")
+    b2, resumed = await _resume(
+        cluster, bob, welcome["resume_token"], 2, worker="w2", transport=transport
+    )
     assert resumed["op"] == "welcome" and resumed["worker"] == "w2"
     assert resumed["resume_token"] != welcome["resume_token"]  # rotated
     assert resumed["session"] == welcome["session"]

@@ -53,7 +53,7 @@ async def tls_client(cluster: LocalCluster, **options: object) -> Client:
 
 
 def peer_serial(client: Client) -> int:
-    ssl_object = client._writer.get_extra_info("ssl_object")
+    ssl_object = client.extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der).serial_number
 
@@ -64,7 +64,7 @@ async def test_login_over_tls_with_the_cluster_ca(cluster: LocalCluster) -> None
         await client.register(user, PASSWORD)
         welcome = await client.login(user, PASSWORD, "laptop")
         assert welcome.user == user
-        ssl_object = client._writer.get_extra_info("ssl_object")
+        ssl_object = client.extra_info("ssl_object")
         assert ssl_object.version() in ("TLSv1.2", "TLSv1.3")
         sent = await client.send("over tls", to=user)
         assert sent.id > 0
@@ -132,7 +132,7 @@ async def test_a_resilient_client_resumes_over_tls(cluster: LocalCluster) -> Non
         assert sent.id > 0
         assert client.stats.resumes == 1
         link = client._link.client
-        assert link._writer.get_extra_info("ssl_object") is not None
+        assert link.extra_info("ssl_object") is not None
 
 
 async def test_reload_serves_a_new_certificate_and_keeps_open_connections(
