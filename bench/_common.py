@@ -36,6 +36,10 @@ class Target:
     # The TLS client port and the CA that signs its certificate (the cluster's own).
     client_tls_port: int | None = None
     ca_file: Path | None = None
+    # WebSockets (--transport ws): HAProxy's ws:// and wss:// ports, each worker's own.
+    client_ws_port: int | None = None
+    client_wss_port: int | None = None
+    worker_ws_ports: dict[str, int] = field(default_factory=dict)
 
     def worker_pid(self, worker: str) -> int | None:
         if self.state_dir is None:
@@ -80,6 +84,24 @@ def _ports_from_haproxy_cfg(state_dir: Path) -> tuple[int | None, dict[str, int]
     return client, workers
 
 
+def _ws_ports_from_haproxy_cfg(state_dir: Path) -> tuple[int | None, int | None, dict[str, int]]:
+    """(ws port, wss port, each worker's WebSocket port) from a running cluster's config."""
+    text = (state_dir / "haproxy.cfg").read_text()
+    front = re.search(r"frontend websockets\n(.*?)\n\n", text, re.S)
+    backend = re.search(r"backend ws_workers\n(.*?)(\n\n|$)", text, re.S)
+    plain = tls = None
+    for bind in re.finditer(r"^\s*bind \S+:(\d+)(.*)$", front.group(1) if front else "", re.M):
+        if "ssl crt" in bind.group(2):
+            tls = int(bind.group(1))
+        else:
+            plain = int(bind.group(1))
+    workers = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"server (w\d+) \S+:(\d+)", backend.group(1) if backend else "")
+    }
+    return plain, tls, workers
+
+
 def _tls_port_from_haproxy_cfg(state_dir: Path) -> int | None:
     text = (state_dir / "haproxy.cfg").read_text()
     # The client frontend's TLS bind (the dashboard's has no ssl-min-ver of its own).
@@ -94,8 +116,11 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
         if args.set:
             raise SystemExit("--set applies only to a cluster the benchmark starts itself")
         client_port, worker_ports = None, dict[str, int]()
+        ws_port = wss_port = None
+        worker_ws_ports: dict[str, int] = {}
         if args.state_dir is not None:
             client_port, worker_ports = _ports_from_haproxy_cfg(args.state_dir)
+            ws_port, wss_port, worker_ws_ports = _ws_ports_from_haproxy_cfg(args.state_dir)
         state_dir = args.state_dir.resolve() if args.state_dir else None
         yield Target(
             host=args.host,
@@ -108,6 +133,9 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
                 else (_tls_port_from_haproxy_cfg(state_dir) if state_dir else None) or 5223
             ),
             ca_file=state_dir / "tls" / "ca.pem" if state_dir else None,
+            client_ws_port=args.port if args.port is not None else ws_port or 5280,
+            client_wss_port=args.port if args.port is not None else wss_port or 5281,
+            worker_ws_ports=worker_ws_ports,
         )
         return
 
@@ -133,6 +161,9 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
             own_cluster=True,
             client_tls_port=settings.client_tls_port,
             ca_file=settings.tls_ca_file(),
+            client_ws_port=settings.client_ws_port,
+            client_wss_port=settings.client_wss_port,
+            worker_ws_ports={w: settings.worker_ws_port(w) for w in settings.worker_ids()},
         )
 
 

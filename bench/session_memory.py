@@ -14,6 +14,9 @@ stay open and idle until the second reading. With --state-dir (and/or --port and
 long auth and idle timeouts, e.g. SWITCHBOARD_AUTH_TIMEOUT_S=3600
 SWITCHBOARD_IDLE_TIMEOUT_S=3600: the registering connections stay anonymous and the
 sessions silent for minutes); it always stops what it started.
+
+With --transport ws the sessions are WebSockets to worker w1's own WebSocket port
+(with the X-Forwarded-For header HAProxy would set): RSS per idle WebSocket session.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
 
 from app.protocol.proxy import build_proxy_header
 from bench._common import add_target_args, cluster_target
-from bench._wire import Wire, connect, hello, register
+from bench._wire import Wire, WsWire, close_ws_sessions, connect, connect_ws, hello, register
 
 # The header a proxy sends for a connection of its own: the worker keeps the socket's address.
 LOCAL = build_proxy_header(None)
+# What HAProxy's websockets frontend adds: the worker's WebSocket port requires it.
+FORWARDED = {"X-Forwarded-For": "127.0.0.1", "X-Forwarded-Source-Port": "1"}
 
 
 def read_status(pid: int) -> dict[str, int]:
@@ -87,7 +93,13 @@ async def _bounded(
 async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> None:
     run_id = secrets.token_hex(3)
     users = [f"m{run_id}u{i}" for i in range(args.sessions)]
-    sessions: list[Wire] = []
+    sessions: list[Wire | WsWire] = []
+
+    async def dial(on_frame: Any = None) -> Wire | WsWire:
+        if args.transport == "ws":
+            return await connect_ws(host, port, on_frame, headers=FORWARDED)
+        return await connect(host, port, on_frame, preamble=LOCAL)
+
     closed_by_server = 0
 
     def on_frame(frame: dict[str, Any]) -> None:
@@ -96,7 +108,8 @@ async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> N
             closed_by_server += 1
 
     print(
-        f"session memory: worker pid {pid} at {host}:{port}, {args.sessions:,} users "
+        f"session memory ({args.transport}): worker pid {pid} at {host}:{port}, "
+        f"{args.sessions:,} users "
         f"(run id {run_id}), {args.concurrency} in flight",
         flush=True,
     )
@@ -104,10 +117,7 @@ async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> N
     print(f"  worker at start: VmRSS {start['VmRSS']:,} kB", flush=True)
     try:
         # Register over a pool of connections that are closed before any reading.
-        pool = [
-            await connect(host, port, preamble=LOCAL)
-            for _ in range(min(args.concurrency, args.sessions))
-        ]
+        pool = [await dial() for _ in range(min(args.concurrency, args.sessions))]
         free = list(pool)
 
         async def reg(i: int) -> None:
@@ -129,9 +139,9 @@ async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> N
         async def login(i: int) -> None:
             for attempt in range(5):
                 try:
-                    wire = await connect(host, port, on_frame, preamble=LOCAL)
+                    wire = await dial(on_frame)
                     await hello(wire, users[i])
-                except (OSError, ConnectionError, TimeoutError):
+                except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError):
                     if attempt == 4:
                         raise
                     await asyncio.sleep(0.2 * 2**attempt)
@@ -185,6 +195,7 @@ async def measure(args: argparse.Namespace, host: str, port: int, pid: int) -> N
         for wire in sessions:
             wire.close()
         await asyncio.sleep(0.5)
+        await close_ws_sessions()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,6 +208,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=200, help="logins in flight")
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before reading")
     parser.add_argument("--worker", default="w1", help="worker id to measure")
+    parser.add_argument(
+        "--transport",
+        choices=["tcp", "ws"],
+        default="tcp",
+        help="idle sessions over TCP or WebSockets (the worker's own ports either way)",
+    )
     parser.add_argument("--pid", type=int, help="worker pid (default: from the state dir)")
     add_target_args(parser, "port of the worker itself (not HAProxy's) in a running cluster")
     args = parser.parse_args(argv)
@@ -211,7 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with cluster_target(args, workers=1, argon2_memory_kib=1024, argon2_time_cost=1) as target:
-        port = args.port if args.port is not None else target.worker_ports.get(args.worker)
+        ports = target.worker_ws_ports if args.transport == "ws" else target.worker_ports
+        port = args.port if args.port is not None else ports.get(args.worker)
         pid = args.pid if args.pid is not None else target.worker_pid(args.worker)
         if port is None or pid is None:
             raise SystemExit("need the worker's port and pid: --state-dir, or --port and --pid")

@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
 
 from bench._common import CpuSampler, add_target_args, cluster_pids, cluster_target, format_cpu
-from bench._wire import Frame, Wire, connect, hello, register
+from bench._wire import Frame, Wire, WsWire, close_ws_sessions, connect, connect_ws, hello, register
 
 BIN_S = 0.1
 CLIENT_BURST = 20.0
@@ -71,6 +72,7 @@ class Plan:
     pairs: list[int] = field(default_factory=list)
     setup_concurrency: int = 32
     cafile: str | None = None  # set: connect over TLS, trusting this CA
+    transport: str = "tcp"  # "ws": WebSockets through HAProxy's websockets frontend
 
 
 _tls: dict[str | None, ssl.SSLContext] = {}
@@ -161,7 +163,7 @@ class Sender:
         self.window = plan.window
         self.cap = plan.cap
         self.pad = b" " + b"x" * max(0, plan.body_bytes - 19)
-        self.wire: Wire | None = None
+        self.wire: Wire | WsWire | None = None
         self.n = 0
         self.outstanding = 0
         self.t_sent: dict[int, float] = {}
@@ -249,7 +251,7 @@ class Receiver:
         self.read_every = read_every
         self.seq = 0
         self.acked = 0
-        self.wire: Wire | None = None
+        self.wire: Wire | WsWire | None = None
 
     def on_frame(self, frame: Frame) -> None:
         op = frame["op"]
@@ -281,18 +283,23 @@ class Receiver:
 # ---- one generator process ---------------------------------------------------------
 
 
-async def _open_session(plan: Plan, user: str, on_frame: Any, sem: asyncio.Semaphore) -> Wire:
+async def _open_session(
+    plan: Plan, user: str, on_frame: Any, sem: asyncio.Semaphore
+) -> Wire | WsWire:
     """Connect, register (an existing user is fine) and log in, retrying resets."""
     async with sem:
         delay = 0.2
         for attempt in range(6):
-            wire: Wire | None = None
+            wire: Wire | WsWire | None = None
             try:
-                wire = await connect(plan.host, plan.port, on_frame, tls=_tls_context(plan))
+                if plan.transport == "ws":
+                    wire = await connect_ws(plan.host, plan.port, on_frame, tls=_tls_context(plan))
+                else:
+                    wire = await connect(plan.host, plan.port, on_frame, tls=_tls_context(plan))
                 await register(wire, user)
                 await hello(wire, user)
                 return wire
-            except (OSError, ConnectionError, TimeoutError):
+            except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError):
                 if wire is not None:
                     wire.close()
                 if attempt == 5:
@@ -316,7 +323,7 @@ async def _generator(plan: Plan, pipe: mpc.Connection, shared: Any) -> None:
     sem = asyncio.Semaphore(plan.setup_concurrency)
     senders: list[Sender] = []
     receivers: list[Receiver] = []
-    wires: list[Wire] = []
+    wires: list[Wire | WsWire] = []
 
     async def pair(i: int) -> None:
         rcv_name = f"b{plan.run_id}r{i}"
@@ -374,6 +381,7 @@ async def _generator(plan: Plan, pipe: mpc.Connection, shared: Any) -> None:
         for wire in wires:
             wire.close()
         await asyncio.sleep(0.1)
+        await close_ws_sessions()
 
 
 def _progress_now(stats: Stats, shared: Any) -> None:
@@ -509,6 +517,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="CA to trust with --tls (default: the cluster's <state_dir>/tls/ca.pem)",
     )
+    parser.add_argument(
+        "--transport",
+        choices=["tcp", "ws"],
+        default="tcp",
+        help="tcp: the client ports; ws: WebSockets through HAProxy (ws://, wss:// with --tls)",
+    )
     add_target_args(parser, "HAProxy client port of a running cluster")
     args = parser.parse_args(argv)
     if args.cafile and not args.tls:
@@ -544,11 +558,14 @@ def run(args: argparse.Namespace, target: Any) -> None:
     port, cafile = target.client_port, None
     if args.tls:
         port, cafile = target.client_tls_port, str(args.cafile or target.ca_file)
+    if args.transport == "ws" and args.port is None:
+        port = target.client_wss_port if args.tls else target.client_ws_port
     for k in range(args.procs):
         plan = Plan(
             host=target.host,
             port=port,
             cafile=cafile,
+            transport=args.transport,
             mode=args.mode,
             rate=args.rate * len(range(k, args.pairs, args.procs)) / args.pairs,
             window=args.window,
@@ -571,8 +588,8 @@ def run(args: argparse.Namespace, target: Any) -> None:
     conns = 2 * args.pairs
     print(
         f"throughput, mode {args.mode}: {args.pairs} pairs ({conns} connections through "
-        f"HAProxy :{port}{' over TLS' if cafile else ''}), {args.procs} generator "
-        f"process(es), run id {run_id}",
+        f"HAProxy :{port}{' over TLS' if cafile else ''}, {args.transport}), "
+        f"{args.procs} generator process(es), run id {run_id}",
         flush=True,
     )
     try:

@@ -10,6 +10,7 @@ killed process must come back by itself (the supervisor) or the scenario fails.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -35,8 +36,8 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def _run(cluster: LocalCluster, scenario: str) -> Verdict:
-    verdict = await run_scenario(cluster, scenario, CONFIG, _say)
+async def _run(cluster: LocalCluster, scenario: str, config: ChaosConfig = CONFIG) -> Verdict:
+    verdict = await run_scenario(cluster, scenario, config, _say)
     assert verdict.acknowledged > 0
     assert verdict.lost == 0, verdict.format()
     assert verdict.duplicated == 0, verdict.format()
@@ -75,6 +76,19 @@ async def test_rolling_restart(chaos_cluster: LocalCluster) -> None:
 
 async def test_drain(chaos_cluster: LocalCluster) -> None:
     await _run(chaos_cluster, "drain")
+
+
+# The same checker over WebSocket clients (issue #20): every client registers, logs
+# in, sends and resumes through HAProxy's websockets frontend.
+WS_CONFIG = dataclasses.replace(CONFIG, transport="ws")
+
+
+async def test_kill_worker_over_websockets(chaos_cluster: LocalCluster) -> None:
+    await _run(chaos_cluster, "kill-worker", WS_CONFIG)
+
+
+async def test_drain_over_websockets(chaos_cluster: LocalCluster) -> None:
+    await _run(chaos_cluster, "drain", WS_CONFIG)
 
 
 async def test_stall_shorter_than_the_lease_is_not_a_death(chaos_cluster: LocalCluster) -> None:

@@ -178,3 +178,29 @@ async def test_the_chat_page_is_served_with_a_strict_csp(h: Harness) -> None:
             assert script.headers["Content-Type"].startswith("text/javascript")
         async with http.get(server.make_url("/chat/..%2fconnection.py")) as escape:
             assert escape.status == 404
+
+
+async def test_the_sdk_and_the_bench_client_speak_it(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Client.connect(transport="ws")` (app/client/wire.py) and bench's WsWire, end to
+    end through the adapter; they send no X-Forwarded-For, so the edge is stubbed."""
+    from app.client import Client
+    from app.worker import websocket
+    from bench._wire import close_ws_sessions, connect_ws
+
+    monkeypatch.setattr(websocket, "client_peer", lambda request: "203.0.113.9:1")
+    h.store.add_user("alice")
+    async with served(h) as server:
+        assert server.port is not None
+        client = await Client.connect("127.0.0.1", server.port, transport="ws", timeout=5)
+        async with client:
+            welcome = await client.login("alice", GOOD_PASSWORD, "web")
+            assert welcome.user == "alice"
+            assert client.extra_info("peername") is not None
+        assert client.closed
+        wire = await connect_ws("127.0.0.1", server.port)
+        reply = await wire.request({"op": "ping"})
+        assert reply["op"] == "pong"
+        wire.close()
+        await close_ws_sessions()
