@@ -11,6 +11,9 @@
 
 import * as store from "./store.js";
 
+// Fatal codes after which resuming is pointless. `kicked` also ends the device's
+// tokens; `session_replaced` means this device (this browser: another tab, say)
+// logged in again, and the other tab now holds the stored tokens.
 const FATAL_STOP = new Set(["session_replaced", "kicked"]);
 const REPLY_OPS = new Set([
   "registered", "welcome", "sent", "ok", "pong", "contacts", "room", "rooms",
@@ -175,7 +178,9 @@ export class Session extends EventTarget {
       return;
     }
     this.setStatus("reconnecting");
-    this.scheduleReconnect();
+    const after = this.reconnectAfterMs;
+    this.reconnectAfterMs = undefined;
+    this.scheduleReconnect(after);
   }
 
   scheduleReconnect(afterMs) {
@@ -303,12 +308,16 @@ export class Session extends EventTarget {
         this.inboxEntry(frame);
         return;
       case "reconnect":
+        // A drain: come back after the server's (jittered) delay, to another worker.
+        this.reconnectAfterMs = frame.after_ms;
         this.drop();
         return;
       case "error":
         if (FATAL_STOP.has(frame.code)) {
-          store.forget();
-          this.state = store.load();
+          if (frame.code === "kicked") {
+            store.forget();
+            this.state = store.load();
+          }
           this.stop(frame.message);
         }
         // Other fatal codes (shutting_down, idle_timeout): the close follows; we resume.
