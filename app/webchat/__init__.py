@@ -11,6 +11,7 @@ third-party host, no framing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Final
 
@@ -19,10 +20,13 @@ from aiohttp import web
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+# A Host header that can name the page's WebSocket in the CSP (nothing else gets in).
+HOST: Final = re.compile(
+    r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?"
 )
 HEADERS: Final = {
-    "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
@@ -35,15 +39,25 @@ FILES: Final = {
 }
 
 
-async def _index(_: web.Request) -> web.StreamResponse:
-    return web.FileResponse(STATIC_DIR / "index.html", headers=HEADERS)
+def _headers(request: web.Request) -> dict[str, str]:
+    """The page's headers; the CSP names its own WebSocket URLs explicitly as well as
+    'self' (which CSP 3 browsers extend to ws:/wss: of the same host and port)."""
+    host = request.headers.get("Host", "")
+    sockets = f" wss://{host} ws://{host}" if HOST.fullmatch(host) else ""
+    return {**HEADERS, "Content-Security-Policy": CSP.format(sockets=sockets)}
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers=_headers(request))
 
 
 async def _file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if name not in FILES:  # a fixed list: no path ever reaches the file system
         raise web.HTTPNotFound()
-    return web.FileResponse(STATIC_DIR / name, headers={**HEADERS, "Content-Type": FILES[name]})
+    return web.FileResponse(
+        STATIC_DIR / name, headers={**_headers(request), "Content-Type": FILES[name]}
+    )
 
 
 async def _redirect(_: web.Request) -> web.StreamResponse:

@@ -204,3 +204,14 @@ async def test_the_sdk_and_the_bench_client_speak_it(
         assert reply["op"] == "pong"
         wire.close()
         await close_ws_sessions()
+
+
+async def test_the_csp_names_the_pages_own_websocket_and_nothing_injected(h: Harness) -> None:
+    async with served(h) as server, aiohttp.ClientSession() as http:
+        url = server.make_url("/chat/")
+        async with http.get(url, headers={"Host": "chat.example:5281"}) as page:
+            csp = page.headers["Content-Security-Policy"]
+            assert "connect-src 'self' wss://chat.example:5281 ws://chat.example:5281;" in csp
+        async with http.get(url, headers={"Host": "x; script-src *"}) as page:
+            csp = page.headers["Content-Security-Policy"]
+            assert "connect-src 'self';" in csp and "script-src *" not in csp
