@@ -493,3 +493,26 @@ def test_doc_lists_every_error_code_and_limit() -> None:
         assert f"SWITCHBOARD_{name.upper()}" in doc, name
     for op in OPS:
         assert f"`{op}`" in doc, op
+
+
+def test_receive_message_takes_one_whole_frame_per_message() -> None:
+    """Message-framed transports (WebSocket): no newline splitting, the same limits."""
+    d = Decoder(Limits(max_frame_bytes=1024, max_errors_per_connection=2))
+    (ping,) = d.receive_message(b'{\n "op": "ping",\r\n "rid": 1\n}')
+    assert isinstance(ping, Ping) and ping.rid == 1
+    assert d.receive_message(b" \n\t") == []  # blank: ignored, not an error
+    (bad,) = d.receive_message(b'{"op":"ping","x":"a\nb"}')  # a raw newline in a string
+    assert isinstance(bad, FrameError) and bad.code is ErrorCode.BAD_JSON
+    (binary,) = d.reject(ErrorCode.BAD_FRAME, "binary")
+    assert isinstance(binary, FrameError) and not binary.fatal
+    _third, over = d.reject(ErrorCode.BAD_FRAME, "binary")
+    assert isinstance(over, FrameError) and over.code is ErrorCode.TOO_MANY_ERRORS
+    assert d.closed and d.receive_message(b'{"op":"ping"}') == []
+
+
+def test_receive_message_over_the_limit_is_fatal() -> None:
+    d = Decoder(Limits(max_frame_bytes=1024))
+    (error,) = d.receive_message(b"x" * 1025)
+    assert isinstance(error, FrameError)
+    assert (error.code, error.fatal) == (ErrorCode.FRAME_TOO_LARGE, True)
+    assert d.closed
