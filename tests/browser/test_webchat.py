@@ -161,6 +161,7 @@ async def test_two_browsers_chat_and_survive_a_worker_kill(
     await b.set_viewport_size({"width": 380, "height": 800})
     await send(b, "from a phone-sized window")
     room_log.append("from a phone-sized window")
+    await a.locator('#chats li[data-key^="r:"] button.open').click()  # back to the room
     await eventually(lambda: _has_all(a, room_log), "alice got the narrow-screen message", 30)
     await shot(b, screenshots, "webchat-10-narrow")
 
