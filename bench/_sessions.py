@@ -379,7 +379,9 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0.0, min(2.0, 0.1 * 2 ** min(attempt, 16)))
 
 
-def _child(config: GeneratorConfig, pipe: Connection) -> None:
+def _child(pipe: Connection) -> None:
+    """A generator process: takes its config from the pipe, says it is up, and starts
+    on the parent's go (see Fleet.__enter__)."""
     import uvloop
 
     # Die with the parent, whatever kills it (a test's timeout, kill -9).
@@ -388,10 +390,16 @@ def _child(config: GeneratorConfig, pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    config: GeneratorConfig = pipe.recv()
+    pipe.send(("up",))
+    if pipe.recv() != "go":
+        return
     uvloop.run(Generator(config, pipe).run())
 
 
 # ---- the parent ------------------------------------------------------------------------
+
+START_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -415,15 +423,29 @@ class Fleet:
         return sum(len(c.users) for c in self.configs)
 
     def __enter__(self) -> Fleet:
+        """Start every process, and only when all are up (interpreter started, modules
+        imported, config read) let them begin together. A process started while the
+        earlier ones log in would take minutes to start on a saturated box (the 200,000
+        run once stalled there), and spawn's start() waits for the child to read what it
+        is sent: the config goes through the pipe after start(), never as an argument."""
         ctx = mp.get_context("spawn")
-        self.started_at = time.time()
-        for config in self.configs:
+        for _ in self.configs:
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_child, args=(config, theirs), daemon=True)
+            proc = ctx.Process(target=_child, args=(theirs,), daemon=True)
             proc.start()
             theirs.close()
             self._procs.append(proc)
             self._pipes.append(mine)
+        for pipe, config in zip(self._pipes, self.configs, strict=True):
+            pipe.send(config)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for index, pipe in enumerate(self._pipes):
+            left = deadline - time.monotonic()
+            if not pipe.poll(max(left, 0.0)) or pipe.recv() != ("up",):
+                raise RuntimeError(f"generator {index + 1} not up after {START_TIMEOUT_S:.0f} s")
+        self.started_at = time.time()
+        for pipe in self._pipes:
+            pipe.send("go")
         return self
 
     def __exit__(self, *exc: object) -> None:
