@@ -53,6 +53,7 @@ PING = b'{"op":"ping"}\n'
 IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>; not in Python's socket module
 PR_SET_PDEATHSIG = 1
 SESSIONS_PER_PROCESS = 8_000
+PING_INTERVAL_S = 30.0  # a third of the server's idle_timeout_s (90 s)
 CONNECTIONS_PER_ADDRESS = 20_000  # of ~28,000 ephemeral ports, with room for reconnects
 
 COUNTERS = (
@@ -94,7 +95,7 @@ class GeneratorConfig:
     register: bool = False
     password: str = PASSWORD
     inflight: int = 100
-    ping_interval_s: float = 30.0
+    ping_interval_s: float = PING_INTERVAL_S
     request_timeout_s: float = 120.0
 
 
