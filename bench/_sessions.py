@@ -66,6 +66,12 @@ COUNTERS = (
     "fallback_logins",  # logins after a drop: the resume token was refused
     "connect_errors",
     "login_errors",  # connections lost before their welcome (retried)
+    # Closed by the server as silent (`idle_timeout`), and of those, how many had a
+    # ping written less than two ping intervals before: the ping did not get through
+    # in time (the server or the path was behind), not the generator.
+    "idle_timeouts",
+    "idle_after_ping",
+    "lag_ms",  # this process's event loop: ms late on its 1 s ticks
 )
 
 
@@ -108,6 +114,7 @@ class Session:
         "device_token",
         "dropped_at",
         "last_seq",
+        "pinged_at",
         "token",
         "user",
         "wire",
@@ -123,6 +130,7 @@ class Session:
         self.worker = ""
         self.last_seq = 0
         self.dropped_at = 0.0
+        self.pinged_at = 0.0
 
 
 class Generator:
@@ -166,6 +174,10 @@ class Generator:
             session.last_seq = max(session.last_seq, int(frame.get("seq") or 0))
         elif op == "reconnect" and session.wire is not None:
             session.wire.close()
+        elif op == "error" and frame.get("code") == "idle_timeout":
+            self.counts["idle_timeouts"] += 1
+            if time.monotonic() - session.pinged_at < 2 * self.c.ping_interval_s:
+                self.counts["idle_after_ping"] += 1
 
     async def call(self, wire: Wire, frame: Frame, want: str, tolerate: str = "") -> Frame:
         while True:
@@ -272,7 +284,12 @@ class Generator:
                 reply = await self.call(wire, frame, "welcome", tolerate="bad_token")
                 if reply["op"] != "welcome":
                     self.counts["fallback_logins"] += 1
-                    reply = await self.call(wire, self.login_frame(session), "welcome")
+                    frame = self.login_frame(session)
+                    reply = await self.call(wire, frame, "welcome", tolerate="auth_failed")
+                    if reply["op"] != "welcome":  # the device token went with the session
+                        session.device_token = ""
+                        frame = self.login_frame(session)
+                        reply = await self.call(wire, frame, "welcome")
                 else:
                     self.counts["resumes"] += 1
                     self.resumed.append((session.dropped_at, time.time()))
@@ -285,8 +302,11 @@ class Generator:
 
     # ---- the process ---------------------------------------------------------------------
     async def ticks(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + 1.0
             await asyncio.sleep(1.0)
+            self.counts["lag_ms"] += max(0, round(1000 * (loop.time() - due)))
             self.tick()
 
     def tick(self) -> None:
@@ -299,9 +319,11 @@ class Generator:
         tick = 0
         while True:
             await asyncio.sleep(1.0)
+            now = time.monotonic()
             for session in self.sessions[tick % slices :: slices]:
                 if session.wire is not None:
                     session.wire.write(PING)
+                    session.pinged_at = now
             tick += 1
 
     def send(self, *message: Any) -> None:

@@ -365,7 +365,10 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                     fleet.totals["logins"],
                     n,
                     started,
-                    f"overloaded {fleet.totals['overloaded']:,}",
+                    f"overloaded {fleet.totals['overloaded']:,} drops {fleet.totals['drops']:,}"
+                    f" idle {fleet.totals['idle_timeouts']:,}"
+                    f" ({fleet.totals['idle_after_ping']:,} pinged)"
+                    f" online {fleet.sessions_online():,}",
                 )
             if time.monotonic() > deadline:
                 raise SystemExit(f"\nlogins not done after {args.login_timeout:.0f} s")
@@ -502,7 +505,7 @@ def report(r: Result) -> str:
     lines.append(
         f"holding {r.sessions:,} sessions ({r.sessions / PING_INTERVAL_S:,.0f} pings/s):"
         f" {100 * r.cpu_hold.cluster / r.hold_s:.0f} % of one core for the cluster"
-        f" ({1e6 * r.cpu_hold.cluster / max(pings, 1):.0f} µs per ping;"
+        f" ({1e6 * r.cpu_hold.cluster / max(pings, 1):.0f} µs per ping, idle work included;"
         f" {r.cpu_hold.per_second(r.hold_s)}), generators"
         f" {100 * r.cpu_hold.generators / r.hold_s:.0f} %"
     )
