@@ -72,6 +72,7 @@ COUNTERS = (
     "idle_timeouts",
     "idle_after_ping",
     "lag_ms",  # this process's event loop: ms late on its 1 s ticks
+    "ping_errors",
 )
 
 
@@ -322,7 +323,11 @@ class Generator:
             now = time.monotonic()
             for session in self.sessions[tick % slices :: slices]:
                 if session.wire is not None:
-                    session.wire.write(PING)
+                    try:
+                        session.wire.write(PING)
+                    except RuntimeError:  # uvloop: the handle closed, its loss not yet told
+                        self.counts["ping_errors"] += 1
+                        continue
                     session.pinged_at = now
             tick += 1
 
@@ -342,6 +347,8 @@ class Generator:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self.on_command)
         background = [loop.create_task(self.ticks()), loop.create_task(self.pings())]
+        for task in background:  # these never end: one that fails stops the run, loudly
+            task.add_done_callback(self.background_ended)
         gate = asyncio.Semaphore(self.c.inflight)
         logins = loop.create_task(
             asyncio.wait([loop.create_task(self.first_login(s, gate)) for s in self.sessions])
@@ -365,6 +372,12 @@ class Generator:
         for task in [*background, *self.tasks, logins]:
             task.cancel()
         self.send("report", report)
+
+    def background_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stopping:
+            return
+        exc = task.exception()
+        self.send("failed", f"{task.get_coro()!r} ended: {exc!r}")
 
     def per_worker(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -501,6 +514,8 @@ class Fleet:
             self.online[index] = online
         elif kind == "ready":
             self.ready[index] = message[1]
+        elif kind == "failed":
+            raise RuntimeError(f"generator {index + 1}: {message[1]}")
         elif kind == "report":
             report = message[1]
             self.reports[index] = report

@@ -368,6 +368,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                     f"overloaded {fleet.totals['overloaded']:,} drops {fleet.totals['drops']:,}"
                     f" idle {fleet.totals['idle_timeouts']:,}"
                     f" ({fleet.totals['idle_after_ping']:,} pinged)"
+                    f" lag {fleet.totals['lag_ms'] / 1000:,.0f} s"
                     f" online {fleet.sessions_online():,}",
                 )
             if time.monotonic() > deadline:
