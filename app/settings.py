@@ -28,6 +28,10 @@ _DNS_NAME = re.compile(rf"(\*\.)?({_DNS_LABEL}\.)*{_DNS_LABEL}")
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 # How far HAProxy's client/server timeouts sit above idle_timeout_s (edge_timeout_s).
 EDGE_TIMEOUT_MARGIN_S = 30.0
+# HAProxy checks each worker's health port every HEALTH_CHECK_INTERVAL_S, from every
+# process; past CHECKING_PROCESSES processes both check intervals stretch (check_scale).
+HEALTH_CHECK_INTERVAL_S = 1.0
+CHECKING_PROCESSES = 4
 
 
 class SettingsError(ValueError):
@@ -79,6 +83,7 @@ class Settings:
     # The worker pings each WebSocket client this often and drops one that does not
     # answer within half of it (aiohttp's heartbeat).
     ws_heartbeat_s: float = 30.0
+    # Stretched past CHECKING_PROCESSES HAProxy processes: effective_agent_interval_s().
     agent_interval_s: float = 1.0
     haproxy_stats_port: int = 8404
     # HAProxy processes binding the client port together (SO_REUSEPORT). One
@@ -558,6 +563,21 @@ class Settings:
         """HAProxy's client and server timeouts: a little over idle_timeout_s, so that the
         worker, which answers with idle_timeout and detaches the session, decides first."""
         return self.idle_timeout_s + EDGE_TIMEOUT_MARGIN_S
+
+    def check_scale(self) -> float:
+        """How much HAProxy's health and agent check intervals are stretched: every
+        process checks every worker, so past CHECKING_PROCESSES processes the intervals
+        grow with their number and a worker answers about CHECKING_PROCESSES checks of
+        each kind per interval however many processes there are (the 200,000-session
+        plan's 25 processes x 17 workers otherwise cost ~0.5 of the 2 cores idle)."""
+        return max(1.0, self.haproxy_processes / CHECKING_PROCESSES)
+
+    def health_check_interval_s(self) -> float:
+        return HEALTH_CHECK_INTERVAL_S * self.check_scale()
+
+    def effective_agent_interval_s(self) -> float:
+        """Each HAProxy process's agent-check interval (agent_interval_s, stretched)."""
+        return self.agent_interval_s * self.check_scale()
 
     def haproxy_names(self) -> list[str]:
         """haproxy (the full config), then haproxy2, haproxy3, ... (client port only)."""

@@ -53,6 +53,7 @@ PING = b'{"op":"ping"}\n'
 IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>; not in Python's socket module
 PR_SET_PDEATHSIG = 1
 SESSIONS_PER_PROCESS = 8_000
+PING_INTERVAL_S = 30.0  # a third of the server's idle_timeout_s (90 s)
 CONNECTIONS_PER_ADDRESS = 20_000  # of ~28,000 ephemeral ports, with room for reconnects
 
 COUNTERS = (
@@ -65,6 +66,13 @@ COUNTERS = (
     "fallback_logins",  # logins after a drop: the resume token was refused
     "connect_errors",
     "login_errors",  # connections lost before their welcome (retried)
+    # Closed by the server as silent (`idle_timeout`), and of those, how many had a
+    # ping written less than two ping intervals before: the ping did not get through
+    # in time (the server or the path was behind), not the generator.
+    "idle_timeouts",
+    "idle_after_ping",
+    "lag_ms",  # this process's event loop: ms late on its 1 s ticks
+    "ping_errors",
 )
 
 
@@ -94,7 +102,7 @@ class GeneratorConfig:
     register: bool = False
     password: str = PASSWORD
     inflight: int = 100
-    ping_interval_s: float = 30.0
+    ping_interval_s: float = PING_INTERVAL_S
     request_timeout_s: float = 120.0
 
 
@@ -107,6 +115,7 @@ class Session:
         "device_token",
         "dropped_at",
         "last_seq",
+        "pinged_at",
         "token",
         "user",
         "wire",
@@ -122,6 +131,7 @@ class Session:
         self.worker = ""
         self.last_seq = 0
         self.dropped_at = 0.0
+        self.pinged_at = 0.0
 
 
 class Generator:
@@ -165,6 +175,10 @@ class Generator:
             session.last_seq = max(session.last_seq, int(frame.get("seq") or 0))
         elif op == "reconnect" and session.wire is not None:
             session.wire.close()
+        elif op == "error" and frame.get("code") == "idle_timeout":
+            self.counts["idle_timeouts"] += 1
+            if time.monotonic() - session.pinged_at < 2 * self.c.ping_interval_s:
+                self.counts["idle_after_ping"] += 1
 
     async def call(self, wire: Wire, frame: Frame, want: str, tolerate: str = "") -> Frame:
         while True:
@@ -271,7 +285,12 @@ class Generator:
                 reply = await self.call(wire, frame, "welcome", tolerate="bad_token")
                 if reply["op"] != "welcome":
                     self.counts["fallback_logins"] += 1
-                    reply = await self.call(wire, self.login_frame(session), "welcome")
+                    frame = self.login_frame(session)
+                    reply = await self.call(wire, frame, "welcome", tolerate="auth_failed")
+                    if reply["op"] != "welcome":  # the device token went with the session
+                        session.device_token = ""
+                        frame = self.login_frame(session)
+                        reply = await self.call(wire, frame, "welcome")
                 else:
                     self.counts["resumes"] += 1
                     self.resumed.append((session.dropped_at, time.time()))
@@ -284,8 +303,11 @@ class Generator:
 
     # ---- the process ---------------------------------------------------------------------
     async def ticks(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + 1.0
             await asyncio.sleep(1.0)
+            self.counts["lag_ms"] += max(0, round(1000 * (loop.time() - due)))
             self.tick()
 
     def tick(self) -> None:
@@ -298,9 +320,15 @@ class Generator:
         tick = 0
         while True:
             await asyncio.sleep(1.0)
+            now = time.monotonic()
             for session in self.sessions[tick % slices :: slices]:
                 if session.wire is not None:
-                    session.wire.write(PING)
+                    try:
+                        session.wire.write(PING)
+                    except RuntimeError:  # uvloop: the handle closed, its loss not yet told
+                        self.counts["ping_errors"] += 1
+                        continue
+                    session.pinged_at = now
             tick += 1
 
     def send(self, *message: Any) -> None:
@@ -319,6 +347,8 @@ class Generator:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self.on_command)
         background = [loop.create_task(self.ticks()), loop.create_task(self.pings())]
+        for task in background:  # these never end: one that fails stops the run, loudly
+            task.add_done_callback(self.background_ended)
         gate = asyncio.Semaphore(self.c.inflight)
         logins = loop.create_task(
             asyncio.wait([loop.create_task(self.first_login(s, gate)) for s in self.sessions])
@@ -342,6 +372,12 @@ class Generator:
         for task in [*background, *self.tasks, logins]:
             task.cancel()
         self.send("report", report)
+
+    def background_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stopping:
+            return
+        exc = task.exception()
+        self.send("failed", f"{task.get_coro()!r} ended: {exc!r}")
 
     def per_worker(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -379,7 +415,9 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0.0, min(2.0, 0.1 * 2 ** min(attempt, 16)))
 
 
-def _child(config: GeneratorConfig, pipe: Connection) -> None:
+def _child(pipe: Connection) -> None:
+    """A generator process: takes its config from the pipe, says it is up, and starts
+    on the parent's go (see Fleet.__enter__)."""
     import uvloop
 
     # Die with the parent, whatever kills it (a test's timeout, kill -9).
@@ -388,10 +426,16 @@ def _child(config: GeneratorConfig, pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    config: GeneratorConfig = pipe.recv()
+    pipe.send(("up",))
+    if pipe.recv() != "go":
+        return
     uvloop.run(Generator(config, pipe).run())
 
 
 # ---- the parent ------------------------------------------------------------------------
+
+START_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -415,15 +459,29 @@ class Fleet:
         return sum(len(c.users) for c in self.configs)
 
     def __enter__(self) -> Fleet:
+        """Start every process, and only when all are up (interpreter started, modules
+        imported, config read) let them begin together. A process started while the
+        earlier ones log in would take minutes to start on a saturated box (the 200,000
+        run once stalled there), and spawn's start() waits for the child to read what it
+        is sent: the config goes through the pipe after start(), never as an argument."""
         ctx = mp.get_context("spawn")
-        self.started_at = time.time()
-        for config in self.configs:
+        for _ in self.configs:
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_child, args=(config, theirs), daemon=True)
+            proc = ctx.Process(target=_child, args=(theirs,), daemon=True)
             proc.start()
             theirs.close()
             self._procs.append(proc)
             self._pipes.append(mine)
+        for pipe, config in zip(self._pipes, self.configs, strict=True):
+            pipe.send(config)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for index, pipe in enumerate(self._pipes):
+            left = deadline - time.monotonic()
+            if not pipe.poll(max(left, 0.0)) or pipe.recv() != ("up",):
+                raise RuntimeError(f"generator {index + 1} not up after {START_TIMEOUT_S:.0f} s")
+        self.started_at = time.time()
+        for pipe in self._pipes:
+            pipe.send("go")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -456,6 +514,8 @@ class Fleet:
             self.online[index] = online
         elif kind == "ready":
             self.ready[index] = message[1]
+        elif kind == "failed":
+            raise RuntimeError(f"generator {index + 1}: {message[1]}")
         elif kind == "report":
             report = message[1]
             self.reports[index] = report

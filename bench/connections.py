@@ -57,6 +57,7 @@ import psutil
 from app.settings import Settings
 from bench._common import cluster_pids, own_cluster
 from bench._sessions import (
+    PING_INTERVAL_S,
     Fleet,
     cluster_overrides,
     default_procs,
@@ -65,6 +66,8 @@ from bench._sessions import (
     split,
 )
 from bench._wire import PASSWORD
+
+HOLD_S = 10.0  # the window in which the held sessions' CPU is measured
 
 
 @dataclass
@@ -156,6 +159,12 @@ class CpuUsed:
     machine: float
     # The cluster's share by role (workers, postgres, haproxy, patroni+etcd).
     by_role: dict[str, float] = field(default_factory=dict)
+
+    def per_second(self, seconds: float) -> str:
+        """% of one core, by role."""
+        return ", ".join(
+            f"{role} {100 * used / seconds:.0f} %" for role, used in self.by_role.items()
+        )
 
     def per(self, count: int) -> str:
         """ms per item, by role: where the CPU went."""
@@ -297,6 +306,8 @@ class Result:
     fallback_logins: int
     storm_overloaded: int
     cpu_resume: CpuUsed
+    cpu_hold: CpuUsed  # HOLD_S seconds of the sessions only held (a ping each per interval)
+    hold_s: float
     rows_after: dict[str, tuple[int, int]]
     # (second from the kill, drops seen, connects, failed connects or connections lost
     # before their welcome, resumes, overloaded)
@@ -355,7 +366,11 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                     fleet.totals["logins"],
                     n,
                     started,
-                    f"overloaded {fleet.totals['overloaded']:,}",
+                    f"overloaded {fleet.totals['overloaded']:,} drops {fleet.totals['drops']:,}"
+                    f" idle {fleet.totals['idle_timeouts']:,}"
+                    f" ({fleet.totals['idle_after_ping']:,} pinged)"
+                    f" lag {fleet.totals['lag_ms'] / 1000:,.0f} s"
+                    f" online {fleet.sessions_online():,}",
                 )
             if time.monotonic() > deadline:
                 raise SystemExit(f"\nlogins not done after {args.login_timeout:.0f} s")
@@ -368,6 +383,13 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         login_overloaded = fleet.totals["overloaded"]
 
         time.sleep(2.0)  # pings flowing, the last rows committed
+        # What holding costs: every session pings once per ping interval, nothing else.
+        mark = _cpu_mark(cluster, gen_pids)
+        hold_from = time.monotonic()
+        while time.monotonic() < hold_from + HOLD_S:
+            fleet.poll(0.2)
+        hold_s = time.monotonic() - hold_from
+        cpu_hold = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
         pids = cluster_pids(cluster.state_dir)
         rss_workers, rss_haproxy = _rss(pids["workers"]), _rss(pids["haproxy"])
         rows_before = asyncio.run(_session_rows(s))
@@ -460,6 +482,8 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         fallback_logins=fleet.totals["fallback_logins"] - before_kill["fallback_logins"],
         storm_overloaded=fleet.totals["overloaded"] - before_kill["overloaded"],
         cpu_resume=cpu_resume,
+        cpu_hold=cpu_hold,
+        hold_s=hold_s,
         rows_after=rows_after,
         timeline=timeline,
         unresumed=n - sum(r["online"] for r in fleet.reports.values()),
@@ -479,6 +503,14 @@ def report(r: Result) -> str:
         f" generators; whole machine {1000 * r.cpu_login.machine / max(r.logins, 1):.2f} ms)"
     )
     lines.append(f"  by role (ms per login): {r.cpu_login.per(r.logins)}")
+    pings = r.sessions / PING_INTERVAL_S * r.hold_s
+    lines.append(
+        f"holding {r.sessions:,} sessions ({r.sessions / PING_INTERVAL_S:,.0f} pings/s):"
+        f" {100 * r.cpu_hold.cluster / r.hold_s:.0f} % of one core for the cluster"
+        f" ({1e6 * r.cpu_hold.cluster / max(pings, 1):.0f} µs per ping, idle work included;"
+        f" {r.cpu_hold.per_second(r.hold_s)}), generators"
+        f" {100 * r.cpu_hold.generators / r.hold_s:.0f} %"
+    )
     lines.append(
         f"RSS per session: workers {r.rss_workers / r.sessions / 1024:.1f} KB"
         f" ({r.workers} processes, {r.rss_workers / 2**20:,.0f} MB),"

@@ -733,6 +733,22 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]], cpu: dict[s
     )
     if cpu:
         print(format_cpu(cpu))
+        if received:
+            print(_cpu_per_message(cpu, received / d))
+
+
+# The cluster's side of a message: every group but the load generator's, other
+# processes' and the machine's total; the kernel's network softirq counts (loopback).
+NOT_SERVER = ("load generator", "other processes", "whole machine")
+
+
+def _cpu_per_message(cpu: dict[str, float], per_s: float) -> str:
+    """Server-side CPU per delivered message, in µs, by group (% of one core / msgs/s)."""
+    server = {name: pct for name, pct in cpu.items() if name not in NOT_SERVER}
+    parts = ", ".join(f"{name} {1e4 * pct / per_s:.0f}" for name, pct in server.items())
+    return (
+        f"server CPU per delivered message: {1e4 * sum(server.values()) / per_s:.0f} µs ({parts})"
+    )
 
 
 if __name__ == "__main__":

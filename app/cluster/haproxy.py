@@ -35,10 +35,11 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
     # send-proxy-v2: each client connection opens with a PROXY header naming the
     # client (a worker refuses it without one). The health and agent checks go to
     # other ports and get none (HAProxy adds it to checks only without `port`).
+    agent_inter = _ms(settings.effective_agent_interval_s())
     workers = "\n".join(
         f"    server {wid} {host}:{settings.worker_port(wid)} send-proxy-v2 check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
-        f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
+        f"{settings.worker_agent_port(wid)} agent-inter {agent_inter}"
         for wid in settings.worker_ids()
     )
     # The same servers for WebSockets, on their worker_ws ports, without a PROXY
@@ -46,7 +47,7 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
     ws_workers = "\n".join(
         f"    server {wid} {host}:{settings.worker_ws_port(wid)} check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
-        f"{settings.worker_agent_port(wid)} agent-inter {int(settings.agent_interval_s * 1000)}ms"
+        f"{settings.worker_agent_port(wid)} agent-inter {agent_inter}"
         for wid in settings.worker_ids()
     )
     db = "\n".join(
@@ -86,6 +87,7 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
         primary_servers=db,
         replica_servers=db,
         edge_timeout=_ms(settings.edge_timeout_s()),
+        worker_check_inter=_ms(settings.health_check_interval_s()),
         tcp_user_timeout=f"{settings.tcp_user_timeout_s()}s",
         keepalive_idle=f"{settings.tcp_keepalive_idle_s}s",
         keepalive_interval=f"{settings.tcp_keepalive_interval_s}s",

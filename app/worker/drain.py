@@ -62,7 +62,7 @@ class Drain:
         self._events.worker_draining(len(connections))
         drain_started = time.monotonic()
         # Let HAProxy's agent check see "drain" before clients start coming back.
-        low = int(s.agent_interval_s * 1000) + 200
+        low = int(s.effective_agent_interval_s() * 1000) + 200
         high = max(low, int(s.drain_spread_s * 1000))
         for peer in list(connections):
             if peer.state is not SessionState.ACTIVE:

@@ -82,6 +82,8 @@ VALUES = {
     # The edge, as app/settings.py's defaults: edge_timeout_s() (idle_timeout_s 90 s + 30),
     # tcp_user_timeout_s() (60 + 10 x 3) and the tcp_keepalive_* settings.
     "edge_timeout": "120000ms",
+    # health_check_interval_s(): one HAProxy process here, so never stretched.
+    "worker_check_inter": "1000ms",
     "tcp_user_timeout": "90s",
     "keepalive_idle": "60s",
     "keepalive_interval": "10s",

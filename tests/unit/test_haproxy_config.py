@@ -153,3 +153,18 @@ def test_haproxy_accepts_the_config(tmp_path: Path, which: str) -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "[WARNING]" not in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_check_intervals_stretch_past_four_haproxy_processes(tmp_path: Path) -> None:
+    """Every HAProxy process checks every worker: up to 4 processes at 1 s, past that
+    the health and agent intervals grow with the count, so a worker answers about the
+    same number of checks however many processes share the client port."""
+    for processes, inter in ((2, "1000ms"), (4, "1000ms"), (25, "6250ms")):
+        s = Settings(state_dir=tmp_path / str(processes), haproxy_processes=processes)
+        for name in s.haproxy_names()[:2]:
+            config = haproxy.render(s, Layout.for_settings(s), name)
+            assert f"inter {inter} fastinter 250ms" in config
+            servers = [line for line in config.splitlines() if line.startswith("    server w")]
+            assert servers
+            assert all(f"agent-inter {inter}" in line for line in servers)
+    assert Settings(haproxy_processes=25).effective_agent_interval_s() == 6.25
