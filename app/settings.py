@@ -569,7 +569,7 @@ class Settings:
         process checks every worker, so past CHECKING_PROCESSES processes the intervals
         grow with their number and a worker answers about CHECKING_PROCESSES checks of
         each kind per interval however many processes there are (the 200,000-session
-        plan's 25 processes x 17 workers otherwise cost ~0.5 of the 2 cores idle)."""
+        plan's 25 processes x 17 workers otherwise cost ~half a core idle)."""
         return max(1.0, self.haproxy_processes / CHECKING_PROCESSES)
 
     def health_check_interval_s(self) -> float:
