@@ -36,6 +36,7 @@ FILES: Final = {
     "wire.js": "text/javascript",
     "store.js": "text/javascript",
     "chat.css": "text/css",
+    "icon.svg": "image/svg+xml",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,36 @@ async def two_pages(cluster: LocalCluster) -> AsyncIterator[tuple[Page, Page]]:
         # Each browser's own first tab: a background tab may count as hidden, and the
         # page sends read receipts only while it is visible.
         pages = [ctx.pages[0] if ctx.pages else await ctx.new_page() for ctx in (first, second)]
+        for page in pages:
+            _record(page)
         yield pages[0], pages[1]
+
+
+def _record(page: Page) -> None:
+    """Keep what the page's WebSockets carried and what it logged, for a failure's report."""
+    log: list[str] = []
+    page.sb_log = log
+
+    def on_socket(ws: Any) -> None:
+        log.append(f"open {ws.url}")
+        ws.on("framereceived", lambda data: log.append(f"<- {str(data)[:200]}"))
+        ws.on("framesent", lambda data: log.append(f"-> {str(data)[:200]}"))
+        ws.on("close", lambda _ws: log.append("closed"))
+
+    page.on("websocket", on_socket)
+    page.on("console", lambda msg: log.append(f"console {msg.type}: {msg.text[:200]}"))
+
+
+async def _report(pages: dict[str, Page]) -> str:
+    parts = []
+    for who, page in pages.items():
+        lines = page.sb_log[-40:]
+        status = await page.evaluate(
+            "() => ({...document.getElementById('status').dataset,"
+            " error: document.getElementById('side-error').textContent})"
+        )
+        parts.append(f"--- {who}'s page {status}, last {len(lines)} events:\n" + "\n".join(lines))
+    return "\n".join(parts)
 
 
 def chat_url(cluster: LocalCluster) -> str:
@@ -75,6 +105,13 @@ async def test_two_browsers_chat_and_survive_a_worker_kill(
     cluster: LocalCluster, two_pages: tuple[Page, Page], screenshots: Path
 ) -> None:
     a, b = two_pages
+    try:
+        await _chat_and_survive(cluster, a, b, screenshots)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{await _report({'alice': a, 'bob': b})}") from exc
+
+
+async def _chat_and_survive(cluster: LocalCluster, a: Page, b: Page, screenshots: Path) -> None:
     url = chat_url(cluster)
     alice, bob = new_user("alice"), new_user("bob")
     await a.goto(url)
@@ -144,9 +181,7 @@ async def test_two_browsers_chat_and_survive_a_worker_kill(
     room_log.append("back again")
     # Order between the two sends around the kill is the server's: compare as stored.
     for page, who in ((a, "alice"), (b, "bob")):
-        await eventually(
-            lambda page=page: _has_all(page, room_log), f"{who} has every room message", 30
-        )
+        await eventually(partial(_has_all, page, room_log), f"{who} has every room message", 30)
         shown = await bodies(page)
         assert len(shown) == len(set(shown)) == len(room_log), shown
     assert await bodies(a) == await bodies(b)  # the same order (by message id) on both

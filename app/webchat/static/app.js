@@ -56,6 +56,9 @@ function target(c) {
 }
 
 async function openConv(key) {
+  // Focus goes to the message box at the end, unless the user has moved it meanwhile
+  // (typing in the invite box while the history loads must stay in the invite box).
+  const focusedAtStart = document.activeElement;
   current = conv(key);
   current.unread = 0;
   $("conv-title").textContent = titleOf(current);
@@ -68,7 +71,8 @@ async function openConv(key) {
     current.loaded = true;
     await loadOlder(current);
   }
-  $("body").focus();
+  const focused = document.activeElement;
+  if (focused === focusedAtStart || focused === document.body || focused === null) $("body").focus();
 }
 
 async function loadOlder(c) {
@@ -219,6 +223,8 @@ async function refreshRooms() {
   const reply = await session.request("rooms", {});
   rooms.clear();
   for (const r of reply.rooms) rooms.set(r.room, r.name);
+  // Invitations are stored: one pushed while this page was away is listed here.
+  for (const i of reply.invites || []) invites.set(i.room, { name: i.name, from: i.from });
   renderRooms();
   renderChats();
 }
