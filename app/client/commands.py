@@ -581,11 +581,14 @@ class Chat:
 
     async def _cmd_rooms(self, words: list[str]) -> None:
         _args(words, 0, "/rooms")
-        rooms = await self.client.rooms()
-        if not rooms:
+        listed = await self.client.room_list()
+        if not listed.rooms:
             self.out("* no rooms yet: /create NAME")
-        for room, name in rooms:
-            self.out(f"  #{room} {name}")
+        for room in listed.rooms:
+            self.out(f"  #{room.room} {room.name}")
+        for invite in listed.invites:
+            by = invite.sender
+            self.out(f"  #{invite.room} {invite.name} (invited by {by}: /join {invite.room})")
 
     async def _cmd_create(self, words: list[str]) -> None:
         if not words:

@@ -12,7 +12,7 @@ from typing import Any
 
 from app.client.errors import ConnectionLost
 from app.client.events import Contact, Event, Frame, HistoryPage, read_reply
-from app.protocol.frames import Contacts, Members, Room, Rooms
+from app.protocol.frames import Contacts, Members, Room, RoomInvite, Rooms
 
 
 def exactly_one(what: str, to: object, room: object) -> None:
@@ -74,9 +74,15 @@ class Requests:
         reply = await self._call("room_members", "members", {"room": room})
         return read_reply(Members, reply).members
 
+    async def room_list(self) -> Rooms:
+        """The rooms joined (``rooms``) and the invitations not taken up (``invites``)."""
+        return read_reply(Rooms, await self._call("rooms", "rooms", {}))
+
     async def rooms(self) -> list[tuple[int, str]]:
-        reply = await self._call("rooms", "rooms", {})
-        return [(r.room, r.name) for r in read_reply(Rooms, reply).rooms]
+        return [(r.room, r.name) for r in (await self.room_list()).rooms]
+
+    async def room_invitations(self) -> list[RoomInvite]:
+        return (await self.room_list()).invites
 
     async def history(
         self,

@@ -280,17 +280,29 @@ class Room(_Frame):
 
 @dataclass(frozen=True, slots=True)
 class Rooms(_Frame):
-    """Reply to ``rooms``: the rooms the user belongs to."""
+    """Reply to ``rooms``: the rooms the user belongs to, and the invitations it has
+    not taken up yet (each as the ``room_invite`` push had it, without ``op``)."""
 
     op: ClassVar[str] = "rooms"
     rooms: list[Room]
+    invites: list[RoomInvite] = field(default_factory=list)
 
     def encode(self, rid: Rid = None) -> bytes:
-        return _line({"op": "rooms", "rooms": [r._object() for r in self.rooms]}, rid)
+        return _line(
+            {
+                "op": "rooms",
+                "rooms": [r._object() for r in self.rooms],
+                "invites": [i._object() for i in self.invites],
+            },
+            rid,
+        )
 
     @classmethod
     def _read(cls, frame: Fields) -> Self:
-        return cls([Room._read(r) for r in required(frame, "rooms", OBJECTS)])
+        return cls(
+            [Room._read(r) for r in required(frame, "rooms", OBJECTS)],
+            [RoomInvite._read(i) for i in optional(frame, "invites", OBJECTS) or []],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,9 +565,10 @@ class RoomInvite(_Frame):
     sender: str
 
     def encode(self) -> bytes:
-        return _line(
-            {"op": "room_invite", "room": self.room, "name": self.name, "from": self.sender}
-        )
+        return _line({"op": "room_invite", **self._object()})
+
+    def _object(self) -> dict[str, object]:
+        return {"room": self.room, "name": self.name, "from": self.sender}
 
     @classmethod
     def _read(cls, frame: Fields) -> Self:

@@ -152,6 +152,8 @@ room_members = Table(
     Column("user_id", BigInteger, ForeignKey("users.id"), nullable=False),
     Column("status", Text, nullable=False),
     Column("since", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # Who invited a user whose status is still 'invited' (listed by `rooms`).
+    Column("invited_by", BigInteger, ForeignKey("users.id")),
     PrimaryKeyConstraint("room_id", "user_id"),
     CheckConstraint("status in ('invited', 'member')", name="status"),
     Index("ix_room_members_user", "user_id"),

@@ -337,10 +337,11 @@ async def require_member(pool: asyncpg.Pool, room_id: int, user_id: int) -> None
 async def room_invite(pool: asyncpg.Pool, room_id: int, inviter_id: int, user_id: int) -> str:
     await require_member(pool, room_id, inviter_id)
     await pool.execute(
-        "INSERT INTO room_members (room_id, user_id, status) VALUES ($1, $2, 'invited') "
-        "ON CONFLICT DO NOTHING",
+        "INSERT INTO room_members (room_id, user_id, status, invited_by) "
+        "VALUES ($1, $2, 'invited', $3) ON CONFLICT DO NOTHING",
         room_id,
         user_id,
+        inviter_id,
     )
     return str(await pool.fetchval("SELECT name FROM rooms WHERE id = $1", room_id))
 
@@ -388,10 +389,26 @@ async def room_member_ids(pool: asyncpg.Pool, room_id: int) -> list[int]:
     return [int(r["user_id"]) for r in rows]
 
 
-async def rooms_of(pool: asyncpg.Pool, user_id: int) -> list[tuple[int, str]]:
+@dataclass(frozen=True, slots=True)
+class RoomView:
+    room: int
+    name: str
+    invited_by: str | None  # None: a member; else invited (by this user) and not joined
+
+
+async def rooms_of(pool: asyncpg.Pool, user_id: int) -> list[RoomView]:
+    """The rooms this user belongs to, and those it is invited to and has not joined."""
     rows = await pool.fetch(
-        "SELECT r.id, r.name FROM rooms r JOIN room_members rm ON rm.room_id = r.id "
-        "WHERE rm.user_id = $1 AND rm.status = 'member' ORDER BY r.id",
+        "SELECT r.id, r.name, rm.status, coalesce(u.username, '') AS inviter "
+        "FROM room_members rm JOIN rooms r ON r.id = rm.room_id "
+        "LEFT JOIN users u ON u.id = rm.invited_by WHERE rm.user_id = $1 ORDER BY r.id",
         user_id,
     )
-    return [(int(r["id"]), str(r["name"])) for r in rows]
+    return [
+        RoomView(
+            int(r["id"]),
+            str(r["name"]),
+            None if r["status"] == "member" else str(r["inviter"]),
+        )
+        for r in rows
+    ]

@@ -118,4 +118,10 @@ class Contacts:
     async def room_list(self, conn: Peer, req: RoomList) -> None:
         session = active_session(conn)
         rooms = await social.rooms_of(self._pool, session.user_id)
-        conn.write(frames.Rooms([frames.Room(r, name) for r, name in rooms]).encode(req.rid))
+        joined = [frames.Room(r.room, r.name) for r in rooms if r.invited_by is None]
+        invites = [
+            frames.RoomInvite(r.room, r.name, r.invited_by)
+            for r in rooms
+            if r.invited_by is not None
+        ]
+        conn.write(frames.Rooms(joined, invites).encode(req.rid))

@@ -175,6 +175,26 @@ async def test_room_message_reaches_members_on_three_workers(
         await c.close()
 
 
+async def test_an_invitation_waits_for_an_invitee_who_was_offline(cluster: LocalCluster) -> None:
+    """The room_invite push reaches connected sessions only; the invitation itself is
+    stored, and the invitee's next `rooms` lists it (with who sent it) until joined."""
+    carol, dave = new_user("carol"), new_user("dave")
+    await register(cluster, dave)
+    c, _ = await login(cluster, carol)
+    room = (await c.request({"op": "room_create", "name": "retro"}))["room"]
+    assert (await c.request({"op": "room_invite", "room": room, "user": dave}))["op"] == "ok"
+    d, _ = await login(cluster, dave, register_first=False)  # offline when invited
+    listed = await d.request({"op": "rooms"})
+    assert listed["rooms"] == []
+    assert listed["invites"] == [{"room": room, "name": "retro", "from": carol}]
+    assert (await c.request({"op": "rooms"}))["invites"] == []  # carol is a member
+    assert (await d.request({"op": "room_join", "room": room}))["op"] == "room"
+    joined = await d.request({"op": "rooms"})
+    assert (joined["rooms"], joined["invites"]) == ([{"room": room, "name": "retro"}], [])
+    await c.close()
+    await d.close()
+
+
 async def test_presence_change_reaches_a_contact_on_another_worker(cluster: LocalCluster) -> None:
     alice, bob = new_user("alice"), new_user("bob")
     a, _ = await login(cluster, alice, worker="w1")

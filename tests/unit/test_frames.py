@@ -51,6 +51,7 @@ FRAMES: list[ServerFrame] = [
     Error("future_code", "something new"),
     Room(12, "ops"),
     Rooms([Room(12, "ops"), Room(13, "dev")]),
+    Rooms([Room(12, "ops")], [RoomInvite(14, "retro", "carol")]),
     Rooms([]),
     Members(12, ["alice", "bob"]),
     Contacts(
@@ -102,6 +103,12 @@ def test_none_fields_never_sent_as_null_except_documented(frame: ServerFrame) ->
     wire = read(frame.encode())
     nulls = {key for key, value in wire.items() if value is None}
     assert nulls <= {"text"}  # presence's text is always there, null when unset
+
+
+def test_rooms_from_a_server_without_invites_reads_as_none_pending() -> None:
+    assert Rooms.from_frame({"op": "rooms", "rooms": [{"room": 1, "name": "x"}]}) == Rooms(
+        [Room(1, "x")]
+    )
 
 
 @pytest.mark.parametrize("rid", [7, "s1", 0])
@@ -221,6 +228,7 @@ MSG = orjson.loads(Msg(1, 1001, "alice", "bob", None, "hi", TS, "a-1").encode())
         (Room, {"op": "room", "room": "not-a-number", "name": "x"}, "room"),
         (Rooms, {"op": "rooms", "rooms": [{"room": 1}]}, "name"),
         (Rooms, {"op": "rooms", "rooms": {"room": 1, "name": "x"}}, "rooms"),
+        (Rooms, {"op": "rooms", "rooms": [], "invites": [{"room": 1, "name": "x"}]}, "from"),
         (Members, {"op": "members", "room": 1, "members": ["a", 2]}, "members"),
         (Contacts, {"op": "contacts", "contacts": [{"user": "b"}]}, "status"),
         (Contacts, {"op": "contacts", "contacts": ["b"]}, "contacts"),
