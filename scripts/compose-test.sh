@@ -371,7 +371,7 @@ cp /usr/local/share/ca-certificates/*.crt "$B/ca-certificates/" 2>/dev/null || t
 ports="$("$VENV/bin/python" - <<'PY'
 import random, socket
 picked = []
-while len(picked) < 5:
+while len(picked) < 6:
     port = random.randint(20000, 29999)  # below the ephemeral range
     if port in picked:
         continue
@@ -384,7 +384,7 @@ while len(picked) < 5:
 print(*picked)
 PY
 )"
-read -r CLIENT_PORT PRIMARY_PORT REPLICA_PORT STATS_PORT DASHBOARD_PORT <<<"$ports"
+read -r CLIENT_PORT PRIMARY_PORT REPLICA_PORT STATS_PORT DASHBOARD_PORT WSS_PORT <<<"$ports"
 rm -f "$B/test.env"
 "$ROOT/compose/gen-env.sh" "$B/test.env" >/dev/null
 cat >>"$B/test.env" <<EOF
@@ -396,6 +396,7 @@ SWITCHBOARD_IMAGE_TAG=test
 SWITCHBOARD_PUBLIC_BIND=127.0.0.1
 SWITCHBOARD_ADMIN_BIND=127.0.0.1
 SWITCHBOARD_CLIENT_TLS_PORT=$CLIENT_PORT
+SWITCHBOARD_CLIENT_WSS_PORT=$WSS_PORT
 SWITCHBOARD_DB_PRIMARY_PORT=$PRIMARY_PORT
 SWITCHBOARD_DB_REPLICA_PORT=$REPLICA_PORT
 SWITCHBOARD_STATS_PORT=$STATS_PORT
@@ -484,6 +485,30 @@ PY
 )"
 [ "$code" = 200 ] || die "the dashboard's /healthz through HAProxy over HTTPS answered '$code'"
 log "dashboard /healthz through HAProxy over verified HTTPS, with HSTS: 200"
+
+# Browsers: the web chat page and a login over wss://, both on the published WSS port.
+"$VENV/bin/python" - "$WSS_PORT" "$B/ca.pem" "$ROOT" <<'PY' || die "the web chat over wss:// failed"
+import asyncio, secrets, ssl, sys, urllib.request
+sys.path.insert(0, sys.argv[3])
+from app.client import Client
+
+port, cafile = int(sys.argv[1]), sys.argv[2]
+page = urllib.request.urlopen(
+    f"https://127.0.0.1:{port}/chat/", timeout=10, context=ssl.create_default_context(cafile=cafile)
+).read()
+assert b"<html" in page.lower(), page[:200]
+
+async def main() -> None:
+    user = f"ws{secrets.token_hex(4)}"
+    client = await Client.connect("127.0.0.1", port, tls=True, cafile=cafile, transport="ws")
+    await client.register(user, "a long enough password")
+    welcome = await client.login(user, "a long enough password", "compose-ws")
+    print(f"/chat/ served ({len(page)} bytes); {user} logged in over wss:// on {welcome.worker}")
+    await client.close()
+
+asyncio.run(main())
+PY
+log "web chat page and a login over wss:// through HAProxy: ok"
 
 "${COMPOSE[@]}" exec -T haproxy sb-tls-reload >"$B/reload.log" 2>&1 \
     || { cat "$B/reload.log" >&2; die "sb-tls-reload failed"; }
