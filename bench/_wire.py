@@ -27,16 +27,47 @@ PASSWORD = "bench-password-0123456789"
 _rids = itertools.count(1)
 
 
-class Wire(asyncio.Protocol):
-    __slots__ = ("_buf", "_waiters", "closed", "on_close", "on_frame", "transport")
+class _Requests:
+    """What both wires share: requests by rid, and failing them when the wire closes."""
 
-    def __init__(self, on_frame: Callable[[Frame], None] | None = None) -> None:
-        self._buf = b""
+    __slots__ = ("_waiters", "closed", "on_close", "on_frame")
+
+    def __init__(self, on_frame: Callable[[Frame], None] | None) -> None:
         self._waiters: dict[str, asyncio.Future[Frame]] = {}
         self.on_frame = on_frame
         self.on_close: Callable[[Exception | None], None] | None = None
-        self.transport: asyncio.Transport | None = None
         self.closed = False
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def request(self, frame: Frame, timeout: float = 60.0) -> Frame:
+        rid = f"r{next(_rids)}"
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        self.write(orjson.dumps({**frame, "rid": rid}, option=orjson.OPT_APPEND_NEWLINE))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiters.pop(rid, None)
+
+    def _closed(self, exc: Exception | None) -> None:
+        self.closed = True
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection closed by the server"))
+        self._waiters.clear()
+        if self.on_close is not None:
+            self.on_close(exc)
+
+
+class Wire(_Requests, asyncio.Protocol):
+    __slots__ = ("_buf", "transport")
+
+    def __init__(self, on_frame: Callable[[Frame], None] | None = None) -> None:
+        super().__init__(on_frame)
+        self._buf = b""
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -53,7 +84,7 @@ class Wire(asyncio.Protocol):
                 continue
             frame = orjson.loads(line)
             if waiters:
-                fut = waiters.pop(frame.get("rid"), None)  # type: ignore[arg-type]
+                fut = waiters.pop(frame.get("rid"), None)
                 if fut is not None:
                     if not fut.done():
                         fut.set_result(frame)
@@ -62,27 +93,11 @@ class Wire(asyncio.Protocol):
                 on_frame(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection closed by the server"))
-        self._waiters.clear()
-        if self.on_close is not None:
-            self.on_close(exc)
+        self._closed(exc)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
-
-    async def request(self, frame: Frame, timeout: float = 60.0) -> Frame:
-        rid = f"r{next(_rids)}"
-        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = fut
-        self.write(orjson.dumps({**frame, "rid": rid}, option=orjson.OPT_APPEND_NEWLINE))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._waiters.pop(rid, None)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -105,18 +120,15 @@ async def connect(
     return proto
 
 
-class WsWire:
+class WsWire(_Requests):
     """`Wire`'s interface over a WebSocket: ``write`` takes newline-terminated frames
     (one or several) and sends each as a text message."""
 
     def __init__(
         self, ws: aiohttp.ClientWebSocketResponse, on_frame: Callable[[Frame], None] | None
     ) -> None:
+        super().__init__(on_frame)
         self._ws = ws
-        self._waiters: dict[str, asyncio.Future[Frame]] = {}
-        self.on_frame = on_frame
-        self.on_close: Callable[[Exception | None], None] | None = None
-        self.closed = False
         self._out: deque[bytes] = deque()
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -155,14 +167,8 @@ class WsWire:
     def _lost(self, error: Exception | None) -> None:
         if self.closed:
             return
-        self.closed = True
         self._writer.cancel()
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection closed by the server"))
-        self._waiters.clear()
-        if self.on_close is not None:
-            self.on_close(error)
+        self._closed(error)
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -171,16 +177,6 @@ class WsWire:
             if line:
                 self._out.append(line)
         self._wake.set()
-
-    async def request(self, frame: Frame, timeout: float = 60.0) -> Frame:
-        rid = f"r{next(_rids)}"
-        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = fut
-        self.write(orjson.dumps({**frame, "rid": rid}))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._waiters.pop(rid, None)
 
     def close(self) -> None:
         if not self.closed:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 import aiohttp
@@ -137,6 +138,25 @@ class WebSocketWire:
         await asyncio.shield(self._closer)
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    host: str
+    port: int
+    timeout: float
+    max_line_bytes: int
+    context: ssl.SSLContext | None
+    server_hostname: str | None
+
+    @property
+    def name(self) -> str:
+        """The name the server's certificate must hold."""
+        return self.server_hostname or self.host
+
+    @property
+    def sni(self) -> str | None:
+        return self.name if self.context else None
+
+
 async def open_wire(
     transport: Transport,
     host: str,
@@ -148,32 +168,35 @@ async def open_wire(
     server_hostname: str | None,
 ) -> Wire:
     """Connect; `Timeout`, `UntrustedServer` or `ConnectionLost` when that fails."""
+    target = _Target(host, port, timeout, max_line_bytes, context, server_hostname)
     if transport == "ws":
-        return await _open_ws(host, port, timeout, max_line_bytes, context, server_hostname)
-    if transport != "tcp":
-        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        return await _open_ws(target)
+    if transport == "tcp":
+        return await _open_tcp(target)
+    raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+
+
+async def _open_tcp(t: _Target) -> Wire:
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
-                host,
-                port,
-                limit=max_line_bytes,
-                ssl=context,
-                server_hostname=(server_hostname or host) if context else None,
-                ssl_handshake_timeout=timeout if context else None,
+                t.host,
+                t.port,
+                limit=t.max_line_bytes,
+                ssl=t.context,
+                server_hostname=t.sni,
+                ssl_handshake_timeout=t.timeout if t.context else None,
             ),
-            timeout,
+            t.timeout,
         )
     except TimeoutError:
-        raise Timeout(f"cannot connect to {host}:{port} within {timeout:g} s") from None
+        raise Timeout(f"cannot connect to {t.host}:{t.port} within {t.timeout:g} s") from None
     except ssl.SSLCertVerificationError as exc:
-        raise UntrustedServer(
-            f"cannot verify {server_hostname or host}:{port}: {exc.verify_message}"
-        ) from exc
+        raise UntrustedServer(f"cannot verify {t.name}:{t.port}: {exc.verify_message}") from exc
     except OSError as exc:
         why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConnectionLost(f"cannot connect to {host}:{port}: {why}") from exc
-    return StreamWire(reader, writer, max_line_bytes)
+        raise ConnectionLost(f"cannot connect to {t.host}:{t.port}: {why}") from exc
+    return StreamWire(reader, writer, t.max_line_bytes)
 
 
 def ws_url(host: str, port: int, tls: bool) -> str:
@@ -181,36 +204,29 @@ def ws_url(host: str, port: int, tls: bool) -> str:
     return f"{'wss' if tls else 'ws'}://{name}:{port}{WS_PATH}"
 
 
-async def _open_ws(
-    host: str,
-    port: int,
-    timeout: float,
-    max_line_bytes: int,
-    context: ssl.SSLContext | None,
-    server_hostname: str | None,
-) -> Wire:
-    url = ws_url(host, port, context is not None)
+async def _open_ws(t: _Target) -> Wire:
+    url = ws_url(t.host, t.port, t.context is not None)
     # One connection per session: a connector of its own, closed with the wire.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, force_close=True))
     try:
         ws = await asyncio.wait_for(
             session.ws_connect(
                 url,
-                ssl=context if context is not None else False,
-                server_hostname=(server_hostname or host) if context else None,
-                max_msg_size=max_line_bytes,
+                ssl=t.context if t.context is not None else False,
+                server_hostname=t.sni,
+                max_msg_size=t.max_line_bytes,
                 compress=0,
                 autoping=True,
             ),
-            timeout,
+            t.timeout,
         )
     except BaseException as exc:
         await session.close()
         if isinstance(exc, TimeoutError):
-            raise Timeout(f"cannot connect to {url} within {timeout:g} s") from None
+            raise Timeout(f"cannot connect to {url} within {t.timeout:g} s") from None
         if isinstance(exc, aiohttp.ClientConnectorCertificateError):
             raise UntrustedServer(
-                f"cannot verify {server_hostname or host}:{port}: {exc.certificate_error}"
+                f"cannot verify {t.name}:{t.port}: {exc.certificate_error}"
             ) from exc
         if isinstance(exc, aiohttp.WSServerHandshakeError):
             raise ConnectionLost(f"{url} refused the WebSocket: HTTP {exc.status}") from exc
