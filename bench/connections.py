@@ -342,15 +342,19 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         device_tokens=tokens if args.login == "token" else None,
         register=args.setup == "register",
         inflight=args.inflight,
+        nice=args.generator_nice,
     )
     print(
         f"{n:,} sessions from {len(configs)} generator processes, source addresses "
-        f"{configs[0].source_addrs[0]}..{configs[-1].source_addrs[-1]}, login: {args.login}",
+        f"{configs[0].source_addrs[0]}..{configs[-1].source_addrs[-1]}, login: {args.login}"
+        f", generators at nice {args.generator_nice}",
         flush=True,
     )
     base_pids = cluster_pids(cluster.state_dir)
     rss_base_workers, rss_base_haproxy = _rss(base_pids["workers"]), _rss(base_pids["haproxy"])
     net_login = _softnet()
+    if args.generator_nice:  # after the cluster started: its processes keep nice 0
+        os.setpriority(os.PRIO_PROCESS, 0, args.generator_nice)
     with Fleet(configs) as fleet:
         gen_pids = [p.pid for p in fleet._procs if p.pid is not None]
         mark = _cpu_mark(cluster, gen_pids)
@@ -612,6 +616,15 @@ def main() -> None:
     parser.add_argument("--login", choices=("password", "token"), default="password")
     parser.add_argument(
         "--inflight", type=int, default=100, help="first logins at once per process (100)"
+    )
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="nice value of the generator processes and of this one (default 0). Clients"
+        " stand in for devices on other machines: a negative value (root only) keeps the"
+        " cluster's load from starving them, so their pings and resumes are on time",
     )
     parser.add_argument("--login-timeout", type=float, default=1800.0)
     parser.add_argument("--resume-timeout", type=float, default=120.0)
