@@ -44,6 +44,7 @@ def test_every_session_of_a_killed_worker_resumes_with_its_token() -> None:
         inflight=200,
         login_timeout=150.0,
         resume_timeout=60.0,
+        generator_nice=0,
     )
     try:
         with running_cluster(settings) as cluster:
