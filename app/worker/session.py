@@ -192,8 +192,10 @@ class Sessions:
             # Before the ok: once the client reads it, the token no longer logs in.
             await device_tokens.revoke(self._pool, session.user_id, session.device)
             log.info("device_forgotten", user=session.username, device=session.device)
-        peer.write(OK.encode(req.rid))
         try:
+            # The session is closed before the ok: a client that reads it may log
+            # another device in at once, its device slot already free.
             await self.end(peer, "bye", resumable=False)
+            peer.write(OK.encode(req.rid))
         finally:
             peer.close()
