@@ -11,6 +11,10 @@ take, while established sessions keep messaging (issue #21).
 4. wait until every offered login got its welcome and no worker sheds load any
    more (at most ``settle_s``), then judge.
 
+Steps 2 and 3 run in a spawned process of their own (on uvloop): at 3x capacity the
+storm's clients are enough work to starve a loop they share with the established
+sessions, and the verdict would then measure the load generator, not the cluster.
+
 The verdict holds: no worker declared dead or registered again (fenced) while
 its process lived; no established session dropped (no reconnect, no resume);
 every acknowledged message delivered, and the send latency of the established
@@ -23,17 +27,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import multiprocessing as mp
 import random
+import signal
 import statistics
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
 
 from app.chaos.checker import Ledger, judge
 from app.chaos.runner import PASSWORD, Peer, bounded, db_now, liveness_events, register_user
-from app.client import Client, ConnectionLost, ServerError, Timeout
 from app.cluster.health import http_json
 from app.cluster.launcher import LocalCluster
 
@@ -148,37 +158,143 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _login_once(host: str, port: int, user: str, storm: _Storm) -> None:
+def _storm_process(
+    conn: Connection,
+    host: str,
+    port: int,
+    users: list[str],
+    config: OverloadConfig,
+    t0: float,
+) -> None:
+    """The storm's process (spawned by `run_overload`): the results go through ``conn``."""
+    import uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        uvloop.run(_storm(conn, host, port, users, config, t0))
+    except Exception as exc:
+        conn.send(("failed", repr(exc)))
+
+
+async def _lean_login(host: str, port: int, user: str, storm: _Storm) -> None:
     """One password login through to its welcome (a new connection when one drops),
-    honouring overloaded/rate_limited; then bye."""
+    honouring overloaded/rate_limited; then bye. On a bare stream: the storm's process
+    opens about three times the cluster's capacity of these a second, where the SDK's
+    client (a reader task and an event queue per connection) would be the bottleneck."""
+    hello = orjson.dumps(
+        {"op": "hello", "user": user, "password": PASSWORD, "device": "storm", "v": 1, "rid": 1}
+    )
     while True:
         try:
-            client = await Client.connect(host, port, timeout=60.0)
-        except (OSError, ConnectionLost, Timeout) as exc:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 60.0)
+        except (OSError, TimeoutError) as exc:
             storm.errors[f"connect: {type(exc).__name__}"] += 1
             await asyncio.sleep(random.uniform(0.1, 0.5))
             continue
         try:
             while True:
-                try:
-                    await client.login(user, PASSWORD, "storm")
-                except ServerError as exc:
-                    if exc.code not in SHED_CODES:
-                        storm.errors[exc.code] += 1
-                        raise
-                    storm.shed += 1
-                    storm.second().shed += 1
-                    wait = exc.retry_after if exc.retry_after is not None else 1.0
-                    await asyncio.sleep(wait * random.uniform(1.0, 1.5))
-                    continue
-                storm.done += 1
-                storm.second().logins += 1
-                return
-        except (ConnectionLost, Timeout, ServerError, OSError):
-            await asyncio.sleep(random.uniform(0.1, 0.5))
+                writer.write(hello + b"\n")
+                reply = await _reply(reader, 1)
+                if reply.get("op") == "welcome":
+                    storm.done += 1
+                    storm.second().logins += 1
+                    writer.write(b'{"op":"bye","rid":2}\n')
+                    with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+                        await asyncio.wait_for(_reply(reader, 2), 5.0)
+                    return
+                code = str(reply.get("code"))
+                if code not in SHED_CODES:
+                    storm.errors[code] += 1
+                    break  # try again on a new connection
+                storm.shed += 1
+                storm.second().shed += 1
+                wait = reply.get("retry_after")
+                wait = float(wait) if isinstance(wait, int | float) else 1.0
+                await asyncio.sleep(wait * random.uniform(1.0, 1.5))
+        except (OSError, TimeoutError, ConnectionError, ValueError):
+            pass
         finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+            writer.close()
+        await asyncio.sleep(random.uniform(0.1, 0.5))
+
+
+async def _reply(reader: asyncio.StreamReader, rid: int) -> dict[str, Any]:
+    """The reply to request ``rid`` (other frames skipped), or a fatal error."""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 60.0)
+        if not line:
+            raise ConnectionError("the server closed the connection")
+        frame = orjson.loads(line)
+        if not isinstance(frame, dict):
+            raise ValueError("not a JSON object")
+        if frame.get("rid") == rid or (frame.get("op") == "error" and "rid" not in frame):
+            return frame
+
+
+async def _storm(
+    conn: Connection, host: str, port: int, users: list[str], config: OverloadConfig, t0: float
+) -> None:
+    """Calibrate (closed loop), then overload (open loop at a multiple of it), then wait
+    for every offered login, at most ``settle_s``. ``t0`` is the parent's (the monotonic
+    clock is the machine's), so the seconds line up with its timeline."""
+    storm = _Storm(t0=t0)
+    names = itertools.cycle(users)
+    loop = asyncio.get_running_loop()
+
+    calibrate_end = time.monotonic() + config.calibrate_s
+
+    async def closed_loop() -> None:
+        while time.monotonic() < calibrate_end:
+            await _lean_login(host, port, next(names), storm)
+
+    started, cpu = time.monotonic(), time.process_time()
+    await asyncio.gather(*(closed_loop() for _ in range(config.calibrate_concurrency)))
+    capacity = storm.done / (time.monotonic() - started)
+    calibrate_cpu = (time.process_time() - cpu) / (time.monotonic() - started)
+    shed_before = storm.shed
+    conn.send(("capacity", capacity, calibrate_cpu))
+
+    offered_rate = max(1.0, capacity * config.overload_factor)
+    logins: list[asyncio.Task[None]] = []
+    done_before = storm.done
+    overload_start, cpu = time.monotonic(), time.process_time()
+    overload_end = overload_start + config.overload_s
+    while (now := time.monotonic()) < overload_end:
+        due = int((now - overload_start) * offered_rate) + 1
+        while len(logins) < due:
+            logins.append(loop.create_task(_lean_login(host, port, next(names), storm)))
+        await asyncio.sleep(0.01)
+    goodput = (storm.done - done_before) / (time.monotonic() - overload_start)
+    overload_cpu = (time.process_time() - cpu) / (time.monotonic() - overload_start)
+    waiting = sum(not t.done() for t in logins)
+    conn.send(("storm_over", len(logins), goodput, waiting, overload_end, overload_cpu))
+
+    pending = [t for t in logins if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=config.settle_s)
+    for task in logins:
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*logins, return_exceptions=True)
+    logged_in = sum(1 for t in logins if not t.cancelled() and t.exception() is None)
+    seconds = {i: (sec.logins, sec.shed) for i, sec in storm.seconds.items()}
+    conn.send(("done", logged_in, storm.shed - shed_before, dict(storm.errors), seconds))
+
+
+async def _receive(conn: Connection, kind: str, timeout: float) -> tuple[Any, ...]:
+    """The storm process's next message, which must be ``kind``: its fields."""
+    end = time.monotonic() + timeout
+    while not conn.poll():
+        if time.monotonic() > end:
+            raise RuntimeError(f"the storm process sent no {kind!r} within {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"the storm process ended before {kind!r}") from None
+    if message[0] != kind:
+        raise RuntimeError(f"the storm process: {message[0]} {message[1:]} (waiting for {kind})")
+    return tuple(message[1:])
 
 
 async def _sample_workers(cluster: LocalCluster, storm: _Storm, stop: asyncio.Event) -> None:
@@ -265,60 +381,63 @@ async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) 
     stop_sampling = asyncio.Event()
     sampler = loop.create_task(_sample_workers(cluster, storm, stop_sampling))
     since = await db_now(cluster)
-    users = iter(range(1 << 62))
 
-    def next_user() -> str:
-        return storm_users[next(users) % len(storm_users)]
-
-    # ---- calibrate: a closed loop of password logins --------------------------------
+    # ---- calibrate and overload, in a process of its own --------------------------------
+    # The storm's clients are costly (a connection, a login and a bye each): sharing this
+    # process's loop with the established sessions, at 3x capacity they starved it and
+    # the verdict measured the generator. A spawned process, on uvloop, gets its own
+    # share of the CPU, as clients on other machines would.
     say(f"[overload] calibrating: {config.calibrate_concurrency} logins at a time")
-    calibrate_end = time.monotonic() + config.calibrate_s
-
-    async def closed_loop() -> None:
-        while time.monotonic() < calibrate_end:
-            await _login_once(host, port, next_user(), storm)
-
-    before = storm.done
-    started = time.monotonic()
-    await asyncio.gather(*(closed_loop() for _ in range(config.calibrate_concurrency)))
-    capacity = (storm.done - before) / (time.monotonic() - started)
-    shed_before = storm.shed
-    say(f"[overload] capacity {capacity:.0f} logins/s")
-
-    # ---- overload: an open loop at a multiple of it ---------------------------------
-    offered_rate = max(1.0, capacity * config.overload_factor)
-    say(
-        f"[overload] offering {offered_rate:.0f} logins/s for {config.overload_s:.0f} s"
-        f" ({config.overload_factor:g}x)"
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(
+        target=_storm_process,
+        args=(theirs, host, port, storm_users, config, storm.t0),
+        daemon=True,
+        name="overload-storm",
     )
-    logins: list[asyncio.Task[None]] = []
-    done_before = storm.done
-    overload_start = time.monotonic()
-    overload_end = overload_start + config.overload_s
-    while (now := time.monotonic()) < overload_end:
-        due = int((now - overload_start) * offered_rate) + 1
-        while len(logins) < due:
-            logins.append(loop.create_task(_login_once(host, port, next_user(), storm)))
-        await asyncio.sleep(0.01)
-    goodput = (storm.done - done_before) / (time.monotonic() - overload_start)
-    say(f"[overload] storm over; {sum(not t.done() for t in logins)} logins still waiting")
+    proc.start()
+    theirs.close()
+    try:
+        capacity, calibrate_cpu = await _receive(mine, "capacity", config.calibrate_s + 60)
+        offered_rate = max(1.0, capacity * config.overload_factor)
+        say(
+            f"[overload] capacity {capacity:.0f} logins/s (the storm's process used"
+            f" {calibrate_cpu:.0%} of a core)"
+        )
+        say(
+            f"[overload] offering {offered_rate:.0f} logins/s for {config.overload_s:.0f} s"
+            f" ({config.overload_factor:g}x)"
+        )
+        offered, goodput, waiting, overload_end, overload_cpu = await _receive(
+            mine, "storm_over", config.overload_s + 60
+        )
+        say(
+            f"[overload] storm over; {waiting} logins still waiting (the storm's process"
+            f" used {overload_cpu:.0%} of a core)"
+        )
+        deadline = time.monotonic() + config.settle_s
+        logged_in, shed_answers, errors, seconds = await _receive(
+            mine, "done", config.settle_s + 60
+        )
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    storm.errors.update(errors)
+    for index, (logins_done, shed) in seconds.items():
+        second = storm.seconds.setdefault(index, _Second())
+        second.logins += logins_done
+        second.shed += shed
 
     # ---- back to normal ---------------------------------------------------------------
     recovered_s: float | None = None
-    deadline = time.monotonic() + config.settle_s
-    pending = [t for t in logins if not t.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=config.settle_s)
-    while time.monotonic() < deadline:
-        if all(t.done() for t in logins) and not await _anyone_shedding(cluster):
+    while logged_in == offered and time.monotonic() < deadline:
+        if not await _anyone_shedding(cluster):
             recovered_s = time.monotonic() - overload_end
             break
         await asyncio.sleep(0.5)
-    for task in logins:
-        if not task.done():
-            task.cancel()
-    await asyncio.gather(*logins, return_exceptions=True)
-    logged_in = sum(1 for t in logins if not t.cancelled() and t.exception() is None)
 
     sending = False
     await asyncio.gather(*senders)
@@ -350,11 +469,11 @@ async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) 
         )
     verdict = OverloadVerdict(
         capacity_per_s=capacity,
-        offered=len(logins),
+        offered=offered,
         offered_per_s=offered_rate,
         goodput_per_s=goodput,
         logged_in=logged_in,
-        shed_answers=storm.shed - shed_before,
+        shed_answers=shed_answers,
         errors=dict(storm.errors),
         established=len(peers),
         established_dropped=dropped,
