@@ -51,6 +51,7 @@ from typing import Any
 
 SECRET_NAMES = ("superuser", "replication", "rewind", "app", "reporting", "admin", "patroni")
 WORKER_PORT, WORKER_HEALTH_PORT, WORKER_AGENT_PORT = 7001, 7101, 7201
+WORKER_WS_PORT = 7301
 PG_PORT, PATRONI_REST_PORT = 5432, 8008
 NODE_ROOT = Path("/var/lib/switchboard")
 
@@ -210,7 +211,11 @@ def worker_env(env: dict[str, str]) -> None:
     env["SWITCHBOARD_WORKER_BASE_PORT"] = str(WORKER_PORT - n + 1)
     env["SWITCHBOARD_WORKER_HEALTH_BASE_PORT"] = str(WORKER_HEALTH_PORT - n + 1)
     env["SWITCHBOARD_WORKER_AGENT_BASE_PORT"] = str(WORKER_AGENT_PORT - n + 1)
-    say(f"worker id {wid}, ports {WORKER_PORT}/{WORKER_HEALTH_PORT}/{WORKER_AGENT_PORT}")
+    env["SWITCHBOARD_WORKER_WS_BASE_PORT"] = str(WORKER_WS_PORT - n + 1)
+    say(
+        f"worker id {wid}, ports {WORKER_PORT}/{WORKER_HEALTH_PORT}/{WORKER_AGENT_PORT}"
+        f"/{WORKER_WS_PORT}"
+    )
 
 
 def attached_networks(route_table: str = "/proc/net/route") -> list[str]:

@@ -233,3 +233,38 @@ def test_compose_requires_the_patroni_secret_on_nodes_and_dashboard() -> None:
     compose = (ROOT / "compose" / "compose.yaml").read_text()
     assert compose.count("SWITCHBOARD_SECRET_PATRONI: ${SWITCHBOARD_SECRET_PATRONI:?") == 2
     assert "PATRONI" in (ROOT / "compose" / "gen-env.sh").read_text()
+
+
+@pytest.mark.parametrize("wid", ["w1", "w3", "w12"])
+def test_every_compose_worker_listens_on_the_ports_haproxy_routes_to(wid: str) -> None:
+    # HAProxy's server-template sends every slot to the same ports of a `worker` address
+    # (compose/images/haproxy_render.py); a port left to wN's arithmetic (7301 + N - 1)
+    # once made wss:// answer 503 from w2 on.
+    from app.settings import Settings
+
+    entrypoint = compose_entrypoint()
+    env = {"SWITCHBOARD_WORKER_ID": wid}
+    entrypoint.worker_env(env)
+    settings = Settings.load(env=env)
+    render = compose_haproxy_render()
+    assert (
+        settings.worker_port(wid),
+        settings.worker_health_port(wid),
+        settings.worker_agent_port(wid),
+        settings.worker_ws_port(wid),
+    ) == (
+        render.WORKER_PORT,
+        render.WORKER_HEALTH_PORT,
+        render.WORKER_AGENT_PORT,
+        render.WORKER_WS_PORT,
+    )
+
+
+def compose_haproxy_render() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "compose_haproxy_render", ROOT / "compose" / "images" / "haproxy_render.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
