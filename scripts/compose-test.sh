@@ -385,6 +385,7 @@ print(*picked)
 PY
 )"
 read -r CLIENT_PORT PRIMARY_PORT REPLICA_PORT STATS_PORT DASHBOARD_PORT WSS_PORT <<<"$ports"
+WORKERS=3  # worker replicas
 rm -f "$B/test.env"
 "$ROOT/compose/gen-env.sh" "$B/test.env" >/dev/null
 cat >>"$B/test.env" <<EOF
@@ -401,7 +402,7 @@ SWITCHBOARD_DB_PRIMARY_PORT=$PRIMARY_PORT
 SWITCHBOARD_DB_REPLICA_PORT=$REPLICA_PORT
 SWITCHBOARD_STATS_PORT=$STATS_PORT
 SWITCHBOARD_DASHBOARD_PORT=$DASHBOARD_PORT
-SWITCHBOARD_WORKERS=3
+SWITCHBOARD_WORKERS=$WORKERS
 EOF
 COMPOSE+=(--project-name "$PROJECT" --env-file "$B/test.env" -f "$ROOT/compose/compose.yaml" --profile dashboard)
 
@@ -486,29 +487,43 @@ PY
 [ "$code" = 200 ] || die "the dashboard's /healthz through HAProxy over HTTPS answered '$code'"
 log "dashboard /healthz through HAProxy over verified HTTPS, with HSTS: 200"
 
-# Browsers: the web chat page and a login over wss://, both on the published WSS port.
-"$VENV/bin/python" - "$WSS_PORT" "$B/ca.pem" "$ROOT" <<'PY' || die "the web chat over wss:// failed"
-import asyncio, secrets, ssl, sys, urllib.request
+# Browsers: the web chat page, and a login over wss:// to every worker (one session per
+# worker, held at once: HAProxy's leastconn puts each on a different one), all through
+# the published WSS port.
+"$VENV/bin/python" - "$WSS_PORT" "$B/ca.pem" "$ROOT" "$WORKERS" <<'PY' || die "the web chat over wss:// failed"
+import asyncio, secrets, ssl, sys, time, urllib.request
 sys.path.insert(0, sys.argv[3])
 from app.client import Client
 
-port, cafile = int(sys.argv[1]), sys.argv[2]
+port, cafile, workers = int(sys.argv[1]), sys.argv[2], int(sys.argv[4])
 page = urllib.request.urlopen(
     f"https://127.0.0.1:{port}/chat/", timeout=10, context=ssl.create_default_context(cafile=cafile)
 ).read()
 assert b"<html" in page.lower(), page[:200]
 
-async def main() -> None:
-    user = f"ws{secrets.token_hex(4)}"
+async def session(user: str) -> tuple[Client, str]:
     client = await Client.connect("127.0.0.1", port, tls=True, cafile=cafile, transport="ws")
     await client.register(user, "a long enough password")
     welcome = await client.login(user, "a long enough password", "compose-ws")
-    print(f"/chat/ served ({len(page)} bytes); {user} logged in over wss:// on {welcome.worker}")
-    await client.close()
+    return client, welcome.worker
+
+async def main() -> None:
+    deadline = time.monotonic() + 20  # HAProxy may still be marking the last worker up
+    while True:
+        users = [f"ws{secrets.token_hex(4)}" for _ in range(workers)]
+        held = [await session(u) for u in users]
+        seen = sorted({w for _, w in held})
+        for client, _ in held:
+            await client.close()
+        if len(seen) == workers or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    print(f"/chat/ served ({len(page)} bytes); logged in over wss:// on {', '.join(seen)}")
+    assert len(seen) == workers, f"wss:// reached {seen}, not all {workers} workers"
 
 asyncio.run(main())
 PY
-log "web chat page and a login over wss:// through HAProxy: ok"
+log "web chat page, and a login over wss:// on every worker through HAProxy: ok"
 
 "${COMPOSE[@]}" exec -T haproxy sb-tls-reload >"$B/reload.log" 2>&1 \
     || { cat "$B/reload.log" >&2; die "sb-tls-reload failed"; }
