@@ -9,8 +9,8 @@ towards HAProxy's one client port.
 Each connection logs in once (``register`` first with ``register=True``; ``hello``
 with the password, or ``login_token`` with a device token made in the database by
 ``preregister``), honours ``overloaded`` / ``rate_limited`` ``retry_after``, then holds
-the session: a ``ping`` every ``ping_interval_s`` (the protocol's idle rule), spread
-over the interval. A dropped session reconnects after 0-100 ms (full jitter, doubling
+the session: a ``ping`` every ``ping_interval_s`` after its login (the protocol's
+idle rule). A dropped session reconnects after 0-100 ms (full jitter, doubling
 to 2 s, as the SDK's ``ReconnectPolicy``) and resumes with its resume token; only a
 ``bad_token`` makes it log in again (with the password or device token), counted as
 a fallback login. At most ``inflight`` first logins per process are in progress at
@@ -67,7 +67,7 @@ COUNTERS = (
     "connect_errors",
     "login_errors",  # connections lost before their welcome (retried)
     # Closed by the server as silent (`idle_timeout`), and of those, how many had a
-    # ping written less than two ping intervals before: the ping did not get through
+    # ping (or its login) written less than two ping intervals before: it did not get through
     # in time (the server or the path was behind), not the generator.
     "idle_timeouts",
     "idle_after_ping",
@@ -215,6 +215,7 @@ class Generator:
         session.worker = welcome["worker"]
         session.device_token = welcome.get("device_token") or session.device_token
         session.last_seq = max(session.last_seq, int(welcome.get("seq") or 0))
+        session.pinged_at = time.monotonic()  # the login was its last word: pings from here
         self.online += 1
         wire.on_close = lambda _exc: self.lost(session, wire)
         if wire.closed:  # lost before we watched it
@@ -316,21 +317,24 @@ class Generator:
         self.counts = dict.fromkeys(COUNTERS, 0)
 
     async def pings(self) -> None:
-        """A ping per session every ping_interval_s, a slice of them each second."""
-        slices = max(1, round(self.c.ping_interval_s))
-        tick = 0
+        """A ping per session every ping_interval_s of the clock, counted from what it
+        last wrote (its login, or its last ping). By the clock, not by the loop's turns:
+        a loop that lags (a starved process) still pings each session on time, where
+        slicing the sessions by turn made a loop three times slower ping each one every
+        90 s, the server's idle_timeout_s."""
+        interval = self.c.ping_interval_s
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            for session in self.sessions[tick % slices :: slices]:
-                if session.wire is not None:
-                    try:
-                        session.wire.write(PING)
-                    except RuntimeError:  # uvloop: the handle closed, its loss not yet told
-                        self.counts["ping_errors"] += 1
-                        continue
-                    session.pinged_at = now
-            tick += 1
+            for session in self.sessions:
+                if session.wire is None or now - session.pinged_at < interval:
+                    continue
+                try:
+                    session.wire.write(PING)
+                except RuntimeError:  # uvloop: the handle closed, its loss not yet told
+                    self.counts["ping_errors"] += 1
+                    continue
+                session.pinged_at = now
 
     def send(self, *message: Any) -> None:
         with contextlib.suppress(OSError):
