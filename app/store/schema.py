@@ -92,6 +92,8 @@ sessions = Table(
     CheckConstraint("state in ('active', 'detached', 'closed')", name="state"),
     Index("ix_sessions_live_user", "user_id", postgresql_where=text("state <> 'closed'")),
     Index("ix_sessions_live_worker", "worker_id", postgresql_where=text("state <> 'closed'")),
+    # The reapers' expiry of detached sessions past their grace (migration 0009).
+    Index("ix_sessions_detached_at", "detached_at", postgresql_where=text("state = 'detached'")),
 )
 
 devices = Table(
