@@ -6,7 +6,6 @@ and the reporting gate's file.
 from __future__ import annotations
 
 import hmac
-import importlib.util
 import json
 import socket
 from pathlib import Path
@@ -31,6 +30,7 @@ from app.worker import health
 from app.worker.drain import Drain
 from app.worker.registry import Registry
 from app.worker.states import WorkerState
+from tests.compose_images import compose_image_module
 from tests.unit.worker_fakes import NO_POOL, WORKER_ID, FakeEvents, FakeStore, status_in
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,13 +200,7 @@ def test_the_gate_script_ignores_on_stop(tmp_path: Path) -> None:
 
 
 def compose_entrypoint() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "compose_entrypoint", ROOT / "compose" / "images" / "entrypoint.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compose_image_module("entrypoint")
 
 
 def test_compose_nodes_keep_rest_auth_and_the_gate(
@@ -246,7 +240,7 @@ def test_every_compose_worker_listens_on_the_ports_haproxy_routes_to(wid: str) -
     env = {"SWITCHBOARD_WORKER_ID": wid}
     entrypoint.worker_env(env)
     settings = Settings.load(env=env)
-    render = compose_haproxy_render()
+    render = compose_image_module("haproxy_render")
     assert (
         settings.worker_port(wid),
         settings.worker_health_port(wid),
@@ -258,13 +252,3 @@ def test_every_compose_worker_listens_on_the_ports_haproxy_routes_to(wid: str) -
         render.WORKER_AGENT_PORT,
         render.WORKER_WS_PORT,
     )
-
-
-def compose_haproxy_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "compose_haproxy_render", ROOT / "compose" / "images" / "haproxy_render.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

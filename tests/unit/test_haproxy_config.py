@@ -4,7 +4,6 @@ same template, with the same directives, and both accepted by ``haproxy -c``."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
@@ -15,18 +14,11 @@ import pytest
 from app.cluster import haproxy, tls
 from app.cluster.layout import Layout
 from app.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.compose_images import compose_image_module
 
 
 def compose_renderer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "haproxy_render", ROOT / "compose" / "images" / "haproxy_render.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compose_image_module("haproxy_render")
 
 
 def local_config(tmp_path: Path, **settings: object) -> str:
