@@ -218,7 +218,7 @@ def cluster_pids(state_dir: Path) -> dict[str, list[int]]:
     return groups
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     try:
         t = psutil.Process(pid).cpu_times()
     except psutil.Error:
@@ -240,7 +240,7 @@ class CpuSampler:
         self._machine0 = psutil.cpu_times()
         for pids in self.groups.values():
             for pid in pids:
-                cpu = _cpu_seconds(pid)
+                cpu = cpu_seconds(pid)
                 if cpu is not None:
                     self._start[pid] = cpu
 
@@ -250,7 +250,7 @@ class CpuSampler:
         for name, pids in self.groups.items():
             used = 0.0
             for pid in pids:
-                cpu = _cpu_seconds(pid)
+                cpu = cpu_seconds(pid)
                 if cpu is not None:
                     used += cpu - self._start.get(pid, 0.0)
             out[name] = 100.0 * used / elapsed

@@ -35,6 +35,7 @@ import multiprocessing.connection as mpc
 import os
 import secrets
 import ssl
+import statistics
 import sys
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ import aiohttp
 import uvloop
 
 from bench._common import CpuSampler, add_target_args, cluster_pids, cluster_target, format_cpu
+from bench._stalls import Second, StallProbe, header
 from bench._wire import Frame, Wire, WsWire, close_ws_sessions, connect, connect_ws, hello, register
 
 BIN_S = 0.1
@@ -434,18 +436,42 @@ def _lat_line(xs: list[float]) -> str:
     )
 
 
-def _print_timeline(at: list[float], latency: list[float]) -> None:
+def _print_timeline(
+    at: list[float],
+    latency: list[float],
+    suspects: dict[int, Second] | None = None,
+    groups: list[str] | None = None,
+) -> None:
     """p50/p99/max per second of send time: a stall shows as one bad second, a
-    saturated box as every second bad."""
+    saturated box as every second bad. With ``suspects`` (bench/_stalls.py), what
+    else happened in that second, to attribute a stall to its cause."""
     by_second: dict[int, list[float]] = {}
     for t, x in zip(at, latency, strict=True):
         by_second.setdefault(int(t), []).append(x)
-    print("latency by second of send time (s after start: n, p50 / p99 / max ms):")
+    print(
+        "latency by second of send time (s after start: n, p50 / p99 / max ms"
+        + (f" | {header(groups or [])}" if suspects is not None else "")
+        + "):"
+    )
+    p99s: dict[int, float] = {}
     for second in sorted(by_second):
         xs = sorted(by_second[second])
+        p99s[second] = _pct(xs, 0.99)
+        extra = ""
+        if suspects is not None:
+            extra = " | " + suspects.get(second, Second()).format(groups)
         print(
             f"  {second:4d}: {len(xs):6,}  {_pct(xs, 0.5) * 1e3:7.1f} / "
-            f"{_pct(xs, 0.99) * 1e3:7.1f} / {xs[-1] * 1e3:7.1f}"
+            f"{p99s[second] * 1e3:7.1f} / {xs[-1] * 1e3:7.1f}{extra}"
+        )
+    if p99s:
+        median = statistics.median(p99s.values())
+        worst = max(p99s, key=lambda s: p99s[s])
+        over = sorted(s for s, p in p99s.items() if p > 2 * median)
+        print(
+            f"per-second p99: median {median * 1e3:.1f} ms, worst {p99s[worst] * 1e3:.1f} ms"
+            f" (t={worst}, {p99s[worst] / median:.1f}x the median); seconds above 2x the"
+            f" median: {len(over)}" + (f" (t={', '.join(map(str, over))})" if over else "")
         )
 
 
@@ -498,7 +524,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeline",
         action="store_true",
-        help="also print latency per second of send time (where the tail comes from)",
+        help="also print latency per second of send time (where the tail comes from), and "
+        "what else happened in each second: disk writes, the workers' GC and event-loop "
+        "lag, checkpoints and autovacuum runs (bench/_stalls.py)",
     )
     parser.add_argument(
         "--frames-per-s",
@@ -592,6 +620,7 @@ def run(args: argparse.Namespace, target: Any) -> None:
         f"{args.procs} generator process(es), run id {run_id}",
         flush=True,
     )
+    probe: StallProbe | None = None
     try:
         for proc in procs:
             proc.start()
@@ -601,13 +630,19 @@ def run(args: argparse.Namespace, target: Any) -> None:
         t0 = time.monotonic() + 0.5
         for pipe in pipes:
             pipe.send(t0)
+        if args.timeline and target.state_dir is not None:
+            groups = cluster_pids(target.state_dir)
+            groups["generator"] = [os.getpid(), *(p.pid for p in procs)]
+            probe = StallProbe(target.state_dir, t0, groups)
+            probe.start()
         results, cpu = _watch(args, target, procs, pipes, shared, t0)
     finally:
+        suspects = probe.stop() if probe is not None else None
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
             proc.join(5)
-    _report(args, results, cpu)
+    _report(args, results, cpu, suspects, list(probe.groups) if probe is not None else None)
 
 
 def _wait_ready(procs: list[Any], pipes: list[mpc.Connection], shared: list[Any], n: int) -> None:
@@ -686,7 +721,13 @@ def _watch(
     return results, cpu
 
 
-def _report(args: argparse.Namespace, results: list[dict[str, Any]], cpu: dict[str, float]) -> None:
+def _report(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    cpu: dict[str, float],
+    suspects: dict[int, Second] | None = None,
+    groups: list[str] | None = None,
+) -> None:
     m = _merge(results)
     first = int(args.warmup / BIN_S)
     last = int((args.warmup + args.duration) / BIN_S)
@@ -723,7 +764,7 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]], cpu: dict[s
         print(f"latency send call -> msg received: {_lat_line(m['latency'])}")
         print(f"latency send call -> sent:         {_lat_line(m['sent_latency'])}")
     if args.timeline:
-        _print_timeline(m["latency_at"], m["latency"])
+        _print_timeline(m["latency_at"], m["latency"], suspects, groups)
     errors = ", ".join(f"{k} {v}" for k, v in m["errors"].items()) or "none"
     print(
         f"errors: {errors}; connections closed by the server: {m['closed']}; inbox gaps "

@@ -88,6 +88,11 @@ def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str
                         # (they replicate the same WAL): 50 MB written in a burst
                         # that stalled commits for ~100 ms (docs/benchmarks.md).
                         "wal_init_zero": "off",
+                        # Every autovacuum/autoanalyze run logged with its timing
+                        # (a few lines a minute here), and checkpoints (PostgreSQL's
+                        # default): the benchmark's stall timeline reads both.
+                        "log_autovacuum_min_duration": "0",
+                        "log_checkpoints": "on",
                     },
                 },
             },
