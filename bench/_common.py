@@ -77,9 +77,14 @@ def _pidfile(path: Path) -> int | None:
 def _ports_from_haproxy_cfg(state_dir: Path) -> tuple[int | None, dict[str, int]]:
     text = (state_dir / "haproxy.cfg").read_text()
     client = None
-    frontend = re.search(r"frontend clients\s*\n\s*bind \S+:(\d+)", text)
-    if frontend:
-        client = int(frontend.group(1))
+    # The frontend's first plaintext bind (comment lines may come before it).
+    frontend = re.search(r"^frontend clients\n(.*?)(\n\n|\Z)", text, re.S | re.M)
+    for bind in re.finditer(
+        r"^\s*bind \S+:(\d+)(.*)$", frontend.group(1) if frontend else "", re.M
+    ):
+        if "ssl" not in bind.group(2):
+            client = int(bind.group(1))
+            break
     workers = {m.group(1): int(m.group(2)) for m in re.finditer(r"server (w\d+) \S+:(\d+)", text)}
     return client, workers
 
