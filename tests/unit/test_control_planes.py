@@ -159,7 +159,7 @@ def test_patroni_config_protects_unsafe_methods_and_gates_reporting(tmp_path: Pa
 
 def test_new_wal_segments_are_not_zero_filled(tmp_path: Path) -> None:
     """Zero-filling each new segment on all three nodes at once stalled commits
-    every ~6 s under load (docs/benchmarks.md, where the stalls are)."""
+    every ~6 s under load (docs/benchmarks.md, the periodic stalls)."""
     settings, layout, secrets = fresh(tmp_path)
     config = json.loads(patroni.node_config(settings, layout, "n1", secrets))
     assert config["bootstrap"]["dcs"]["postgresql"]["parameters"]["wal_init_zero"] == "off"
