@@ -107,6 +107,15 @@ def _ws_ports_from_haproxy_cfg(state_dir: Path) -> tuple[int | None, int | None,
     return plain, tls, workers
 
 
+def metrics_ports(state_dir: Path) -> dict[str, int]:
+    """Each worker's health port (/health, /metrics) from a running cluster's haproxy.cfg."""
+    text = (state_dir / "haproxy.cfg").read_text()
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"server (w\d+) \S+:\d+ send-proxy-v2 check port (\d+)", text)
+    }
+
+
 def _tls_port_from_haproxy_cfg(state_dir: Path) -> int | None:
     text = (state_dir / "haproxy.cfg").read_text()
     # The client frontend's TLS bind (the dashboard's has no ssl-min-ver of its own).

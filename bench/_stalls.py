@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from bench._common import cpu_seconds
+from bench._common import cpu_seconds, metrics_ports
 
 DISK_EVERY_S = 0.1
 METRICS_EVERY_S = 0.25
@@ -76,14 +76,12 @@ class Second:
         )
 
 
-HEADER = (
-    "disk MB, largest 100 ms; GC ms; probes >= 50 ms late | CPU % machine, busiest"
-    " 100 ms{groups}; database"
-)
-
-
 def header(groups: list[str]) -> str:
-    return HEADER.format(groups="".join(f", {g}" for g in groups))
+    """The timeline's column names for `Second.format` with these ``groups``."""
+    return (
+        "disk MB, largest 100 ms; GC ms; probes >= 50 ms late | CPU % machine, busiest"
+        f" 100 ms{''.join(f', {g}' for g in groups)}; database"
+    )
 
 
 def _disks() -> list[str]:
@@ -102,15 +100,6 @@ def _sectors_written(disks: list[str]) -> int:
             if len(parts) > 9 and parts[2] in disks:
                 total += int(parts[9])
     return total
-
-
-def metrics_ports(state_dir: Path) -> dict[str, int]:
-    """Each worker's health port (/metrics) from the cluster's haproxy.cfg."""
-    text = (state_dir / "haproxy.cfg").read_text()
-    return {
-        m.group(1): int(m.group(2))
-        for m in re.finditer(r"server (w\d+) \S+:\d+ send-proxy-v2 check port (\d+)", text)
-    }
 
 
 def _read_metrics(port: int) -> tuple[float, float, float] | None:
@@ -191,11 +180,11 @@ class StallProbe:
 
     def _run(self) -> None:
         sectors = _sectors_written(self._disks)
-        machine = psutil.cpu_times()
+        machine, cores = psutil.cpu_times(), psutil.cpu_count() or 1
         cpu_at, cpu = time.monotonic(), self._cpu_by_group()
-        last_metrics = dict.fromkeys(self._ports, (0.0, 0.0, 0.0))
-        for wid, port in self._ports.items():
-            last_metrics[wid] = _read_metrics(port) or (0.0, 0.0, 0.0)
+        last_metrics = {
+            wid: _read_metrics(port) or (0.0, 0.0, 0.0) for wid, port in self._ports.items()
+        }
         next_metrics = time.monotonic() + METRICS_EVERY_S
         while not self._stop.wait(DISK_EVERY_S):
             now = time.monotonic()
@@ -209,7 +198,7 @@ class StallProbe:
             idle = (machine.idle + machine.iowait) - (was.idle + was.iowait)
             total = sum(machine) - sum(was)
             if total > 0:
-                busy = 100.0 * psutil.cpu_count() * (1 - idle / total)
+                busy = 100.0 * cores * (1 - idle / total)
                 second.busy_pct += busy * DISK_EVERY_S
                 second.busiest_pct = max(second.busiest_pct, busy)
             if now < next_metrics:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench._stalls import Second, db_events, metrics_ports
+from bench._common import metrics_ports
+from bench._stalls import Second, db_events
 
 
 def test_worker_metrics_ports_come_from_the_running_haproxy_config(tmp_path: Path) -> None:
