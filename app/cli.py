@@ -25,6 +25,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "workers": getattr(args, "workers", None),
         "client_port": getattr(args, "client_port", None),
         "haproxy_processes": getattr(args, "haproxy_processes", None),
+        "hosts_net": getattr(args, "hosts", None),
     }
     return Settings.load(config_file=args.config, **overrides)
 
@@ -286,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="size workers, their session limit and HAProxy processes for N sessions on "
         "this machine, and print why",
+    )
+    p.add_argument(
+        "--hosts",
+        metavar="NET",
+        help="many hosts: each one a network namespace with an address on the private "
+        "IPv4 network NET (e.g. 10.77.0.0/24): 2 balancers sharing a virtual IP, 3 worker "
+        "hosts, a database host per node, a client host (docs/operations.md)",
     )
     p.add_argument(
         "--foreground", action="store_true", help="stay attached; Ctrl-C stops everything"

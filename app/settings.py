@@ -92,6 +92,17 @@ class Settings:
     # dashboard and the stats page.
     haproxy_processes: int = 2
     dashboard_port: int = 8080
+    # Many hosts (docs/operations.md, "Many hosts"): a private IPv4 network, a /24 or
+    # larger, on which `up` makes one Linux network namespace per host on a bridge of
+    # the machine (hosts_prefix names them): two balancer hosts (HAProxy and
+    # keepalived each, with a virtual IP on the active one), worker_hosts worker
+    # hosts (the workers spread over them), one database host per db node (Patroni,
+    # PostgreSQL and an etcd member each) and a client host. Each component binds its
+    # host's address; clients and workers reach the tier through the virtual IP.
+    # Empty: the whole tier on `host`.
+    hosts_net: str = ""
+    worker_hosts: int = 3
+    hosts_prefix: str = "sb"
 
     # Database tier.
     db_nodes: int = 3
@@ -418,6 +429,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         self.shared_client_networks()  # raises SettingsError when one is not an address
+        self._check_hosts()
         if self.admission_wait_s <= 0 or self.admission_shed_lag_s <= 0:
             raise SettingsError("admission_wait_s and admission_shed_lag_s must be positive")
         if not 0 < self.admission_retry_min_s <= self.admission_retry_max_s:
@@ -506,8 +518,9 @@ class Settings:
         return self.dashboard_port + self.dashboard_app_port_offset
 
     def public_bind_host(self) -> str:
-        """Where the TLS client port (and a public plaintext one) listens."""
-        return self.public_host or self.host
+        """Where the TLS client port (and a public plaintext one) listens: on many
+        hosts, the virtual IP."""
+        return self.public_host or (self.vip() if self.multihost() else self.host)
 
     def plaintext_bind_host(self) -> str:
         """Where the plaintext client port listens: loopback, unless allowed in public."""
@@ -550,7 +563,10 @@ class Settings:
             return networks  # a name (compose): proxy_trusted_addrs says it all
         if host.is_unspecified:
             return networks
-        return (*networks, ipaddress.ip_network(host))
+        balancers = tuple(
+            ipaddress.ip_network(addr) for name, addr in self.hosts().items() if name[:2] == "lb"
+        )
+        return (*networks, ipaddress.ip_network(host), *balancers)
 
     def conn_cap_exempt_networks(self) -> tuple[IPNetwork, ...]:
         return _networks("conn_cap_exempt_addrs", self.conn_cap_exempt_addrs)
@@ -598,6 +614,91 @@ class Settings:
 
     def node_names(self) -> list[str]:
         return [f"n{i}" for i in range(1, self.db_nodes + 1)]
+
+    def etcd_names(self) -> list[str]:
+        """etcd's members: one (``etcd``) on one host; one per database host on many."""
+        if not self.multihost():
+            return ["etcd"]
+        return [f"etcd{i}" for i in range(1, self.db_nodes + 1)]
+
+    # ---- many hosts (hosts_net) ------------------------------------------------
+    def multihost(self) -> bool:
+        return bool(self.hosts_net)
+
+    def _hosts_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.hosts_net, strict=False)
+
+    def _check_hosts(self) -> None:
+        if not self.hosts_net:
+            return
+        try:
+            net = self._hosts_network()
+        except ValueError:
+            raise SettingsError(f"hosts_net: {self.hosts_net!r} is not an IPv4 network") from None
+        if net.prefixlen > 24 or not net.is_private:
+            raise SettingsError("hosts_net must be a private IPv4 network of /24 or larger")
+        if self.haproxy_processes != 2:
+            raise SettingsError("with hosts_net, haproxy_processes is 2 (one per balancer host)")
+        if not 1 <= self.worker_hosts <= 9 or not 1 <= self.db_nodes <= 9:
+            raise SettingsError("with hosts_net, worker_hosts and db_nodes are 1..9")
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", self.hosts_prefix):
+            raise SettingsError("hosts_prefix is 1-6 lower-case letters and digits")
+
+    def hosts(self) -> dict[str, str]:
+        """Host name -> address on hosts_net: lb1, lb2, app1.., db1.., client ({} on one host).
+        The bridge has the network's first address, the virtual IP its tenth."""
+        if not self.multihost():
+            return {}
+        base = self._hosts_network().network_address
+        out = {"lb1": base + 11, "lb2": base + 12}
+        out.update({f"app{i}": base + 20 + i for i in range(1, self.worker_hosts + 1)})
+        out.update({f"db{i}": base + 30 + i for i in range(1, self.db_nodes + 1)})
+        out["client"] = base + 100
+        return {name: str(addr) for name, addr in out.items()}
+
+    def hosts_cidr(self) -> str:
+        """hosts_net normalised (10.77.0.0/24), for pg_hba and firewall rules."""
+        return str(self._hosts_network())
+
+    def bridge_address(self) -> str:
+        return str(self._hosts_network().network_address + 1)
+
+    def hosts_prefixlen(self) -> int:
+        return self._hosts_network().prefixlen
+
+    def vip(self) -> str:
+        """The balancers' virtual IP (many hosts), which clients and workers dial."""
+        return str(self._hosts_network().network_address + 10)
+
+    def host_of(self, component: str) -> str | None:
+        """The host a component runs on (None: the machine itself, as on one host)."""
+        if not self.multihost():
+            return None
+        number = int(digits) if (digits := re.sub(r"\D", "", component)) else 1
+        if component.startswith(("haproxy", "keepalived")) or component == "dashboard":
+            return f"lb{number}"
+        if re.fullmatch(r"w\d+", component):
+            return f"app{(number - 1) % self.worker_hosts + 1}"
+        if re.fullmatch(r"(n|etcd)\d+", component):
+            return f"db{number}"
+        return None
+
+    def netns_of(self, component: str) -> str | None:
+        host = self.host_of(component)
+        return None if host is None else f"{self.hosts_prefix}-{host}"
+
+    def address_of(self, component: str) -> str:
+        """Where a component listens: its host's address (many hosts), else ``host``."""
+        host = self.host_of(component)
+        return self.hosts()[host] if host is not None else self.host
+
+    def db_address(self) -> str:
+        """Where workers, the dashboard and tools reach HAProxy's database ports."""
+        return self.vip() if self.multihost() else self.host
+
+    def client_address(self) -> str:
+        """Where the tier's own tools (chaos, benchmarks) dial the client ports."""
+        return self.vip() if self.multihost() else self.host
 
     def pg_port(self, node: str) -> int:
         return self.pg_base_port + _index(node) - 1

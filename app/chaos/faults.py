@@ -68,7 +68,7 @@ async def _comeback(cluster: LocalCluster, say: Say, detail: str) -> None:
     say(f"waiting for {name} to come back by itself" if supervised else f"starting {name} again")
     t0 = time.monotonic()
     await asyncio.to_thread(_came_back, cluster, name, int(pid), COMEBACK_TIMEOUT_S)
-    if name in cluster.settings.node_names() or name == "etcd":
+    if name in cluster.settings.node_names() or name in cluster.settings.etcd_names():
         await asyncio.to_thread(cluster.wait_db_healthy, 120)
     say(f"{name} back (pid {cluster.pid_of(name)}) after {time.monotonic() - t0:.1f} s")
 
@@ -94,7 +94,7 @@ async def _kill_haproxy(cluster: LocalCluster, say: Say) -> str:
 
 
 async def _kill_etcd(cluster: LocalCluster, say: Say) -> str:
-    return await _kill_component(cluster, say, "etcd", "Patroni's DCS")
+    return await _kill_component(cluster, say, cluster.settings.etcd_names()[0], "Patroni's DCS")
 
 
 async def _kill_node(cluster: LocalCluster, say: Say, node: str, what: str) -> str:

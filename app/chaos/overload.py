@@ -303,7 +303,9 @@ async def _sample_workers(cluster: LocalCluster, storm: _Storm, stop: asyncio.Ev
     while not stop.is_set():
         healths = await asyncio.gather(
             *(
-                asyncio.to_thread(http_json, f"http://{s.host}:{s.worker_health_port(w)}/health")
+                asyncio.to_thread(
+                    http_json, f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health"
+                )
                 for w in cluster.worker_names()
             )
         )
@@ -323,7 +325,7 @@ async def _anyone_shedding(cluster: LocalCluster) -> bool:
     s = cluster.settings
     for w in cluster.worker_names():
         _, body = await asyncio.to_thread(
-            http_json, f"http://{s.host}:{s.worker_health_port(w)}/health"
+            http_json, f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health"
         )
         if not isinstance(body, dict) or body.get("shedding") or not body.get("healthy"):
             return True
@@ -333,7 +335,7 @@ async def _anyone_shedding(cluster: LocalCluster) -> bool:
 async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) -> OverloadVerdict:
     rng = random.Random(config.seed)
     s = cluster.settings
-    host, port = s.host, s.client_port
+    host, port = s.client_address(), s.client_port
     prefix = f"ovl{uuid.uuid4().hex[:6]}_"
     est_users = [f"{prefix}e{i}" for i in range(config.established)]
     storm_users = [f"{prefix}s{i}" for i in range(config.login_users)]

@@ -180,7 +180,7 @@ async def run_scenario(
     rng = random.Random(config.seed)
     s = cluster.settings
     transport = config.transport
-    host, port = s.host, s.client_ws_port if transport == "ws" else s.client_port
+    host, port = s.client_address(), s.client_ws_port if transport == "ws" else s.client_port
     prefix = f"chaos{uuid.uuid4().hex[:6]}_"
     users = [f"{prefix}{i}" for i in range(config.clients)]
     ledger = Ledger()

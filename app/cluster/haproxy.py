@@ -23,21 +23,28 @@ MAXCONN = 9000
 def render(settings: Settings, layout: Layout, name: str = "haproxy") -> str:
     """The config of HAProxy process ``name``: ``haproxy`` serves everything; the
     others (haproxy2, ...) only the client port, which they bind together with it
-    (SO_REUSEPORT, HAProxy's default), each with a runtime API socket of its own."""
-    text = _render(settings, layout, layout.haproxy_socket_of(name))
+    (SO_REUSEPORT, HAProxy's default), each with a runtime API socket of its own.
+    On many hosts (``hosts_net``) ``haproxy`` runs on the first balancer host and
+    ``haproxy2`` on the second, each with the full config on its own address: the
+    client and database ports on the virtual IP, which only the active one holds.
+    """
+    if settings.multihost():
+        return _render(settings.replace(host=settings.address_of(name)), layout, name)
+    text = _render(settings, layout, name)
     if name != "haproxy":
         text = text[: text.index(FIRST_PROCESS_ONLY)]
     return text
 
 
-def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
+def _render(settings: Settings, layout: Layout, name: str) -> str:
     host = settings.host
+    at = settings.address_of
     # send-proxy-v2: each client connection opens with a PROXY header naming the
     # client (a worker refuses it without one). The health and agent checks go to
     # other ports and get none (HAProxy adds it to checks only without `port`).
     agent_inter = _ms(settings.effective_agent_interval_s())
     workers = "\n".join(
-        f"    server {wid} {host}:{settings.worker_port(wid)} send-proxy-v2 check port "
+        f"    server {wid} {at(wid)}:{settings.worker_port(wid)} send-proxy-v2 check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
         f"{settings.worker_agent_port(wid)} agent-inter {agent_inter}"
         for wid in settings.worker_ids()
@@ -45,21 +52,23 @@ def _render(settings: Settings, layout: Layout, stats_socket: Path) -> str:
     # The same servers for WebSockets, on their worker_ws ports, without a PROXY
     # header: the client's address travels in X-Forwarded-For (the template).
     ws_workers = "\n".join(
-        f"    server {wid} {host}:{settings.worker_ws_port(wid)} check port "
+        f"    server {wid} {at(wid)}:{settings.worker_ws_port(wid)} check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
         f"{settings.worker_agent_port(wid)} agent-inter {agent_inter}"
         for wid in settings.worker_ids()
     )
     db = "\n".join(
-        f"    server {node} {host}:{settings.pg_port(node)} check port "
+        f"    server {node} {at(node)}:{settings.pg_port(node)} check port "
         f"{settings.patroni_rest_port(node)}"
         for node in settings.node_names()
     )
     return Template(TEMPLATE.read_text()).substitute(
         generated_note=f"state dir {layout.root}",
         maxconn=MAXCONN,
-        stats_socket=stats_socket,
+        stats_socket=layout.haproxy_socket_of(name),
         host=host,
+        db_host=settings.db_address(),
+        dashboard_app_host=at("dashboard"),
         client_plain_host=settings.plaintext_bind_host(),
         client_port=settings.client_port,
         # Every process binds the TLS port too (SO_REUSEPORT) and loads the PEM itself;

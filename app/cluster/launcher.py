@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import asyncpg
 
-from app.cluster import etcd, haproxy, patroni, runstate, tls
+from app.cluster import etcd, haproxy, hostnet, keepalived, patroni, runstate, tls
 from app.cluster.errors import AlreadyRunning, ClusterError, ComponentFailed
 from app.cluster.health import http_json, port_free, wait_for
 from app.cluster.layout import Layout, load_or_create_secrets
@@ -57,6 +58,7 @@ class ComponentStatus:
     detail: str
     healthy: bool
     restarts: int = 0  # by the supervisor since `up`
+    host: str = ""  # the host it runs on (many hosts), "" for the machine itself
 
 
 def _socket_ready(path: Path) -> tuple[bool, str]:
@@ -81,9 +83,10 @@ class LocalCluster:
     def component_names(self) -> list[str]:
         supervisor = ["supervisor"] if self.settings.supervise or self.pid_of("supervisor") else []
         return [
-            "etcd",
+            *self.settings.etcd_names(),
             *self.settings.node_names(),
             *self.haproxy_names(),
+            *self.keepalived_names(),
             *self.worker_names(),
             "dashboard",
             *supervisor,
@@ -92,7 +95,18 @@ class LocalCluster:
     def supervised_names(self) -> list[str]:
         """What the supervisor watches: the configured components, no stray pid files."""
         s = self.settings
-        return ["etcd", *s.node_names(), *s.haproxy_names(), *s.worker_ids(), "dashboard"]
+        return [
+            *s.etcd_names(),
+            *s.node_names(),
+            *s.haproxy_names(),
+            *self.keepalived_names(),
+            *s.worker_ids(),
+            "dashboard",
+        ]
+
+    def keepalived_names(self) -> list[str]:
+        """The balancer pair's VRRP daemons (many hosts only)."""
+        return keepalived.names() if self.settings.multihost() else []
 
     def worker_names(self) -> list[str]:
         """The configured workers, and any more that a pid file names: a cluster
@@ -176,9 +190,16 @@ class LocalCluster:
         self._preflight(run_as)
         try:
             self._prepare(run_as)
+            if self.settings.multihost():
+                self._step(
+                    f"{len(self.settings.hosts())} hosts on {self.settings.hosts_cidr()}",
+                    self._create_hosts,
+                )
             self._step("etcd", lambda: self._start_etcd(run_as))
             self._step("patroni nodes", lambda: self._start_patroni(run_as))
             self._step("haproxy", self._start_haproxy)
+            if self.settings.multihost():
+                self._step(f"keepalived (virtual IP {self.settings.vip()})", self._start_keepalived)
             self._step("postgres cluster healthy", self._wait_db)
             self._step("database roles and migrations", self._migrate)
             self._step(f"{self.settings.workers} workers", self._start_workers)
@@ -212,8 +233,12 @@ class LocalCluster:
             raise ComponentFailed(f"patroni not found in {self.venv_bin}: run `make bootstrap`")
         if run_as.user is not None and shutil.which("setpriv") is None:
             raise ComponentFailed("setpriv not found: install util-linux")
+        if s.multihost():
+            hostnet.preflight(s)  # fresh namespaces: no port can be taken in them
         taken = [
-            f"{name} {port}" for name, port in s.all_ports().items() if not port_free(s.host, port)
+            f"{name} {port}"
+            for name, port in s.all_ports().items()
+            if not s.multihost() and not port_free(s.host, port)
         ]
         if taken:
             raise ComponentFailed(f"port already in use: {', '.join(taken)}")
@@ -236,8 +261,11 @@ class LocalCluster:
                 f"user {run_as.user} cannot enter the state dir {self.layout.root}: "
                 "choose one whose parent directories are world-searchable"
             )
-        self.layout.etcd_data.mkdir(parents=True, exist_ok=True)
-        self.layout.etcd_data.chmod(0o700)
+        for member in self.settings.etcd_names():
+            data = self.layout.etcd_data_of(member)
+            data.mkdir(parents=True, exist_ok=True)
+            data.chmod(0o700)
+            run_as.chown(data)
         run_as.chown(self.layout.etcd_data)
         for node in self.settings.node_names():
             node_dir = self.layout.node_dir(node)
@@ -257,11 +285,42 @@ class LocalCluster:
             self.layout.haproxy_cfg_of(name).write_text(
                 haproxy.render(self.settings, self.layout, name)
             )
+        if self.settings.multihost():
+            keepalived.write_files(self.settings, self.layout)
 
     def _launch(self, name: str, argv: list[str], env: dict[str, str]) -> PidRecord:
+        ns = self.settings.netns_of(name)
+        if ns is not None:  # on its host: `ip netns exec` enters the namespace and execs
+            argv = ["ip", "netns", "exec", ns, *argv]
+            env = {**env, "PATH": env.get("PATH", "") + ":/usr/sbin:/sbin"}
         pid = spawn(argv, self.layout.logfile(name), env)
-        # setpriv and env -C exec, so this pid is the component's own.
+        # ip netns exec, setpriv and env -C exec, so this pid is the component's own.
         return write_pidfile(self.layout.pidfile(name), pid)
+
+    def _create_hosts(self) -> None:
+        hostnet.create(self.settings)
+        for host, address in self.settings.hosts().items():
+            self.say(f"    {hostnet.netns(self.settings, host)}: {address}")
+
+    def start_keepalived(self, name: str) -> PidRecord:
+        # keepalived forks its VRRP process, which outlives a parent killed with -9 and
+        # keeps the address and the pid files: a new one would exit at once.
+        keepalived.kill_strays(self.layout, name)
+        return self._launch(
+            name, keepalived.argv(self.layout, name), {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        )
+
+    def _start_keepalived(self) -> None:
+        """Both VRRP daemons; the virtual IP lands on the first balancer to win."""
+        for name in keepalived.names():
+            self.start_keepalived(name)
+        wait_for(
+            "virtual IP on a balancer",
+            lambda: (hostnet.vip_holder(self.settings) is not None, "no balancer holds it"),
+            timeout=20,
+            alive=self._alive_check(*keepalived.names()),
+        )
+        self.say(f"    virtual IP {self.settings.vip()} on {hostnet.vip_holder(self.settings)}")
 
     def _alive_check(self, *names: str) -> Callable[[], str | None]:
         def check() -> str | None:
@@ -275,17 +334,20 @@ class LocalCluster:
 
         return check
 
-    def _spawn_etcd(self, run_as: RunAs) -> PidRecord:
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.layout.etcd_data), "LANG": "C.UTF-8"}
-        return self._launch("etcd", run_as.wrap(etcd.argv(self.settings, self.layout)), env)
+    def _spawn_etcd(self, run_as: RunAs, name: str = "etcd") -> PidRecord:
+        home = str(self.layout.etcd_data_of(name))
+        env = {"PATH": "/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
+        return self._launch(name, run_as.wrap(etcd.argv(self.settings, self.layout, name)), env)
 
     def _start_etcd(self, run_as: RunAs) -> None:
-        self._spawn_etcd(run_as)
+        members = self.settings.etcd_names()
+        for name in members:
+            self._spawn_etcd(run_as, name)
         wait_for(
             "etcd",
-            lambda: (etcd.healthy(self.settings), "not answering /health"),
+            lambda: (all(etcd.healthy(self.settings, name=n) for n in members), "no quorum yet"),
             timeout=20,
-            alive=self._alive_check("etcd"),
+            alive=self._alive_check(*members),
         )
 
     def _start_patroni(self, run_as: RunAs) -> None:
@@ -347,7 +409,8 @@ class LocalCluster:
                 return False, "no Patroni REST API answers yet"
             return view.healthy(len(nodes))
 
-        alive = self._alive_check("etcd", *self.settings.haproxy_names(), *nodes)
+        s = self.settings
+        alive = self._alive_check(*s.etcd_names(), *s.haproxy_names(), *nodes)
         wait_for("patroni cluster", cluster_ready, self.settings.startup_timeout_s, alive, 0.25)
         wait_for("db primary port", self._primary_writable, 20, alive, 0.2)
 
@@ -387,10 +450,13 @@ class LocalCluster:
 
     def start_worker(self, wid: str, env: dict[str, str] | None = None) -> PidRecord:
         env = {**(env or self._python_env()), "SWITCHBOARD_WORKER_ID": wid}
+        env["SWITCHBOARD_HOST"] = self.settings.address_of(wid)
         return self._launch(wid, [sys.executable, "-m", "app.worker"], env)
 
     def wait_worker(self, wid: str, timeout: float = 20) -> None:
-        url = f"http://{self.settings.host}:{self.settings.worker_health_port(wid)}/health"
+        url = (
+            f"http://{self.settings.address_of(wid)}:{self.settings.worker_health_port(wid)}/health"
+        )
         wait_for(
             f"worker {wid}",
             lambda: (http_json(url)[0] == 200, "health check not passing"),
@@ -408,9 +474,8 @@ class LocalCluster:
         }
 
     def start_dashboard(self) -> PidRecord:
-        return self._launch(
-            "dashboard", [sys.executable, "-m", "app.dashboard"], self._python_env()
-        )
+        env = {**self._python_env(), "SWITCHBOARD_HOST": self.settings.address_of("dashboard")}
+        return self._launch("dashboard", [sys.executable, "-m", "app.dashboard"], env)
 
     def _start_dashboard(self) -> None:
         """The admin dashboard: one process on its app port, behind HAProxy's dashboard_port."""
@@ -420,7 +485,8 @@ class LocalCluster:
         wait_for("haproxy sees the dashboard", self._dashboard_up_in_haproxy, 15, alive)
 
     def _dashboard_answers(self) -> tuple[bool, str]:
-        url = f"http://{self.settings.host}:{self.settings.dashboard_app_port()}/healthz"
+        s = self.settings
+        url = f"http://{s.address_of('dashboard')}:{s.dashboard_app_port()}/healthz"
         return http_json(url)[0] == 200, "not answering"
 
     def _start_supervisor(self) -> None:
@@ -439,8 +505,10 @@ class LocalCluster:
         """Start one component again the way `up` started it, without waiting for it to
         be ready (the supervisor's restart). A Patroni node starts as Patroni only: the
         postmaster it detached may still run, and the new Patroni takes it over."""
-        if name == "etcd":
-            return self._spawn_etcd(RunAs.for_current_process(self.settings.run_as))
+        if name in self.settings.etcd_names():
+            return self._spawn_etcd(RunAs.for_current_process(self.settings.run_as), name)
+        if name in self.keepalived_names():
+            return self.start_keepalived(name)
         if name in self.settings.node_names():
             return self.start_node(name)
         if name in self.haproxy_names():
@@ -454,8 +522,20 @@ class LocalCluster:
     def wait_ready(self, name: str, timeout: float = 60) -> None:
         """Wait until a (re)started component serves: what `up` waits for after each step."""
         alive = self._alive_check(name)
-        if name == "etcd":
-            wait_for("etcd", lambda: (etcd.healthy(self.settings), "not healthy"), timeout, alive)
+        if name in self.settings.etcd_names():
+            wait_for(
+                name,
+                lambda: (etcd.healthy(self.settings, name=name), "not healthy"),
+                timeout,
+                alive,
+            )
+        elif name in self.keepalived_names():
+            wait_for(
+                "virtual IP on a balancer",
+                lambda: (hostnet.vip_holder(self.settings) is not None, "no balancer holds it"),
+                timeout,
+                alive,
+            )
         elif name in self.settings.node_names():
             self.wait_db_healthy(timeout)
         elif name in self.haproxy_names():
@@ -479,7 +559,8 @@ class LocalCluster:
     def drain_worker(self, wid: str, undo: bool = False) -> dict[str, object]:
         """Ask a worker (over its admin endpoint) to drain, or to take clients again."""
         s = self.settings
-        url = f"http://{s.host}:{s.worker_health_port(wid)}/admin/{'undrain' if undo else 'drain'}"
+        action = "undrain" if undo else "drain"
+        url = f"http://{s.address_of(wid)}:{s.worker_health_port(wid)}/admin/{action}"
         request = urllib.request.Request(
             url,
             method="POST",
@@ -562,7 +643,15 @@ class LocalCluster:
         stop_all(records(s.node_names()), signal.SIGTERM, timeout=40)
         # Patroni detaches the postmaster; after a kill -9 of Patroni it is still running.
         stop_all(postmasters, signal.SIGINT, timeout=30)
-        stop_all(records([*self.haproxy_names(), "etcd"]), signal.SIGTERM, timeout=10)
+        stop_all(
+            records([*self.keepalived_names(), *self.haproxy_names(), *s.etcd_names()]),
+            signal.SIGTERM,
+            timeout=10,
+        )
+        for name in self.keepalived_names():
+            keepalived.kill_strays(self.layout, name)  # a VRRP child whose parent was killed
+        if s.multihost():
+            hostnet.destroy(s)
         for name in self.component_names():
             self.layout.pidfile(name).unlink(missing_ok=True)
         if self.layout.run.exists():
@@ -589,21 +678,29 @@ class LocalCluster:
                 endpoint = f"every {s.supervise_interval_s:g} s (logs/supervisor.log)"
                 ok = running
                 detail = f"watching {len(self.supervised_names())} components" if ok else "down"
-            elif name == "etcd":
-                ok = running and etcd.healthy(s)
-                endpoint = f"http://{etcd.client_address(s)}"
+            elif name in s.etcd_names():
+                ok = running and etcd.healthy(s, name=name)
+                endpoint = f"http://{etcd.client_address(s, name)}"
                 detail = "healthy" if ok else "not answering"
+            elif name in self.keepalived_names():
+                holder = hostnet.vip_holder(s)
+                ok = running
+                endpoint = f"VRRP for {s.vip()}"
+                detail = "holds the virtual IP" if holder == s.host_of(name) else "backup"
             elif name in members or name in s.node_names():
                 m = members.get(name)
-                endpoint = f"{s.host}:{s.pg_port(name)} (REST {s.patroni_rest_port(name)})"
+                endpoint = (
+                    f"{s.address_of(name)}:{s.pg_port(name)} (REST {s.patroni_rest_port(name)})"
+                )
                 detail = f"{m.role} {m.state} tl={m.timeline} lag={m.lag}" if m else "unknown"
                 ok = running and m is not None and m.state in ("running", "streaming")
-            elif name == "haproxy":
+            elif name == "haproxy" or (name.startswith("haproxy") and s.multihost()):
                 endpoint = (
                     f"{_client_ports(s)}, db primary :{s.db_primary_port}, "
-                    f"replicas :{s.db_replica_port}, stats http://{s.host}:{s.haproxy_stats_port}/"
+                    f"replicas :{s.db_replica_port}, "
+                    f"stats http://{s.address_of(name)}:{s.haproxy_stats_port}/"
                 )
-                ok = running and self.layout.haproxy_socket.exists()
+                ok = running and self.layout.haproxy_socket_of(name).exists()
                 detail = "serving" if ok else "down"
             elif name.startswith("haproxy"):
                 endpoint = f"{_client_ports(s)} (shared with haproxy)"
@@ -612,9 +709,12 @@ class LocalCluster:
             elif name == "dashboard":
                 scheme = "https" if s.dashboard_tls or s.dashboard_tls_pem else "http"
                 endpoint = (
-                    f"{scheme}://{s.host}:{s.dashboard_port}/ (app :{s.dashboard_app_port()})"
+                    f"{scheme}://{s.address_of('haproxy')}:{s.dashboard_port}/ "
+                    f"(app :{s.dashboard_app_port()})"
                 )
-                code, body = http_json(f"http://{s.host}:{s.dashboard_app_port()}/healthz")
+                code, body = http_json(
+                    f"http://{s.address_of(name)}:{s.dashboard_app_port()}/healthz"
+                )
                 ok = running and code == 200
                 detail = (
                     f"serving sessions={body.get('sessions', '?')}"
@@ -622,12 +722,14 @@ class LocalCluster:
                     else "not answering"
                 )
             else:
-                endpoint = f"{s.host}:{s.worker_port(name)} (health :{s.worker_health_port(name)})"
-                code, body = http_json(f"http://{s.host}:{s.worker_health_port(name)}/health")
+                at = s.address_of(name)
+                endpoint = f"{at}:{s.worker_port(name)} (health :{s.worker_health_port(name)})"
+                code, body = http_json(f"http://{at}:{s.worker_health_port(name)}/health")
                 ok = running and code == 200
                 detail = worker_detail(body) if isinstance(body, dict) else "not answering"
             count = restarts[name].count if name in restarts else 0
-            out.append(ComponentStatus(name, pid, running, endpoint, detail, ok, count))
+            where = s.host_of(name) or ""
+            out.append(ComponentStatus(name, pid, running, endpoint, detail, ok, count, where))
         return out
 
     def log_tail(self, name: str, lines: int) -> list[str]:
@@ -678,6 +780,8 @@ def _client_ports(s: Settings) -> str:
 
 
 def format_status(rows: list[ComponentStatus]) -> str:
+    if any(r.host for r in rows):  # many hosts: which host each component is on
+        rows = [dataclasses.replace(r, name=f"{r.name}@{r.host or 'machine'}") for r in rows]
     header = ("COMPONENT", "PID", "HEALTH", "RESTARTS", "ENDPOINT", "DETAIL")
     table = [header] + [
         (

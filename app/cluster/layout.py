@@ -25,6 +25,13 @@ class Layout:
         digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
         return cls(root=root, etcd_data=settings.etcd_tmpfs_dir / f"switchboard-etcd-{digest}")
 
+    def etcd_data_of(self, member: str) -> Path:
+        """An etcd member's data dir: etcd_data itself for the one member of one host."""
+        return self.etcd_data if member == "etcd" else self.etcd_data / member
+
+    def keepalived_cfg(self, name: str) -> Path:
+        return self.root / f"{name}.conf"
+
     @property
     def run(self) -> Path:
         return self.root / "run"

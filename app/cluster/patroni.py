@@ -44,7 +44,11 @@ def gate_callbacks(node_dir: Path, pg_port: int) -> dict[str, str]:
 
 def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str, str]) -> str:
     """One node's patroni.yml (JSON is valid YAML, and needs no YAML writer)."""
-    host = settings.host
+    host = settings.address_of(node)
+    # Who may connect: this host only (HAProxy, the replicas and Patroni all run here);
+    # on many hosts, the hosts' network (the balancers proxy the workers' connections,
+    # the other database hosts replicate).
+    peers = settings.hosts_cidr() if settings.multihost() else f"{host}/32"
     pg_port = settings.pg_port(node)
     rest_port = settings.patroni_rest_port(node)
     node_dir = layout.node_dir(node)
@@ -62,7 +66,7 @@ def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str
         },
         # patronictl -c patroni.yml (switchover, restart, ...) authenticates with this.
         "ctl": {"authentication": rest_auth},
-        "etcd3": {"hosts": etcd.client_address(settings), "protocol": "http"},
+        "etcd3": {"hosts": ",".join(etcd.client_addresses(settings)), "protocol": "http"},
         "bootstrap": {
             "dcs": {
                 "ttl": settings.patroni_ttl,  # Patroni's minimum is 20
@@ -121,10 +125,10 @@ def node_config(settings: Settings, layout: Layout, node: str, secrets: dict[str
             },
             "pg_hba": [
                 "local all all trust",
-                f"host replication replicator {host}/32 scram-sha-256",
+                f"host replication replicator {peers} scram-sha-256",
                 # The roles in the gate file are refused: `reporting` except on a replica.
-                f"host all @{gate_file(node_dir)} {host}/32 reject",
-                f"host all all {host}/32 scram-sha-256",
+                f"host all @{gate_file(node_dir)} {peers} reject",
+                f"host all all {peers} scram-sha-256",
             ],
             "callbacks": gate_callbacks(node_dir, pg_port),
         },
@@ -173,7 +177,7 @@ class ClusterView:
 def cluster_view(settings: Settings, timeout: float = 1.0) -> ClusterView | None:
     """Ask each node in turn for the cluster view; None when none answers."""
     for node in settings.node_names():
-        url = f"http://{settings.host}:{settings.patroni_rest_port(node)}/cluster"
+        url = f"http://{settings.address_of(node)}:{settings.patroni_rest_port(node)}/cluster"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 data = json.load(response)
@@ -203,7 +207,7 @@ def switchover(settings: Settings, leader: str, candidate: str, timeout: float =
     """Ask ``leader``'s Patroni (with credentials) to hand the primary role to
     ``candidate``; Patroni's answer. Raises ``urllib.error.HTTPError`` on a refusal."""
     request = urllib.request.Request(
-        f"http://{settings.host}:{settings.patroni_rest_port(leader)}/switchover",
+        f"http://{settings.address_of(leader)}:{settings.patroni_rest_port(leader)}/switchover",
         data=json.dumps({"leader": leader, "candidate": candidate}).encode(),
         headers={"Content-Type": "application/json", **rest_auth_header(settings)},
         method="POST",

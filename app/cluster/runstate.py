@@ -31,7 +31,16 @@ from app.settings import Settings
 
 # The settings a command-line flag of `up` (or a config it no longer sees) may have
 # changed, which every later command must take from the running cluster instead.
-SHAPE_FIELDS = ("workers", "haproxy_processes", "db_nodes", "client_port", "supervise")
+SHAPE_FIELDS = (
+    "workers",
+    "haproxy_processes",
+    "db_nodes",
+    "client_port",
+    "supervise",
+    "hosts_net",
+    "worker_hosts",
+    "hosts_prefix",
+)
 
 
 def _write_json(path: Path, data: object) -> None:

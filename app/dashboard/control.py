@@ -39,11 +39,11 @@ class Control:
 
     def _worker_url(self, worker_id: str, path: str) -> str:
         s = self.settings
-        return f"http://{s.host}:{s.worker_health_port(worker_id)}{path}"
+        return f"http://{s.address_of(worker_id)}:{s.worker_health_port(worker_id)}{path}"
 
     def _patroni_url(self, node: str, path: str) -> str:
         s = self.settings
-        return f"http://{s.host}:{s.patroni_rest_port(node)}{path}"
+        return f"http://{s.address_of(node)}:{s.patroni_rest_port(node)}{path}"
 
     async def worker_health(
         self, worker_id: str, timeout: float = 0.8

@@ -22,7 +22,7 @@ def dsn(settings: Settings, *, replica: bool = False, role: str = "app") -> str:
     database = "postgres" if role == "superuser" else settings.db_name
     port = settings.db_replica_port if replica else settings.db_primary_port
     password = quote(_password(settings, role), safe="")
-    return f"postgresql://{user}:{password}@{settings.host}:{port}/{database}"
+    return f"postgresql://{user}:{password}@{settings.db_address()}:{port}/{database}"
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

@@ -56,6 +56,8 @@ VALUES = {
     "maxconn": 9000,  # two descriptors per proxied connection, 20k open files per process
     "stats_socket": "/run/haproxy/admin.sock",
     "host": "",  # bind every address of the container; see fix_servers for server lines
+    "db_host": "",  # the database ports too (workers reach them over the compose network)
+    "dashboard_app_host": "",  # the server line names the service (fix_servers)
     "client_port": 5222,
     # Compose publishes the plaintext port as before; its TLS is the rest of issue #15.
     # Clients only over TLS (issue #15): the plaintext port listens on the container's
