@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 SB := $(VENV)/bin/switchboard
 export SWITCHBOARD_VENV := $(VENV)
 
-.PHONY: bootstrap bootstrap-tests up down status test lint unit integration chaos browser bench clean compose-test
+.PHONY: bootstrap bootstrap-tests up down status test lint unit integration chaos browser bench clean compose-test multihost-test
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -32,8 +32,14 @@ lint: bootstrap
 # The whole suite, then the docker compose smoke test (which says so and passes
 # only when no Docker engine can be had on this machine).
 test: bootstrap-tests lint
-	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -ra --ignore=tests/multihost $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -rA tests/multihost
 	@scripts/compose-test.sh
+
+# The tier across network namespaces (hosts, a keepalived pair with a virtual IP) and
+# its whole-host faults and partitions (tests/multihost; needs root, as `make test`).
+multihost-test: bootstrap-tests
+	$(VENV)/bin/pytest -q -rA tests/multihost
 
 unit: bootstrap
 	$(VENV)/bin/pytest -q tests/unit

@@ -191,6 +191,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         seed=args.seed,
         transport=args.transport,
     )
+    if args.scenario in HOST_FAULT_NAMES and not cluster.settings.multihost():
+        print(f"switchboard: error: {args.scenario} needs `up --hosts`", file=sys.stderr)
+        return 1
     scenarios = [*FAULT_NAMES, "overload"] if args.scenario == "all" else [args.scenario]
     ok = True
     for scenario in scenarios:
@@ -210,6 +213,14 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# Faults of whole hosts and partitions (app/chaos/hostfaults.py): many hosts only.
+HOST_FAULT_NAMES = (
+    "kill-balancer",
+    "kill-balancer-host",
+    "kill-worker-host",
+    "cut-worker-host",
+    "isolate-db-leader",
+)
 FAULT_NAMES = (
     "kill-worker",
     "kill-leader",
@@ -339,9 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "scenario",
-        choices=[*FAULT_NAMES, "overload", "all"],
+        choices=[*FAULT_NAMES, "overload", "all", *HOST_FAULT_NAMES],
         help="stall/stall-long: SIGSTOP a worker for less/more than its lease; overload: "
-        "password logins at 3x the measured capacity while sessions keep messaging",
+        "password logins at 3x the measured capacity while sessions keep messaging; "
+        f"{', '.join(HOST_FAULT_NAMES)}: whole hosts and partitions, on a cluster started "
+        "with `up --hosts` (run it from the client host: ip netns exec sb-client ...)",
     )
     p.add_argument("--clients", type=int, default=1000, help="users online (default 1000)")
     p.add_argument("--rate", type=float, default=0.5, help="messages/s per user (default 0.5)")

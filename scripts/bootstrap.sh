@@ -19,6 +19,10 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 [ -x "$PY" ] || need+=(python3)
 "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+# Many hosts (`up --hosts`, make multihost-test): namespaces, VRRP, partitions.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v keepalived >/dev/null 2>&1 || need+=(keepalived)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

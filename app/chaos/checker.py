@@ -65,6 +65,14 @@ class Verdict:
     declared_dead: int = 0
     expect_dead: int | None = None
     registered_again: int = 0
+    # Timing, from the moment the fault was injected: the sessions that resumed after
+    # it (reconnected and got their welcome), how long until half, 99 % and all of them
+    # had, and the longest any send waited for its `sent`.
+    resumed_after_fault: int = 0
+    resume_p50_s: float | None = None
+    resume_p99_s: float | None = None
+    resume_max_s: float | None = None
+    longest_send_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -89,6 +97,14 @@ class Verdict:
             + ("" if self.expect_dead is None else f" (expected {self.expect_dead})")
             + f", registered again {self.registered_again}",
         ]
+        if self.resume_p99_s is not None:
+            lines.append(
+                f"  after the fault: {self.resumed_after_fault} sessions resumed, 99 % within "
+                f"{self.resume_p99_s:.2f} s (p50 {self.resume_p50_s:.2f} s, "
+                f"max {self.resume_max_s:.2f} s); longest send stall {self.longest_send_s:.2f} s"
+            )
+        else:
+            lines.append(f"  no session resumed; longest send stall {self.longest_send_s:.2f} s")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -132,3 +148,9 @@ def judge(
         presence_mismatches=presence_mismatches,
         notes=notes,
     )
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` (nearest rank), which must not be empty."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]

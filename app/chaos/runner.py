@@ -26,10 +26,11 @@ from typing import Any
 
 import asyncpg
 
-from app.chaos.checker import Ledger, SessionLog, Verdict, judge
+from app.chaos.checker import Ledger, SessionLog, Verdict, judge, quantile
 from app.chaos.faults import FAULTS
+from app.chaos.hostfaults import HOST_FAULTS
 from app.client import Client, Msg, ResilientClient, Resumed, ServerError
-from app.client.resilient import LinkState
+from app.client.resilient import LinkState, ReconnectPolicy
 from app.client.wire import Transport
 from app.cluster.launcher import LocalCluster
 from app.store.db import dsn
@@ -62,9 +63,18 @@ class Peer:
         self.log = log
         self.client: ResilientClient | None = None
         self._reader: asyncio.Task[None] | None = None
+        self.resumed_at: list[float] = []  # time.monotonic() of each Resumed event
 
-    async def start(self, host: str, port: int, transport: Transport = "tcp") -> None:
-        self.client = await ResilientClient.connect(host, port, timeout=30.0, transport=transport)
+    async def start(
+        self,
+        host: str,
+        port: int,
+        transport: Transport = "tcp",
+        policy: ReconnectPolicy | None = None,
+    ) -> None:
+        self.client = await ResilientClient.connect(
+            host, port, timeout=30.0, transport=transport, policy=policy
+        )
         welcome = await self.client.login(self.user, PASSWORD, self.device)
         self.log.worker = welcome.worker
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -82,6 +92,7 @@ class Peer:
                         await self.client.ack(event.seq)
             elif isinstance(event, Resumed):
                 self.log.worker = event.worker
+                self.resumed_at.append(time.monotonic())
 
     @property
     def connected(self) -> bool:
@@ -176,7 +187,7 @@ async def liveness_events(cluster: LocalCluster, since: Any) -> tuple[int, int]:
 async def run_scenario(
     cluster: LocalCluster, scenario: str, config: ChaosConfig, say: Say
 ) -> Verdict:
-    fault = FAULTS[scenario]
+    fault = FAULTS[scenario] if scenario in FAULTS else HOST_FAULTS[scenario]
     rng = random.Random(config.seed)
     s = cluster.settings
     transport = config.transport
@@ -198,20 +209,29 @@ async def run_scenario(
     await bounded(
         config.login_concurrency, [register_user(host, port, u, transport) for u in users]
     )
-    await bounded(config.login_concurrency, [p.start(host, port, transport) for p in peers])
+    policy = (
+        None
+        if fault.client_keepalive_s is None
+        else ReconnectPolicy(keepalive_s=fault.client_keepalive_s)
+    )
+    await bounded(config.login_concurrency, [p.start(host, port, transport, policy) for p in peers])
     say(f"[{scenario}] all logged in after {time.monotonic() - t0:.1f} s")
 
     sending = True
     in_flight: set[asyncio.Task[None]] = set()
     failures: list[str] = []
+    longest_send = 0.0
 
     async def send_one(sender: Peer, recipient: str, cmid: str) -> None:
+        nonlocal longest_send
         assert sender.client is not None
+        asked = time.monotonic()
         try:
             sent = await sender.client.send(f"{cmid} {time.time():.3f}", to=recipient, cmid=cmid)
         except Exception as exc:  # a send that never got its ack is not in the ledger
             failures.append(f"{type(exc).__name__}: {exc}")
             return
+        longest_send = max(longest_send, time.monotonic() - asked)
         ledger.record_ack(cmid, sent.id, recipient)
         if sent.seq is not None:
             sender.log.own_seqs.add(sent.seq)
@@ -236,6 +256,7 @@ async def run_scenario(
     db_started = await db_now(cluster)
     await asyncio.sleep(config.warmup_s)
     say(f"[{scenario}] {fault.description}")
+    fault_at = time.monotonic()
     detail = await fault.inject(cluster, say)
     await asyncio.sleep(config.after_s)
     sending = False
@@ -270,11 +291,21 @@ async def run_scenario(
     connected = sum(1 for p in peers if p.connected)
     notes = tuple(sorted(set(failures)))[:5]
     dead, registered = await liveness_events(cluster, db_started)
+    took = [
+        min(t for t in p.resumed_at if t >= fault_at) - fault_at
+        for p in peers
+        if any(t >= fault_at for t in p.resumed_at)
+    ]
     verdict = dataclasses.replace(
         judge(scenario, ledger, devices, connected, mismatches, notes),
         declared_dead=dead,
         expect_dead=fault.expect_dead,
         registered_again=registered,
+        resumed_after_fault=len(took),
+        resume_p50_s=quantile(took, 0.5) if took else None,
+        resume_p99_s=quantile(took, 0.99) if took else None,
+        resume_max_s=max(took) if took else None,
+        longest_send_s=longest_send,
     )
     await bounded(config.login_concurrency, [p.stop() for p in peers])
     say(verdict.format())

@@ -190,14 +190,22 @@ def push_certificate(layout: Layout, pem: Path, timeout: float = 5.0) -> int:
 
 
 def server_states(layout: Layout) -> list[ServerState]:
-    """Every server of every HAProxy process, merged: sessions are summed over the
-    processes; the status is the first process's unless another one disagrees, in
-    which case the disagreeing (not UP) status wins, so "UP" means UP everywhere."""
+    """Every server of every running HAProxy process, merged: sessions are summed over
+    the processes; the status is the first process's unless another one disagrees, in
+    which case the disagreeing (not UP) status wins, so "UP" means UP everywhere. A
+    process that is gone is skipped; none answering raises ConnectionRefusedError."""
     merged: dict[tuple[str, str], ServerState] = {}
-    for path in layout.haproxy_sockets() or [layout.haproxy_socket]:
-        reply = _command_or_gone(layout, "show stat", 2.0, path)
-        if reply is None:
+    paths = layout.haproxy_sockets() or [layout.haproxy_socket]
+    answered = 0
+    for path in paths:
+        try:
+            reply = runtime_command(layout, "show stat", 2.0, stats_socket=path)
+        except ConnectionRefusedError:
+            # A process that is gone (its socket file stays): the others still route.
+            if answered == 0 and path == paths[-1]:
+                raise
             continue
+        answered += 1
         text = reply.lstrip("# ")
         for row in csv.DictReader(io.StringIO(text)):
             if row.get("svname") in ("FRONTEND", "BACKEND", None):

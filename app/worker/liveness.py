@@ -66,6 +66,9 @@ from app.worker.states import SessionEvent, WorkerState, WorkerStatus, set_sessi
 
 log = get_logger("liveness")
 
+# A database probe that fails or takes longer than a connect timeout.
+PROBE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *DB_ERRORS)
+
 # The window of the worst event-loop lag that /health reports.
 LAG_WINDOW_S = 10.0
 
@@ -78,6 +81,8 @@ class LeaseStore(Protocol):
     async def reap(
         self, resume_grace_s: float, dead_after_s: float, max_grace_s: float
     ) -> Reaped: ...
+
+    async def database_reachable(self) -> bool: ...
 
 
 class PgLeases:
@@ -126,6 +131,26 @@ class PgLeases:
     async def reap(self, resume_grace_s: float, dead_after_s: float, max_grace_s: float) -> Reaped:
         return await session_store.reap(self.lease_pool, resume_grace_s, dead_after_s, max_grace_s)
 
+    async def database_reachable(self) -> bool:
+        """Whether any database node answers from here: a query on the replica port,
+        which answers through a primary failover (the standbys are up) but not from
+        a worker cut off from the database hosts."""
+        s = self._settings
+        try:
+            conn = await asyncpg.connect(dsn(s, replica=True), timeout=s.db_connect_timeout_s)
+        except PROBE_ERRORS:
+            return False
+        try:
+            return bool(await asyncio.wait_for(conn.fetchval("SELECT 1"), s.db_connect_timeout_s))
+        except PROBE_ERRORS:
+            return False
+        finally:
+            conn.terminate()
+
+
+# Why a worker fences (drops every connection, then registers again).
+DECLARED_DEAD = "the others declared this worker dead"
+CUT_OFF = "cut off from the database for a whole lease"
 
 # How long a worker reports overload after it last shed load (its renewals carry it).
 OVERLOAD_REPORT_S = 10.0
@@ -229,6 +254,14 @@ class Liveness:
             )
         except DB_ERRORS as exc:
             self._db_ok_since = None
+            if self.lease_age_s > s.worker_lease_s and not await self._leases.database_reachable():
+                # No node answers from here while others may (a partition): the others
+                # declare this worker dead and its clients can resume with them; sends
+                # held here could not commit. Fence, and register again once reachable.
+                # (Through a primary failover the standbys answer: no fencing then.)
+                self._fencing = True
+                self.hand_over(self._fence_cut_off)
+                return Decision(f"{CUT_OFF} ({type(exc).__name__}): fencing", "warning")
             return Decision(
                 f"lease renewal failed ({type(exc).__name__}); reaping paused", "warning"
             )
@@ -245,40 +278,40 @@ class Liveness:
         # Others declared us dead and detached our sessions: our copies are stale.
         self._fencing = True
         self.hand_over(self._fence_and_register)
-        return Decision("the others declared this worker dead: fencing", "warning")
+        return Decision(f"{DECLARED_DEAD}: fencing", "warning")
 
-    async def _fence_and_register(self) -> None:
-        """On the event loop: drop every connection, then register again."""
-        dropped = self.fence()
+    async def _fence_cut_off(self) -> None:
+        await self._fence_and_register(CUT_OFF)
+
+    async def _fence_and_register(self, why: str = DECLARED_DEAD) -> None:
+        """On the event loop: drop every connection, then register again (retrying
+        each lease_renew_interval_s while the database is away)."""
+        dropped = self.fence(why)
         try:
             await self.register()
         except DB_ERRORS as exc:
             self.say(
                 "fence",
                 Decision(
-                    f"fenced: the others declared this worker dead; dropped {dropped}"
+                    f"fenced: {why}; dropped {dropped}"
                     f" connections; registering again failed ({type(exc).__name__})",
                     "warning",
                 ),
             )
             await asyncio.sleep(self._settings.lease_renew_interval_s)
-            self.hand_over(self._fence_and_register)
+            self.hand_over(self._fence_cut_off if why == CUT_OFF else self._fence_and_register)
             return
         self.say(
             "fence",
-            Decision(
-                f"fenced: the others declared this worker dead; dropped {dropped}"
-                " connections, registered again",
-                "warning",
-            ),
+            Decision(f"fenced: {why}; dropped {dropped} connections, registered again", "warning"),
         )
 
-    def fence(self) -> int:
+    def fence(self, why: str = DECLARED_DEAD) -> int:
         """Drop every connection: their session rows now belong to whoever resumes them."""
         peers = list(self._registry.connections)
         for peer in peers:
             self._registry.detach(peer)
-            set_session_state(peer, SessionEvent.FENCED, "this worker was declared dead")
+            set_session_state(peer, SessionEvent.FENCED, why)
             peer.write(frames.Reconnect(random.randint(0, 1000)).encode())
             peer.close()
         return len(peers)

@@ -360,3 +360,61 @@ def test_say_logs_a_decision_only_when_it_changes(caplog: pytest.LogCaptureFixtu
         ("lease_decision", logging.INFO, "renewed the lease"),
         ("reaper_decision", logging.INFO, "renewed the lease"),
     ]
+
+
+# ---- cut off from the database ----------------------------------------------------------
+
+
+async def test_a_failed_renewal_within_a_lease_does_not_ask_for_the_database(rig: Rig) -> None:
+    rig.leases.renewed = OSError("timed out")
+    rig.advance(LEASE_S - 1)
+    decision = await rig.liveness.lease_tick()
+    assert decision.text == "lease renewal failed (OSError); reaping paused"
+    assert rig.leases.called("database_reachable") == 0 and not rig.handed
+
+
+async def test_through_a_primary_failover_the_worker_keeps_its_clients(rig: Rig) -> None:
+    """Renewals fail for longer than a lease (Patroni's ttl is 20 s), but the standbys
+    answer on the replica port: every worker sees the same outage, nobody fences."""
+    peer = rig.connect(active_peer())
+    rig.leases.renewed = OSError("no primary")
+    rig.advance(LEASE_S + 1)
+    decision = await rig.liveness.lease_tick()
+    assert decision.text == "lease renewal failed (OSError); reaping paused"
+    assert rig.leases.called("database_reachable") == 1
+    assert not rig.handed and not peer.closed
+
+
+async def test_cut_off_for_a_whole_lease_fences_until_the_database_is_back(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No node answers from here: the others declare this worker dead and its clients
+    resume with them, so it drops them (reconnect) rather than hold sends it cannot
+    commit, and registers again once the database answers."""
+    caplog.set_level(logging.INFO, logger="switchboard.liveness")
+    peer = rig.connect(active_peer())
+    rig.leases.renewed = OSError("timed out")
+    rig.leases.reachable = False
+    rig.advance(LEASE_S + 1)
+    decision = await rig.liveness.lease_tick()
+    assert decision == Decision(
+        "cut off from the database for a whole lease (OSError): fencing", "warning"
+    )
+    assert (await rig.liveness.lease_tick()).text == "fenced: waiting to register again"
+    rig.leases.left = OSError("timed out")
+    rig.settings = rig.liveness._settings = Settings(worker_id=WORKER_ID, lease_renew_interval_s=0)
+    await rig.handed.pop()()
+    (frame,) = peer.frames
+    assert frame["op"] == "reconnect" and peer.closed
+    assert peer.state is SessionState.CLOSED
+    assert not rig.liveness.healthy()  # HAProxy sends no new clients meanwhile
+    assert decisions_logged(caplog)[-1][2] == (
+        "fenced: cut off from the database for a whole lease; dropped 1 connections; "
+        "registering again failed (OSError)"
+    )
+    # The partition heals: it registers, and serves and renews again.
+    rig.leases.left = 0
+    rig.leases.renewed = True
+    await rig.run_handed()
+    assert rig.liveness.healthy()
+    assert (await rig.liveness.lease_tick()).text == "renewed the lease"

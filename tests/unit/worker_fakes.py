@@ -529,6 +529,7 @@ class FakeLeases:
         self.left: int | BaseException = 0  # register: sessions left from an earlier run
         self.renewed: bool | BaseException = True
         self.reaped: Reaped | BaseException = Reaped([], [], 0)
+        self.reachable = True  # database_reachable: a node answers on the replica port
         self.calls: list[tuple[Any, ...]] = []
 
     @staticmethod
@@ -549,6 +550,10 @@ class FakeLeases:
         self.calls.append(("reap", resume_grace_s, dead_after_s, max_grace_s))
         reaped: Reaped = self._answer(self.reaped)
         return reaped
+
+    async def database_reachable(self) -> bool:
+        self.calls.append(("database_reachable",))
+        return self.reachable
 
     def called(self, name: str) -> int:
         return sum(1 for call in self.calls if call[0] == name)
