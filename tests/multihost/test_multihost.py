@@ -29,7 +29,7 @@ from app.cli import HOST_FAULT_NAMES
 from app.cluster import hostnet
 from app.cluster.launcher import LocalCluster
 from app.settings import Settings
-from tests.cluster_fixture import cluster_processes, make_settings
+from tests.cluster_fixture import cluster_processes, make_settings, running_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 # Its own prefix and network: a cluster of `up --hosts` (prefix sb) may run alongside.
@@ -72,18 +72,14 @@ def hosts_cluster() -> Iterator[LocalCluster]:
         conn_cap_exempt_addrs=f"127.0.0.1,::1,{client}",
         shared_client_addrs=f"127.0.0.1,::1,{client}",
     )
-    cluster = LocalCluster(settings, say=lambda line: print(line, flush=True))
-    try:
-        cluster.up()
+    with running_cluster(settings) as cluster:  # down(purge=True) whatever happens
         yield cluster
-    finally:
-        cluster.down(purge=True)
-        left = hostnet.existing(settings)
-        stray = cluster_processes(settings)
-        assert not left, f"namespaces left behind: {left}"
-        assert not stray, f"processes left behind: {stray}"
-        shown = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
-        assert not re.search(rf"^{PREFIX}-", shown, re.MULTILINE), shown
+    left = hostnet.existing(settings)
+    stray = cluster_processes(settings)
+    assert not left, f"namespaces left behind: {left}"
+    assert not stray, f"processes left behind: {stray}"
+    shown = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    assert not re.search(rf"^{PREFIX}-", shown, re.MULTILINE), shown
 
 
 def _chaos(cluster: LocalCluster, scenario: str, duration: float = 6.0) -> str:
