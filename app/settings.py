@@ -105,6 +105,10 @@ class Settings:
     hosts_prefix: str = "sb"
 
     # Database tier.
+    # Where workers, the dashboard and tools reach HAProxy's database ports (a name or
+    # an address); empty: `host` (one machine), the virtual IP (many hosts). Compose
+    # sets it to HAProxy's service name while workers bind 0.0.0.0.
+    db_host: str = ""
     db_nodes: int = 3
     db_primary_port: int = 5000
     db_replica_port: int = 5001
@@ -694,7 +698,7 @@ class Settings:
 
     def db_address(self) -> str:
         """Where workers, the dashboard and tools reach HAProxy's database ports."""
-        return self.vip() if self.multihost() else self.host
+        return self.db_host or (self.vip() if self.multihost() else self.host)
 
     def client_address(self) -> str:
         """Where the tier's own tools (chaos, benchmarks) dial the client ports."""

@@ -23,10 +23,8 @@ cluster is arranged here:
   container's address with ``<project>-worker-<N>.<network>``), and the base ports are
   shifted so that ``worker_port("w<N>")`` is 7001 again. A restarted replica keeps its
   id, like a restarted local worker.
-- The application uses one ``host`` setting both to bind and to reach HAProxy's DB
-  ports. Workers and the dashboard bind 0.0.0.0, so a connection to
-  ``0.0.0.0:5000`` (which Linux delivers to 127.0.0.1) is relayed by socat to
-  ``haproxy:5000`` (and 5001 for replicas).
+- Workers and the dashboard bind 0.0.0.0 (``host``) and reach HAProxy's DB ports at
+  its service name (``db_host``: ``haproxy``, or SWITCHBOARD_DB_PROXY).
 - The dashboard expects the local cluster's 127.0.0.1 port layout for Patroni's REST
   APIs, the workers' health ports and HAProxy's runtime socket: relays provide it.
 - A worker accepts client connections (each with HAProxy's PROXY header) from the
@@ -95,24 +93,11 @@ def relay(listen: str, target: str) -> None:
     subprocess.Popen(["socat", source, f"TCP:{target}"])
 
 
-def wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                fail(f"the socat relay on 127.0.0.1:{port} did not start")
-            time.sleep(0.05)
-
-
-def relay_db_ports() -> None:
-    """127.0.0.1:5000/5001 -> HAProxy's DB ports (see the module docstring)."""
-    target = os.environ.get("SWITCHBOARD_DB_PROXY", "haproxy")
-    for port in (5000, 5001):
-        relay(str(port), f"{target}:{port}")
-    wait_for_port(5000)
+def bind_all_reach_haproxy(env: dict[str, str]) -> dict[str, str]:
+    """Bind every address of the container; reach the DB ports at HAProxy's name."""
+    env["SWITCHBOARD_HOST"] = "0.0.0.0"
+    env.setdefault("SWITCHBOARD_DB_HOST", os.environ.get("SWITCHBOARD_DB_PROXY", "haproxy"))
+    return env
 
 
 def ptr_lookup(address: str, server: str = "127.0.0.11", timeout: float = 1.0) -> str:
@@ -234,7 +219,7 @@ def attached_networks(route_table: str = "/proc/net/route") -> list[str]:
 
 
 def run_worker() -> None:
-    env = dict(os.environ, SWITCHBOARD_HOST="0.0.0.0")
+    env = bind_all_reach_haproxy(dict(os.environ))
     write_secrets(("app",))
     worker_env(env)
     # A worker takes connections only from HAProxy, each with a PROXY header. HAProxy's
@@ -243,7 +228,6 @@ def run_worker() -> None:
         trusted = ["127.0.0.0/8", *attached_networks()]
         env["SWITCHBOARD_PROXY_TRUSTED_ADDRS"] = ",".join(trusted)
         say(f"PROXY headers accepted from {', '.join(trusted)}")
-    relay_db_ports()
     os.execve(sys.executable, [sys.executable, "-m", "app.worker"], env)
 
 
@@ -251,16 +235,15 @@ def run_dashboard() -> None:
     """The dashboard expects the local cluster's 127.0.0.1 port layout; relay it.
 
     Patroni REST of n1..n3 on 8008..8010, worker wN's health port on 7101 + N - 1 (for
-    N up to SWITCHBOARD_WORKERS), the DB ports, and HAProxy's runtime API on the unix
-    socket where `switchboard` looks for it.
+    N up to SWITCHBOARD_WORKERS), and HAProxy's runtime API on the unix socket where
+    `switchboard` looks for it. The DB ports it reaches at HAProxy's name (db_host).
     """
     from app.cluster.layout import Layout
     from app.settings import Settings
 
-    env = dict(os.environ, SWITCHBOARD_HOST="0.0.0.0")
+    env = bind_all_reach_haproxy(dict(os.environ))
     write_secrets(("app", "admin", "patroni"))  # patroni: for POST /switchover
     settings = Settings.load(env=env)
-    relay_db_ports()
     for node in settings.node_names():
         relay(str(settings.patroni_rest_port(node)), f"{node}:{PATRONI_REST_PORT}")
     me = own_container_name() or ""

@@ -13,10 +13,12 @@ bridge and every process are gone afterwards, also when a step fails.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,6 +62,17 @@ def _config(settings: Settings, path: Path) -> Path:
     return path
 
 
+def _clear_leftovers(settings: Settings) -> None:
+    """A run killed before its teardown leaves its hosts (this test's own prefix):
+    end the processes inside them, then remove them, so this run can start."""
+    for ns in hostnet.existing(settings):
+        host = ns.removeprefix(f"{PREFIX}-")
+        for pid in processes_on(settings, host):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    hostnet.destroy(settings)
+
+
 @pytest.fixture(scope="module")
 def hosts_cluster() -> Iterator[LocalCluster]:
     base = make_settings(workers=3)
@@ -72,6 +85,7 @@ def hosts_cluster() -> Iterator[LocalCluster]:
         conn_cap_exempt_addrs=f"127.0.0.1,::1,{client}",
         shared_client_addrs=f"127.0.0.1,::1,{client}",
     )
+    _clear_leftovers(settings)
     with running_cluster(settings) as cluster:  # down(purge=True) whatever happens
         yield cluster
     left = hostnet.existing(settings)
