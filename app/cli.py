@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("down", cmd_down, "stop every component of the local cluster")
     p.add_argument("--purge", action="store_true", help="also delete the state dir and all data")
+    p.add_argument(
+        "--hosts",
+        metavar="NET",
+        help="also remove the namespaces of `up --hosts NET` when the state dir no longer "
+        "records them (a start-up that was killed)",
+    )
 
     add("status", cmd_status, "show each component: pid, endpoint, role, health")
 

@@ -54,7 +54,7 @@ def preflight(settings: Settings) -> None:
     if left or _ip("link", "show", bridge_name(settings), check=False).returncode == 0:
         raise ComponentFailed(
             f"the hosts of a previous run are still there ({', '.join(left) or 'the bridge'}): "
-            "`switchboard down` removes them"
+            f"`switchboard down --hosts {settings.hosts_cidr()}` removes them"
         )
 
 
