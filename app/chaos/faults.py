@@ -35,8 +35,8 @@ class Fault:
     # Workers the others must declare dead during the run (None: not judged). A
     # stall shorter than the lease must cost none; a longer one exactly the victim.
     expect_dead: int | None = None
-    # The clients' keep-alive ping interval for this scenario (None: the SDK's default).
-    client_keepalive_s: float | None = None
+    # The clients' TCP keepalive for this scenario (None: the SDK's default, none).
+    client_tcp_keepalive_s: float | None = None
 
 
 def _kill9(pid: int) -> None:

@@ -29,9 +29,10 @@ from app.settings import Settings
 
 # The holds of hosts that are off, from inject to recover (one scenario at a time).
 _HELD: dict[str, contextlib.ExitStack] = {}
-# Clients notice a host that died silently by their keep-alive ping: these scenarios
-# run them with this interval (the SDK's default is 30 s; docs/operations.md).
-HOST_DEATH_KEEPALIVE_S = 5.0
+# A client that only receives notices a host that died silently at its next keepalive:
+# these scenarios give their clients TCP keepalive after this many idle seconds (the
+# SDK's default is none, and its keep-alive ping every 30 s; docs/operations.md).
+HOST_DEATH_KEEPALIVE_S = 2.0
 
 
 def processes_on(settings: Settings, host: str) -> list[int]:
@@ -250,7 +251,7 @@ HOST_FAULTS: dict[str, Fault] = {
         "the active balancer's host dies (link down, every process killed)",
         _kill_balancer_host,
         _host_on,
-        client_keepalive_s=HOST_DEATH_KEEPALIVE_S,
+        client_tcp_keepalive_s=HOST_DEATH_KEEPALIVE_S,
     ),
     "kill-worker-host": Fault(
         "kill-worker-host",
@@ -258,7 +259,7 @@ HOST_FAULTS: dict[str, Fault] = {
         _kill_worker_host,
         _host_on,
         expect_dead=1,
-        client_keepalive_s=HOST_DEATH_KEEPALIVE_S,
+        client_tcp_keepalive_s=HOST_DEATH_KEEPALIVE_S,
     ),
     "cut-worker-host": Fault(
         "cut-worker-host",

@@ -211,8 +211,8 @@ async def run_scenario(
     )
     policy = (
         None
-        if fault.client_keepalive_s is None
-        else ReconnectPolicy(keepalive_s=fault.client_keepalive_s)
+        if fault.client_tcp_keepalive_s is None
+        else ReconnectPolicy(tcp_keepalive_s=fault.client_tcp_keepalive_s)
     )
     await bounded(config.login_concurrency, [p.start(host, port, transport, policy) for p in peers])
     say(f"[{scenario}] all logged in after {time.monotonic() - t0:.1f} s")

@@ -132,6 +132,11 @@ class ReconnectPolicy:
     # in order, so a ping waits behind a send stalled by a DB failover (~20 s): keep
     # it well above that. None: no keep-alive.
     keepalive_s: float | None = 30.0
+    # Kernel TCP keepalive probes after this many idle seconds (None: off). Cheap (the
+    # peer's kernel answers), and the way a client that only receives notices a
+    # balancer host that died without a word: the balancer that took the virtual IP
+    # over resets the probe (docs/operations.md, "Many hosts").
+    tcp_keepalive_s: float | None = None
     # Cap on a server's ``retry_after``, and the wait of a retry when the budget is spent.
     max_retry_after_s: float = 30.0
     # The retry budget (app/client/retry.py): each retry the server asked to delay
@@ -710,6 +715,7 @@ class ResilientClient(Requests):
             tls=self._tls or False,
             server_hostname=self._server_hostname,
             transport=self._transport,
+            tcp_keepalive_s=self._policy.tcp_keepalive_s,
         )
         # No await since connect: the new link's reader has not run yet.
         self._links_opened = number

@@ -182,6 +182,7 @@ class Client(Requests):
         server_hostname: str | None = None,
         retry_budget: RetryBudget | None = None,
         transport: Transport = "tcp",
+        tcp_keepalive_s: float | None = None,
     ) -> Client:
         """Open a connection. ``timeout`` bounds the connect (and the TLS handshake) and
         is each request's default.
@@ -203,6 +204,9 @@ class Client(Requests):
 
         ``transport``: ``"tcp"`` (the client ports) or ``"ws"`` (a WebSocket to the
         WebSocket ports, path ``/ws``); everything else is the same.
+
+        ``tcp_keepalive_s``: kernel keepalive probes after that many idle seconds
+        (`wire.tcp_keepalive`); None (the default): none.
         """
         context = tls_context(cafile) if tls is True else tls or None
         wire = await open_wire(
@@ -213,6 +217,7 @@ class Client(Requests):
             max_line_bytes=max_line_bytes,
             context=context,
             server_hostname=server_hostname,
+            tcp_keepalive_s=tcp_keepalive_s,
         )
         return cls(
             wire,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
@@ -166,14 +167,36 @@ async def open_wire(
     max_line_bytes: int,
     context: ssl.SSLContext | None,
     server_hostname: str | None,
+    tcp_keepalive_s: float | None = None,
 ) -> Wire:
-    """Connect; `Timeout`, `UntrustedServer` or `ConnectionLost` when that fails."""
+    """Connect; `Timeout`, `UntrustedServer` or `ConnectionLost` when that fails.
+    With ``tcp_keepalive_s``, the socket sends TCP keepalive probes (`tcp_keepalive`)."""
     target = _Target(host, port, timeout, max_line_bytes, context, server_hostname)
     if transport == "ws":
-        return await _open_ws(target)
-    if transport == "tcp":
-        return await _open_tcp(target)
-    raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        wire = await _open_ws(target)
+    elif transport == "tcp":
+        wire = await _open_tcp(target)
+    else:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if tcp_keepalive_s is not None:
+        tcp_keepalive(wire.extra_info("socket"), tcp_keepalive_s)
+    return wire
+
+
+def tcp_keepalive(sock: object, idle_s: float) -> None:
+    """Kernel keepalive probes after ``idle_s`` of silence, then every half of it, 3
+    unanswered ones ending the connection. The peer's kernel answers a probe without
+    waking its process, so they cost no server CPU to speak of; and a balancer that
+    took over a virtual IP answers one for a connection it never had with a reset,
+    so a client that only receives notices a dead balancer within about ``idle_s``."""
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is None:
+        return  # no socket underneath (a test double)
+    idle = max(1, round(idle_s))
+    setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2))
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 async def _open_tcp(t: _Target) -> Wire:

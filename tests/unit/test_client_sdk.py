@@ -930,3 +930,26 @@ async def test_send_retries_take_from_the_clients_budget(conn: tuple[Client, Pee
     await peer.reply(second, {"op": "sent", "cmid": "c-1", "id": 1, "ts": TS})
     assert (await task).id == 1
     assert client.retry_budget.tokens == pytest.approx(before - 1, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("asked", "idle", "interval"), [(None, None, None), (2.0, 2, 1), (9, 9, 4)]
+)
+async def test_tcp_keepalive_is_off_unless_asked(
+    server: FakeServer, asked: float | None, idle: int | None, interval: int | None
+) -> None:
+    """A client that only receives learns of a dead balancer from a keepalive probe
+    (docs/protocol.md, "A dead balancer, seen from the client")."""
+    client, peer = await connect(server, tcp_keepalive_s=asked)
+    sock = client.extra_info("socket")
+    assert isinstance(sock, socket.socket | asyncio.trsock.TransportSocket)
+    on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if asked is None:
+        assert not on
+    else:
+        assert on
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == interval
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    await peer.close()
+    await client.close()
