@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from app.client.resilient import ReconnectPolicy
 from app.cluster import patroni
 from app.cluster.health import wait_for
 from app.cluster.launcher import LocalCluster
@@ -35,8 +36,8 @@ class Fault:
     # Workers the others must declare dead during the run (None: not judged). A
     # stall shorter than the lease must cost none; a longer one exactly the victim.
     expect_dead: int | None = None
-    # The clients' TCP keepalive for this scenario (None: the SDK's default, none).
-    client_tcp_keepalive_s: float | None = None
+    # How this scenario's clients reconnect (None: the SDK's defaults).
+    client_policy: ReconnectPolicy | None = None
 
 
 def _kill9(pid: int) -> None:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from app.chaos.faults import Fault, Say
+from app.client.resilient import ReconnectPolicy
 from app.cluster import hostnet, patroni
 from app.cluster.health import wait_for
 from app.cluster.launcher import LocalCluster
@@ -29,10 +30,13 @@ from app.settings import Settings
 
 # The holds of hosts that are off, from inject to recover (one scenario at a time).
 _HELD: dict[str, contextlib.ExitStack] = {}
-# A client that only receives notices a host that died silently at its next keepalive:
-# these scenarios give their clients TCP keepalive after this many idle seconds (the
-# SDK's default is none, and its keep-alive ping every 30 s; docs/operations.md).
-HOST_DEATH_KEEPALIVE_S = 2.0
+# A host that dies sends no reset: its peers notice at their next keepalive. A dead
+# balancer's clients: TCP keepalive after this many idle seconds (the balancer that
+# took the virtual IP over resets the probe; the SDK's default is none). A dead worker
+# host's clients: their keep-alive ping every this many seconds (HAProxy, alive,
+# answers TCP probes for the dead worker; the SDK's default is 30 s). docs/operations.md.
+BALANCER_DEATH_TCP_KEEPALIVE_S = 2.0
+WORKER_DEATH_PING_S = 5.0
 
 
 def processes_on(settings: Settings, host: str) -> list[int]:
@@ -233,10 +237,29 @@ async def _isolate_leader_host(cluster: LocalCluster, say: Say) -> str:
 
 
 async def _rejoin(cluster: LocalCluster, say: Say, host: str) -> None:
+    """Put the host back, then wait until the old leader streams from the new one, as
+    the other nodes see it (the isolated node's own view may still be the old one)."""
+    s = cluster.settings
+    old = next(n for n in s.node_names() if s.host_of(n) == host)
     t0 = time.monotonic()
-    await asyncio.to_thread(hostnet.set_link, cluster.settings, host, True)
-    await asyncio.to_thread(cluster.wait_db_healthy, 180)
-    say(f"host {host} back on the network; every node streams after {time.monotonic() - t0:.1f} s")
+    await asyncio.to_thread(hostnet.set_link, s, host, True)
+
+    def rejoined() -> tuple[bool, str]:
+        for node in s.node_names():
+            if node == old:
+                continue
+            view = patroni.cluster_view_of(s, node)
+            if view is None:
+                continue
+            member = next((m for m in view.members if m.name == old), None)
+            if member is None or member.role == "leader" or member.state != "streaming":
+                return False, f"{old} is {member.role + ' ' + member.state if member else 'gone'}"
+            return view.healthy(s.db_nodes)
+        return False, "no other node answers"
+
+    await asyncio.to_thread(wait_for, f"{old} streaming again", rejoined, 180)
+    await asyncio.to_thread(cluster.wait_db_healthy, 60)
+    say(f"host {host} back on the network; {old} streams again after {time.monotonic() - t0:.1f} s")
 
 
 HOST_FAULTS: dict[str, Fault] = {
@@ -251,7 +274,7 @@ HOST_FAULTS: dict[str, Fault] = {
         "the active balancer's host dies (link down, every process killed)",
         _kill_balancer_host,
         _host_on,
-        client_tcp_keepalive_s=HOST_DEATH_KEEPALIVE_S,
+        client_policy=ReconnectPolicy(tcp_keepalive_s=BALANCER_DEATH_TCP_KEEPALIVE_S),
     ),
     "kill-worker-host": Fault(
         "kill-worker-host",
@@ -259,7 +282,7 @@ HOST_FAULTS: dict[str, Fault] = {
         _kill_worker_host,
         _host_on,
         expect_dead=1,
-        client_tcp_keepalive_s=HOST_DEATH_KEEPALIVE_S,
+        client_policy=ReconnectPolicy(keepalive_s=WORKER_DEATH_PING_S),
     ),
     "cut-worker-host": Fault(
         "cut-worker-host",

@@ -209,12 +209,10 @@ async def run_scenario(
     await bounded(
         config.login_concurrency, [register_user(host, port, u, transport) for u in users]
     )
-    policy = (
-        None
-        if fault.client_tcp_keepalive_s is None
-        else ReconnectPolicy(tcp_keepalive_s=fault.client_tcp_keepalive_s)
+    await bounded(
+        config.login_concurrency,
+        [p.start(host, port, transport, fault.client_policy) for p in peers],
     )
-    await bounded(config.login_concurrency, [p.start(host, port, transport, policy) for p in peers])
     say(f"[{scenario}] all logged in after {time.monotonic() - t0:.1f} s")
 
     sending = True

@@ -177,24 +177,31 @@ class ClusterView:
 def cluster_view(settings: Settings, timeout: float = 1.0) -> ClusterView | None:
     """Ask each node in turn for the cluster view; None when none answers."""
     for node in settings.node_names():
-        url = f"http://{settings.address_of(node)}:{settings.patroni_rest_port(node)}/cluster"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                data = json.load(response)
-        except (OSError, urllib.error.URLError, ValueError):
-            continue
-        members = tuple(
-            Member(
-                name=m.get("name", "?"),
-                role=m.get("role", "?"),
-                state=m.get("state", "?"),
-                timeline=m.get("timeline"),
-                lag=m.get("lag") if isinstance(m.get("lag"), int) else None,
-            )
-            for m in data.get("members", [])
-        )
-        return ClusterView(members)
+        view = cluster_view_of(settings, node, timeout)
+        if view is not None:
+            return view
     return None
+
+
+def cluster_view_of(settings: Settings, node: str, timeout: float = 1.0) -> ClusterView | None:
+    """The cluster as ``node``'s REST API sees it; None when it does not answer."""
+    url = f"http://{settings.address_of(node)}:{settings.patroni_rest_port(node)}/cluster"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = json.load(response)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    members = tuple(
+        Member(
+            name=m.get("name", "?"),
+            role=m.get("role", "?"),
+            state=m.get("state", "?"),
+            timeline=m.get("timeline"),
+            lag=m.get("lag") if isinstance(m.get("lag"), int) else None,
+        )
+        for m in data.get("members", [])
+    )
+    return ClusterView(members)
 
 
 def rest_auth_header(settings: Settings) -> dict[str, str]:
