@@ -194,7 +194,10 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     if args.scenario in HOST_FAULT_NAMES and not cluster.settings.multihost():
         print(f"switchboard: error: {args.scenario} needs `up --hosts`", file=sys.stderr)
         return 1
-    scenarios = [*FAULT_NAMES, "overload"] if args.scenario == "all" else [args.scenario]
+    every = [*FAULT_NAMES, "overload"]
+    if cluster.settings.multihost():
+        every += HOST_FAULT_NAMES  # and the hosts' own faults
+    scenarios = every if args.scenario == "all" else [args.scenario]
     ok = True
     for scenario in scenarios:
         if scenario == "overload":
