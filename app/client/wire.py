@@ -183,20 +183,29 @@ async def open_wire(
     return wire
 
 
+KEEPALIVE_PROBES = 3
+
+
 def tcp_keepalive(sock: object, idle_s: float) -> None:
     """Kernel keepalive probes after ``idle_s`` of silence, then every half of it, 3
     unanswered ones ending the connection. The peer's kernel answers a probe without
     waking its process, so they cost no server CPU to speak of; and a balancer that
     took over a virtual IP answers one for a connection it never had with a reset,
-    so a client that only receives notices a dead balancer within about ``idle_s``."""
+    so a client that only receives notices a dead balancer within about ``idle_s``.
+    Probes are sent only while nothing is in flight: data left unacknowledged for as
+    long as the probes would take (TCP_USER_TIMEOUT) ends the connection too, so a
+    client whose request went out just as its balancer died notices as soon."""
     setsockopt = getattr(sock, "setsockopt", None)
     if setsockopt is None:
         return  # no socket underneath (a test double)
     idle = max(1, round(idle_s))
+    interval = max(1, idle // 2)
     setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2))
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    user_timeout_ms = (idle + interval * KEEPALIVE_PROBES) * 1000
+    setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
 async def _open_tcp(t: _Target) -> Wire:

@@ -951,5 +951,8 @@ async def test_tcp_keepalive_is_off_unless_asked(
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == idle
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == interval
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        # Data unacknowledged for as long as the probes take ends it too.
+        user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert user_timeout == (idle + 3 * interval) * 1000
     await peer.close()
     await client.close()
