@@ -687,9 +687,13 @@ class Settings:
             return f"db{number}"
         return None
 
+    def host_netns(self, host: str) -> str:
+        """The network namespace of a host (lb1, app2, client, ...)."""
+        return f"{self.hosts_prefix}-{host}"
+
     def netns_of(self, component: str) -> str | None:
         host = self.host_of(component)
-        return None if host is None else f"{self.hosts_prefix}-{host}"
+        return None if host is None else self.host_netns(host)
 
     def address_of(self, component: str) -> str:
         """Where a component listens: its host's address (many hosts), else ``host``."""

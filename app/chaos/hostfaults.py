@@ -52,11 +52,19 @@ def processes_on(settings: Settings, host: str) -> list[int]:
     return found
 
 
+def _hold(cluster: LocalCluster, key: str, *names: str) -> None:
+    """Hold ``names`` (the supervisor leaves them alone) until ``_HELD.pop(key).close()``."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(cluster.held(*names))
+    _HELD[key] = stack
+
+
 def components_on(cluster: LocalCluster, host: str) -> list[str]:
     return [n for n in cluster.supervised_names() if cluster.settings.host_of(n) == host]
 
 
-def _kill_host_processes(settings: Settings, host: str) -> int:
+def kill_host_processes(settings: Settings, host: str) -> int:
+    """kill -9 every process in ``host``'s namespace, until none is left; how many."""
     killed: set[int] = set()
     for _ in range(20):  # a process may fork while we look (Patroni, postmaster)
         pids = processes_on(settings, host)
@@ -73,11 +81,9 @@ def _kill_host_processes(settings: Settings, host: str) -> int:
 async def _host_off(cluster: LocalCluster, say: Say, host: str) -> str:
     """The host dies: held, link down, every process killed."""
     names = components_on(cluster, host)
-    stack = contextlib.ExitStack()
-    stack.enter_context(cluster.held(*names))
-    _HELD[host] = stack
+    _hold(cluster, host, *names)
     await asyncio.to_thread(hostnet.set_link, cluster.settings, host, False)
-    killed = await asyncio.to_thread(_kill_host_processes, cluster.settings, host)
+    killed = await asyncio.to_thread(kill_host_processes, cluster.settings, host)
     say(f"host {host} off: link down, kill -9 of its {killed} processes ({', '.join(names)})")
     return host
 
@@ -150,9 +156,7 @@ async def _kill_balancer(cluster: LocalCluster, say: Say) -> str:
     pid = cluster.pid_of(name)
     if pid is None:
         raise RuntimeError(f"{name} is not running")
-    stack = contextlib.ExitStack()
-    stack.enter_context(cluster.held(name))
-    _HELD[name] = stack
+    _hold(cluster, name, name)
     t0 = time.monotonic()
     say(f"kill -9 {name} on {holder}, the active balancer (pid {pid})")
     os.kill(pid, signal.SIGKILL)

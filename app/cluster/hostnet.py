@@ -36,7 +36,7 @@ def bridge_name(settings: Settings) -> str:
 
 
 def netns(settings: Settings, host: str) -> str:
-    return f"{settings.hosts_prefix}-{host}"
+    return settings.host_netns(host)
 
 
 def existing(settings: Settings) -> list[str]:

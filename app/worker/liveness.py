@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import threading
@@ -260,7 +261,7 @@ class Liveness:
                 # held here could not commit. Fence, and register again once reachable.
                 # (Through a primary failover the standbys answer: no fencing then.)
                 self._fencing = True
-                self.hand_over(self._fence_cut_off)
+                self.hand_over(functools.partial(self._fence_and_register, CUT_OFF))
                 return Decision(f"{CUT_OFF} ({type(exc).__name__}): fencing", "warning")
             return Decision(
                 f"lease renewal failed ({type(exc).__name__}); reaping paused", "warning"
@@ -280,9 +281,6 @@ class Liveness:
         self.hand_over(self._fence_and_register)
         return Decision(f"{DECLARED_DEAD}: fencing", "warning")
 
-    async def _fence_cut_off(self) -> None:
-        await self._fence_and_register(CUT_OFF)
-
     async def _fence_and_register(self, why: str = DECLARED_DEAD) -> None:
         """On the event loop: drop every connection, then register again (retrying
         each lease_renew_interval_s while the database is away)."""
@@ -299,7 +297,7 @@ class Liveness:
                 ),
             )
             await asyncio.sleep(self._settings.lease_renew_interval_s)
-            self.hand_over(self._fence_cut_off if why == CUT_OFF else self._fence_and_register)
+            self.hand_over(functools.partial(self._fence_and_register, why))
             return
         self.say(
             "fence",

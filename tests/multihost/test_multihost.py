@@ -13,12 +13,10 @@ bridge and every process are gone afterwards, also when a step fails.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from app.chaos.hostfaults import HOST_FAULTS, WORKER_DEATH_PING_S, processes_on
+from app.chaos.hostfaults import (
+    HOST_FAULTS,
+    WORKER_DEATH_PING_S,
+    kill_host_processes,
+    processes_on,
+)
 from app.cli import HOST_FAULT_NAMES
 from app.cluster import hostnet
 from app.cluster.launcher import LocalCluster
@@ -66,10 +69,7 @@ def _clear_leftovers(settings: Settings) -> None:
     """A run killed before its teardown leaves its hosts (this test's own prefix):
     end the processes inside them, then remove them, so this run can start."""
     for ns in hostnet.existing(settings):
-        host = ns.removeprefix(f"{PREFIX}-")
-        for pid in processes_on(settings, host):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_host_processes(settings, ns.removeprefix(f"{PREFIX}-"))
     hostnet.destroy(settings)
 
 
