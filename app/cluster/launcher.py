@@ -261,6 +261,18 @@ class LocalCluster:
                 f"user {run_as.user} cannot enter the state dir {self.layout.root}: "
                 "choose one whose parent directories are world-searchable"
             )
+        if (
+            self.layout.etcd_data.exists()
+            and all(self.pid_of(m) is None for m in self.settings.etcd_names())
+            and not any(
+                (self.layout.node_data(n) / "PG_VERSION").exists()
+                for n in self.settings.node_names()
+            )
+        ):
+            # etcd's data outlives a state dir removed by hand (it is on tmpfs, apart):
+            # its cluster's initialize key, with no database behind it any more, would
+            # leave every Patroni node "waiting for leader to bootstrap" for ever.
+            shutil.rmtree(self.layout.etcd_data)
         for member in self.settings.etcd_names():
             data = self.layout.etcd_data_of(member)
             data.mkdir(parents=True, exist_ok=True)
