@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
 import aiohttp
 
+from app import sockopts
 from app.client.errors import ConnectionLost, Timeout, UntrustedServer
 
 Transport = Literal["tcp", "ws"]
@@ -188,24 +188,13 @@ KEEPALIVE_PROBES = 3
 
 def tcp_keepalive(sock: object, idle_s: float) -> None:
     """Kernel keepalive probes after ``idle_s`` of silence, then every half of it, 3
-    unanswered ones ending the connection. The peer's kernel answers a probe without
-    waking its process, so they cost no server CPU to speak of; and a balancer that
-    took over a virtual IP answers one for a connection it never had with a reset,
-    so a client that only receives notices a dead balancer within about ``idle_s``.
-    Probes are sent only while nothing is in flight: data left unacknowledged for as
-    long as the probes would take (TCP_USER_TIMEOUT) ends the connection too, so a
-    client whose request went out just as its balancer died notices as soon."""
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is None:
-        return  # no socket underneath (a test double)
+    unanswered ones ending the connection (`app.sockopts.tcp_keepalive`). They cost no
+    server CPU to speak of, and a balancer that took over a virtual IP answers one for
+    a connection it never had with a reset, so a client that only receives notices a
+    dead balancer within about ``idle_s``; a client whose request went out just as its
+    balancer died notices as soon (TCP_USER_TIMEOUT)."""
     idle = max(1, round(idle_s))
-    interval = max(1, idle // 2)
-    setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
-    user_timeout_ms = (idle + interval * KEEPALIVE_PROBES) * 1000
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+    sockopts.tcp_keepalive(sock, idle, max(1, idle // 2), KEEPALIVE_PROBES)
 
 
 async def _open_tcp(t: _Target) -> Wire:

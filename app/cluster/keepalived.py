@@ -37,6 +37,11 @@ def check_script(layout: Layout, name: str) -> Path:
     return layout.root / f"{name}-check.sh"
 
 
+def master_script(layout: Layout, name: str) -> Path:
+    """Run on taking the virtual IP over (``notify_master``): `master_script_text`."""
+    return layout.root / f"{name}-master.sh"
+
+
 def config(settings: Settings, layout: Layout, name: str) -> str:
     balancer = _balancer(name)
     priority = 150 if name == "keepalived1" else 100
@@ -77,6 +82,7 @@ vrrp_instance switchboard {{
     track_script {{
         check_haproxy
     }}
+    notify_master "{master_script(layout, name)}"
     # Its HAProxy: {balancer} at {settings.address_of(balancer)}
 }}
 """
@@ -89,6 +95,33 @@ def check_script_text(settings: Settings, name: str) -> str:
         "#!/bin/sh\n"
         "# Exit 0 when this balancer's HAProxy accepts a connection on its stats port.\n"
         f"exec /usr/bin/timeout 1 /bin/bash -c '<{target}'\n"
+    )
+
+
+# The states of a connection whose process closed it (or was killed): no process
+# owns it any more, only the kernel, which answers the peer from it.
+CLOSED_STATES = ("fin-wait-1", "fin-wait-2", "closing", "last-ack", "time-wait")
+
+
+def master_script_text(settings: Settings) -> str:
+    """Forget this host's closed connections of the virtual IP when taking it over.
+
+    They are left from when this balancer last held the address: FIN-WAIT-1 for
+    every connection of an HAProxy killed with its host's link down (its FINs were
+    lost), TIME-WAIT for those its HAProxy closed first. Meanwhile their clients
+    reconnected through the other balancer, and client kernels reuse source ports: a
+    live connection can have the 4-tuple of one of them. When the address comes back
+    here, that connection's packets reach the closed one, which answers with an ACK
+    where a reset was due, so the client learns its balancer is gone only from its
+    own timeouts, seconds later (the tail of the kill-balancer-host runs, 2026-12-07;
+    workers' database connections through the address alike). `ss -K` ends them. A
+    connection made through this balancer since it took over is ESTABLISHED: never
+    touched."""
+    states = " ".join(f"state {state}" for state in CLOSED_STATES)
+    return (
+        "#!/bin/sh\n"
+        "# Forget this host's closed connections of the virtual IP (docs/operations.md).\n"
+        f"exec /usr/bin/ss -K -t -n {states} src {settings.vip()} >/dev/null\n"
     )
 
 
@@ -112,6 +145,9 @@ def write_files(settings: Settings, layout: Layout) -> None:
         script = check_script(layout, name)
         script.write_text(check_script_text(settings, name))
         script.chmod(0o755)
+        master = master_script(layout, name)
+        master.write_text(master_script_text(settings))
+        master.chmod(0o755)
 
 
 def _pid_files(layout: Layout, name: str) -> list[Path]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import asyncpg
 
+from app import sockopts
 from app.secrets import read_secrets
 from app.settings import Settings
 
@@ -23,6 +24,28 @@ def dsn(settings: Settings, *, replica: bool = False, role: str = "app") -> str:
     port = settings.db_replica_port if replica else settings.db_primary_port
     password = quote(_password(settings, role), safe="")
     return f"postgresql://{user}:{password}@{settings.db_address()}:{port}/{database}"
+
+
+class Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection that notices a dead peer within `DEAD_PEER_S` seconds.
+
+    Every connection goes through HAProxy, and with many hosts through the balancer
+    holding the virtual IP. When that balancer's host dies, its connections die
+    without a FIN or a reset: a statement on one would wait out ``command_timeout``
+    (and its retry on the next pooled one as long again), a LISTEN would miss every
+    notification, all silently. Keepalive probes after 1 s idle, 2 of them 1 s apart,
+    and TCP_USER_TIMEOUT for data in flight end such a connection in 3 s; the retry
+    connects through the address's new holder. HAProxy's kernel answers the probes
+    while PostgreSQL is only slow (a long commit, a failover behind HAProxy)."""
+
+    def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, transport, *args, **kwargs)
+        sockopts.tcp_keepalive(transport.get_extra_info("socket"), *DEAD_PEER_PROBES)
+
+
+# keepalive idle, interval (s) and probes: a dead peer is noticed in DEAD_PEER_S
+DEAD_PEER_PROBES: Final = (1, 1, 2)
+DEAD_PEER_S: Final = DEAD_PEER_PROBES[0] + DEAD_PEER_PROBES[1] * DEAD_PEER_PROBES[2]
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -55,6 +78,7 @@ async def create_pool(
         command_timeout=settings.db_command_timeout_s,
         server_settings=server_settings,
         reset=_reset,
+        connection_class=Connection,
     )
     assert pool is not None
     return pool

@@ -22,7 +22,7 @@ import asyncpg
 from app.logs import get_logger
 from app.protocol.push import CatchUp, Forward, Kicked, Replaced, parse_push
 from app.settings import Settings
-from app.store.db import dsn
+from app.store.db import Connection, dsn
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog, primary_identity
 from app.store.messages import INBOX_CHANNEL
@@ -71,6 +71,7 @@ class Listener:
                 conn = await asyncpg.connect(
                     dsn(self._settings),
                     timeout=self._settings.db_connect_timeout_s,
+                    connection_class=Connection,
                     server_settings={
                         "application_name": f"switchboard-{self._settings.worker_id}-listener"
                     },

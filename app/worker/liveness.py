@@ -54,7 +54,7 @@ from app.logs import get_logger
 from app.protocol import frames
 from app.settings import Settings
 from app.store import sessions as session_store
-from app.store.db import dsn
+from app.store.db import Connection, dsn
 from app.store.errors import DB_ERRORS
 from app.store.eventlog import EventLog
 from app.store.sessions import Reaped
@@ -109,6 +109,7 @@ class PgLeases:
             self._conn = await asyncpg.connect(
                 dsn(s),
                 timeout=s.db_connect_timeout_s,
+                connection_class=Connection,
                 server_settings={
                     "application_name": session_store.lease_application_name(worker_id)
                 },

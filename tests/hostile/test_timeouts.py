@@ -8,6 +8,7 @@ pings now and then as the SDK does, stays connected and answered throughout.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -210,6 +211,40 @@ def keepalive_timers(port: int) -> list[bool]:
             if state == "01" and int(local.split(":")[1], 16) == port:
                 armed.append(timer.split(":")[0] == "02")
     return armed
+
+
+def keepalive_timers_of(pid: int, remote_port: int) -> list[bool]:
+    """For each established TCP socket of process ``pid`` to ``remote_port``: is its
+    keepalive timer armed?"""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    armed = []
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split()
+            remote, state, timer, inode = fields[2], fields[3], fields[5], fields[9]
+            if state == "01" and inode in inodes and int(remote.split(":")[1], 16) == remote_port:
+                armed.append(timer.split(":")[0] == "02")
+    return armed
+
+
+def test_worker_database_connections_have_tcp_keepalive(tcluster: LocalCluster) -> None:
+    """Each of a worker's connections to the primary port (its pools, the lease
+    renewals, the LISTEN): a balancer that dies without a word must not leave them
+    waiting out a command timeout, or a LISTEN deaf (app/store/db.py, Connection)."""
+    s = tcluster.settings
+    for worker in s.worker_ids():
+        pid = tcluster.pid_of(worker)
+        assert pid is not None
+        armed = keepalive_timers_of(pid, s.db_primary_port)
+        assert len(armed) >= 3 and all(armed), (worker, armed)
 
 
 async def test_client_connections_have_tcp_keepalive(tcluster: LocalCluster) -> None:

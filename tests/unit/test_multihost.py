@@ -114,3 +114,15 @@ def test_keepalived_pair_shares_the_virtual_ip_without_preempting(tmp_path: Path
         assert "10.77.0.10/24 dev eth0" in text and "track_script" in text
     assert "priority 150" in first and "priority 100" in second
     assert "/dev/tcp/10.77.0.12/8404" in keepalived.check_script_text(s, "keepalived2")
+
+
+def test_a_balancer_taking_the_virtual_ip_over_forgets_its_closed_connections(
+    tmp_path: Path,
+) -> None:
+    s, layout = multihost(tmp_path)
+    for name in keepalived.names():
+        script = keepalived.master_script(layout, name)
+        assert f'notify_master "{script}"' in keepalived.config(s, layout, name)
+    text = keepalived.master_script_text(s)
+    assert "ss -K -t -n state fin-wait-1 " in text and "state time-wait src 10.77.0.10" in text
+    assert "established" not in text
