@@ -327,6 +327,13 @@ class Settings:
     tcp_keepalive_idle_s: int = 60
     tcp_keepalive_interval_s: int = 10
     tcp_keepalive_count: int = 3
+    # TCP keepalive from HAProxy to the workers (``srvtcpka``): the clients of a worker
+    # whose host died are cut within idle + interval x count seconds of silence (and
+    # reconnect elsewhere); a stalled worker's kernel answers, and it keeps them. Each
+    # idle connection costs a probe and its answer per idle seconds at the balancer.
+    backend_keepalive_idle_s: int = 5
+    backend_keepalive_interval_s: int = 1
+    backend_keepalive_count: int = 3
     # Per client address (an IPv6 /64), at each HAProxy process: connections open at
     # once, and new connections per conn_rate_period_s. Past either, HAProxy closes a
     # new connection at once, before it reaches a worker.
@@ -416,8 +423,10 @@ class Settings:
             raise SettingsError("auth_timeout_s and idle_timeout_s must be positive")
         if min(self.tcp_keepalive_idle_s, self.tcp_keepalive_interval_s) < 1:
             raise SettingsError("tcp_keepalive_idle_s and _interval_s must be at least 1")
-        if not 1 <= self.tcp_keepalive_count <= 127:
-            raise SettingsError("tcp_keepalive_count must be 1..127")
+        if min(self.backend_keepalive_idle_s, self.backend_keepalive_interval_s) < 1:
+            raise SettingsError("backend_keepalive_idle_s and _interval_s must be at least 1")
+        if not 1 <= self.tcp_keepalive_count <= 127 or not 1 <= self.backend_keepalive_count <= 127:
+            raise SettingsError("tcp_keepalive_count and backend_keepalive_count must be 1..127")
         if min(self.max_conns_per_addr, self.max_conn_rate_per_addr, self.conn_rate_period_s) < 1:
             raise SettingsError(
                 "max_conns_per_addr, max_conn_rate_per_addr and conn_rate_period_s must be positive"
@@ -578,6 +587,13 @@ class Settings:
     def tcp_user_timeout_s(self) -> int:
         """How long sent data may stay unacknowledged: as long as keepalive takes to give up."""
         return self.tcp_keepalive_idle_s + self.tcp_keepalive_interval_s * self.tcp_keepalive_count
+
+    def backend_user_timeout_s(self) -> int:
+        """HAProxy's TCP_USER_TIMEOUT towards the workers: as long as its probes take."""
+        return (
+            self.backend_keepalive_idle_s
+            + self.backend_keepalive_interval_s * self.backend_keepalive_count
+        )
 
     def edge_timeout_s(self) -> float:
         """HAProxy's client and server timeouts: a little over idle_timeout_s, so that the

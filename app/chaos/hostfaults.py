@@ -33,10 +33,9 @@ _HELD: dict[str, contextlib.ExitStack] = {}
 # A host that dies sends no reset: its peers notice at their next keepalive. A dead
 # balancer's clients: TCP keepalive after this many idle seconds (the balancer that
 # took the virtual IP over resets the probe; the SDK's default is none). A dead worker
-# host's clients: their keep-alive ping every this many seconds (HAProxy, alive,
-# answers TCP probes for the dead worker; the SDK's default is 30 s). docs/operations.md.
+# host's clients need nothing of their own: HAProxy's probes towards the workers
+# (backend_keepalive_*) end their connections. docs/operations.md, "Many hosts".
 BALANCER_DEATH_TCP_KEEPALIVE_S = 2.0
-WORKER_DEATH_PING_S = 5.0
 
 
 def processes_on(settings: Settings, host: str) -> list[int]:
@@ -286,7 +285,6 @@ HOST_FAULTS: dict[str, Fault] = {
         _kill_worker_host,
         _host_on,
         expect_dead=1,
-        client_policy=ReconnectPolicy(keepalive_s=WORKER_DEATH_PING_S),
     ),
     "cut-worker-host": Fault(
         "cut-worker-host",

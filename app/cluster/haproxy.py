@@ -43,10 +43,13 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
     # client (a worker refuses it without one). The health and agent checks go to
     # other ports and get none (HAProxy adds it to checks only without `port`).
     agent_inter = _ms(settings.effective_agent_interval_s())
+    # tcp-ut: data a worker's host leaves unacknowledged this long ends the connection
+    # (the template's srvtcpka does it for idle ones).
+    checks = f"agent-inter {agent_inter} tcp-ut {settings.backend_user_timeout_s()}s"
     workers = "\n".join(
         f"    server {wid} {at(wid)}:{settings.worker_port(wid)} send-proxy-v2 check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
-        f"{settings.worker_agent_port(wid)} agent-inter {agent_inter}"
+        f"{settings.worker_agent_port(wid)} {checks}"
         for wid in settings.worker_ids()
     )
     # The same servers for WebSockets, on their worker_ws ports, without a PROXY
@@ -54,7 +57,7 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
     ws_workers = "\n".join(
         f"    server {wid} {at(wid)}:{settings.worker_ws_port(wid)} check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
-        f"{settings.worker_agent_port(wid)} agent-inter {agent_inter}"
+        f"{settings.worker_agent_port(wid)} {checks}"
         for wid in settings.worker_ids()
     )
     db = "\n".join(
@@ -101,6 +104,9 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
         keepalive_idle=f"{settings.tcp_keepalive_idle_s}s",
         keepalive_interval=f"{settings.tcp_keepalive_interval_s}s",
         keepalive_count=settings.tcp_keepalive_count,
+        backend_keepalive_idle=f"{settings.backend_keepalive_idle_s}s",
+        backend_keepalive_interval=f"{settings.backend_keepalive_interval_s}s",
+        backend_keepalive_count=settings.backend_keepalive_count,
         max_conns_per_addr=settings.max_conns_per_addr,
         max_conn_rate_per_addr=settings.max_conn_rate_per_addr,
         conn_rate_period=f"{settings.conn_rate_period_s}s",

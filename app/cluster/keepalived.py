@@ -51,10 +51,10 @@ global_defs {{
     script_user root
     vrrp_version 3
     # A backup that becomes master announces itself with gratuitous ARP: five, 250 ms
-    # apart, again after 1 s, then every second while it is master. A neighbour entry
-    # updated less than `locktime` (1 s) ago ignores an update: a burst sent in one
-    # instant could leave a client's cache pointing at the dead balancer's MAC until the
-    # entry went stale (30-60 s); announcements spread over time reach every cache.
+    # apart, again after 1 s, then every second while it is master: a burst sent in
+    # one instant and lost would leave a neighbour's cache pointing at the dead
+    # balancer's MAC until the entry went stale (30-60 s); spread over time, one of
+    # them gets through.
     vrrp_garp_master_repeat 5
     vrrp_garp_interval 0.25
     vrrp_garp_master_delay 1

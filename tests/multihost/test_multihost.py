@@ -26,7 +26,6 @@ import pytest
 
 from app.chaos.hostfaults import (
     HOST_FAULTS,
-    WORKER_DEATH_PING_S,
     kill_host_processes,
     processes_on,
 )
@@ -160,8 +159,10 @@ def test_the_active_balancer_host_dies(hosts_cluster: LocalCluster) -> None:
 def test_a_worker_host_dies(hosts_cluster: LocalCluster) -> None:
     output = _chaos(hosts_cluster, "kill-worker-host")
     assert "workers declared dead 1 (expected 1)" in output
-    # Its clients notice at their keep-alive ping (no pong), then resume elsewhere.
-    assert _resume_p99(output) <= 2 * WORKER_DEATH_PING_S + 5
+    # HAProxy's probes end its clients' connections (the SDK's defaults: a 30 s ping
+    # would take ~60 s): within idle + the user timeout of the last data either way.
+    s = hosts_cluster.settings
+    assert _resume_p99(output) <= s.backend_keepalive_idle_s + s.backend_user_timeout_s() + 5
 
 
 def test_a_worker_host_cut_off_from_the_database(hosts_cluster: LocalCluster) -> None:

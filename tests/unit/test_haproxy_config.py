@@ -107,6 +107,31 @@ def test_timeouts_keepalive_and_caps_on_the_client_port(tmp_path: Path, which: s
     assert "timeout client 30m" in section(config, "defaults")
 
 
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_keepalive_towards_the_workers_cuts_a_dead_hosts_clients(
+    tmp_path: Path, which: str
+) -> None:
+    """A worker host that died sends no FIN: HAProxy's probes end its connections (8 s)."""
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    for backend in ("backend workers", "backend ws_workers"):
+        text = section(config, backend)
+        for directive in (
+            "option srvtcpka",
+            "srvtcpka-idle 5s",
+            "srvtcpka-intvl 1s",
+            "srvtcpka-cnt 3",
+        ):
+            assert directive in text, (backend, directive)
+        servers = server_lines(text)
+        assert servers and all(
+            line.endswith(" tcp-ut 8s") or " tcp-ut 8s " in line for line in servers
+        )
+    tuned = local_config(tmp_path, backend_keepalive_idle_s=9, backend_keepalive_count=2)
+    assert "srvtcpka-idle 9s" in section(tuned, "backend workers")
+    assert "srvtcpka-cnt 2" in section(tuned, "backend ws_workers")
+    assert "tcp-ut 11s" in section(tuned, "backend ws_workers")
+
+
 def test_settings_reach_the_local_config(tmp_path: Path) -> None:
     config = local_config(
         tmp_path,
