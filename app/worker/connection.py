@@ -73,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline_slot",
         "decoder",
         "inflight_sends",
+        "login_wait_until",
         "parts",
         "peer",
         "session",
@@ -108,6 +109,10 @@ class ClientConnection(asyncio.Protocol):
         # The flood bucket's clock, stamped at every frame: also the idle deadline's.
         self._bucket_at = self.connected_at = time.monotonic()
         self.deadline_slot = NO_SLOT  # timeouts.py's bookkeeping
+        # Until when the server asked this (not yet logged-in) client to wait before it
+        # tries to log in again (an `overloaded` answer): the login deadline counts from
+        # there, not from connecting (timeouts.py).
+        self.login_wait_until = 0.0
         # Sends queued for a group commit and not yet answered (see send_slot).
         self.inflight_sends = 0
         self._send_waiter: asyncio.Future[None] | None = None

@@ -7,6 +7,7 @@ per-op budget (ratelimit.py) first.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,7 +45,7 @@ from app.worker.login import Login
 from app.worker.messaging import Messaging
 from app.worker.ratelimit import OP_CLASSES, OpBudgets
 from app.worker.session import Sessions
-from app.worker.states import Peer, next_session_state, request_event
+from app.worker.states import Peer, SessionState, next_session_state, request_event
 
 Handler = Callable[[Peer, Any], Awaitable[None]]
 
@@ -119,6 +120,16 @@ class Dispatcher:
             await handler(peer, req)
         except Exception as exc:
             frame, fatal = reply_for(exc, req.op, req.rid)
+            if (
+                isinstance(exc, RequestError)
+                and exc.code is ErrorCode.OVERLOADED
+                and peer.state is SessionState.ANONYMOUS
+            ):
+                # Told to wait its turn: it is not the slow client auth_timeout is for.
+                wait = exc.extra.get("retry_after")
+                peer.login_wait_until = time.monotonic() + (
+                    wait if isinstance(wait, float | int) else 0.0
+                )
             peer.write(frame)
             if fatal:
                 peer.close()

@@ -151,6 +151,9 @@ class Peer(Protocol):
 
     # Sends queued for a group commit and not yet answered (connection.py).
     inflight_sends: int
+    # time.monotonic() until which the server told a client that is not logged in yet
+    # to wait (``overloaded``'s retry_after): its login deadline counts from then.
+    login_wait_until: float
 
     async def send_slot(self) -> None: ...
 

@@ -44,6 +44,7 @@ class Timed(Protocol):
     closed: bool
     connected_at: float  # time.monotonic() at connect
     deadline_slot: int  # the wheel's bookkeeping: the slot it sits in, or NO_SLOT
+    login_wait_until: float  # the server told it, not logged in, to wait until then
     peer: str
 
     @property
@@ -111,6 +112,14 @@ class Deadlines:
         if conn.closed:
             return
         if conn.state is SessionState.ANONYMOUS:
+            # A login in flight (queued for admission, hashing) or one the server told
+            # to wait (overloaded) is the server's delay, not the client's: closing it
+            # would turn a queued client into a new connection, the bounce overload
+            # must not cause. Its deadline counts from the end of the wait.
+            deadline = max(conn.connected_at, conn.login_wait_until) + self._auth_s
+            if deadline > now or conn.busy:
+                self._put(conn, max(deadline, now + TICK_S))
+                return
             # Counted in switchboard_errors{code="auth_timeout"}; not logged one by one,
             # since thousands at once are what an attack looks like.
             conn.fail(ErrorCode.AUTH_TIMEOUT, f"not logged in within {self._auth_s:g} s")

@@ -5,6 +5,7 @@ the queue and grows under sustained refusals."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -280,6 +281,23 @@ async def test_retry_after_is_jittered_between_the_minimum_and_the_ceiling() -> 
     waits = {admission.retry_after(Work.RESUME) for _ in range(200)}
     assert len(waits) > 20  # an idle queue: uniform in 0.5..1 s
     assert all(0.5 <= w <= 1.0 for w in waits)
+
+
+async def test_a_client_answered_overloaded_is_told_to_wait_not_timed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refusal moves its login deadline (timeouts.py) past the retry_after it got."""
+    h = Harness(monkeypatch, max_concurrent_registers=1, max_register_queue=1)
+    release = asyncio.Event()
+    holders = [asyncio.create_task(hold(h.admission, Work.REGISTER, release)) for _ in range(2)]
+    await asyncio.sleep(0)
+    peer = h.connect()
+    before = time.monotonic()
+    refused = await h.request(peer, Register(user="dave", password=GOOD_PASSWORD))
+    assert refused[0]["code"] == "overloaded"
+    assert peer.login_wait_until >= before + refused[0]["retry_after"]
+    release.set()
+    await asyncio.gather(*holders)
 
 
 async def test_health_and_metrics_show_queues_and_sheds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ class Conn:
         self.deadline_slot = NO_SLOT
         self.peer = "203.0.113.9:5000"
         self.busy = False
+        self.login_wait_until = 0.0
         self.failed: list[ErrorCode] = []
         self.looked_at = 0
         self._last = clock.now
@@ -84,6 +85,35 @@ def test_no_login_in_time_is_auth_timeout_whatever_was_sent() -> None:
     run_until(deadlines, clock, clock.now + TICK_S + 0.01)
     assert conn.failed == [ErrorCode.AUTH_TIMEOUT]
     assert len(deadlines) == 0
+
+
+def test_a_client_told_to_wait_has_its_login_deadline_from_the_end_of_the_wait() -> None:
+    """Answered `overloaded` (retry_after 4 s) 8 s after connecting: the server's delay,
+    not the client's, so its deadline is 8 + 4 + AUTH_S, not AUTH_S."""
+    clock = Clock()
+    deadlines = wheel(clock)
+    conn = Conn(clock)
+    deadlines.watch(conn)
+    clock.now += 8.0
+    conn.login_wait_until = clock.now + 4.0
+    until = conn.login_wait_until + AUTH_S
+    run_until(deadlines, clock, until - 0.01)
+    assert conn.failed == []
+    run_until(deadlines, clock, until + TICK_S + 0.01)
+    assert conn.failed == [ErrorCode.AUTH_TIMEOUT]
+
+
+def test_a_login_in_flight_is_not_cut_by_the_login_deadline() -> None:
+    clock = Clock()
+    deadlines = wheel(clock)
+    conn = Conn(clock)
+    deadlines.watch(conn)
+    conn.busy = True  # its hello queued for admission, or hashing
+    run_until(deadlines, clock, clock.now + 3 * AUTH_S)
+    assert conn.failed == []
+    conn.busy = False  # answered, and still not logged in
+    run_until(deadlines, clock, clock.now + TICK_S + 0.01)
+    assert conn.failed == [ErrorCode.AUTH_TIMEOUT]
 
 
 def test_a_login_in_time_moves_to_the_idle_deadline() -> None:

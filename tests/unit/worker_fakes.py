@@ -94,6 +94,7 @@ class FakePeer:
         self.frames: list[dict[str, Any]] = []
         self.written_after_close: list[dict[str, Any]] = []
         self.inflight_sends = 0
+        self.login_wait_until = 0.0
         self._max_inflight = max_inflight
 
     @property
