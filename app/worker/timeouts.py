@@ -2,7 +2,10 @@
 
 - A connection that has not logged in (``welcome`` to hello or resume)
   ``auth_timeout_s`` after connecting gets the fatal error ``auth_timeout``.
-  Nothing extends it: not pings, not blank lines, not a register.
+  Nothing the client sends extends it: not pings, not blank lines, not a
+  register. The server's own delays do: a login request still being handled,
+  and an ``overloaded`` answer, after which it counts from the end of the
+  ``retry_after`` the client was given (``login_wait_until``).
 - A logged-in connection that has sent no frame (not even a ping) for
   ``idle_timeout_s`` gets the fatal error ``idle_timeout``; its session is
   detached, so the client can resume it. A connection with a request still
