@@ -96,13 +96,21 @@ async def test_bad_input_over_a_websocket_gets_the_documented_errors(
 
 
 async def test_far_oversize_message_is_closed_with_1009(cluster: LocalCluster) -> None:
-    c = await WsLineClient.connect(cluster.settings.host, cluster.settings.client_ws_port)
-    assert isinstance(c, WsLineClient)
-    await c.ws.send_str("x" * (3 * cluster.settings.max_frame_bytes))
-    msg = await c.ws.receive(timeout=10)
-    assert msg.type is aiohttp.WSMsgType.CLOSE
-    assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
-    await c.close()
+    # Many tries: the client is still sending when the worker closes, and a close
+    # that reset the socket lost the 1009 in a few percent of them (the worker's
+    # lingering close, app/worker/websocket.py).
+    for _ in range(60):
+        c = await WsLineClient.connect(cluster.settings.host, cluster.settings.client_ws_port)
+        assert isinstance(c, WsLineClient)
+        try:
+            await c.ws.send_str("x" * (3 * cluster.settings.max_frame_bytes))
+            msg = await c.ws.receive(timeout=10)
+            assert (msg.type, msg.data) == (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
+            )
+        finally:
+            await c.close()  # a failure here must not leak the session into later tests
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://127.0.0.1:1"])

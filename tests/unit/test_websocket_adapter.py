@@ -14,13 +14,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.protocol import Limits
 from app.worker.connection import ConnectionParts
 from app.worker.edge import Edge
 from app.worker.timeouts import Deadlines
-from app.worker.websocket import make_app, origin_allowed
+from app.worker.websocket import LingeringWebSocketResponse, make_app, origin_allowed
 from tests.unit.worker_fakes import GOOD_PASSWORD, Harness
 
 HAPROXY_HEADERS = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Source-Port": "40123"}
@@ -126,6 +127,13 @@ async def test_far_over_the_limit_aiohttp_closes_with_1009(h: Harness) -> None:
         closed = await ws.receive(timeout=5)
         assert closed.type is aiohttp.WSMsgType.CLOSE
         assert closed.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+def test_the_lingering_close_overrides_aiohttps_own_hook() -> None:
+    # LingeringWebSocketResponse replaces a private aiohttp method; an aiohttp that
+    # renamed it would close at once again, and reset clients still sending.
+    assert callable(vars(web.WebSocketResponse)["_close_transport"])
+    assert "_close_transport" in vars(LingeringWebSocketResponse)
 
 
 async def test_too_many_errors_closes_as_on_tcp(h: Harness) -> None:
