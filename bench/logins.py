@@ -23,26 +23,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+from app.chaos.cpu import cpu_s
 from app.settings import Settings
 
 PASSWORD = "bench password 1234"
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of ``pid`` in seconds (None: the process is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _cpu_by_pid(state_dir: Path) -> dict[int, tuple[str, float]]:
@@ -51,7 +40,7 @@ def _cpu_by_pid(state_dir: Path) -> dict[int, tuple[str, float]]:
     out: dict[int, tuple[str, float]] = {}
     for role, pids in cluster_pids(state_dir).items():
         for pid in pids:
-            cpu = _proc_cpu_s(pid)
+            cpu = cpu_s(pid)
             if cpu is not None:
                 out[pid] = (role, cpu)
     return out

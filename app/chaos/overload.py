@@ -14,6 +14,10 @@ take, while established sessions keep messaging (issue #21).
 Steps 2 and 3 run in a spawned process of their own (on uvloop): at 3x capacity the
 storm's clients are enough work to starve a loop they share with the established
 sessions, and the verdict would then measure the load generator, not the cluster.
+For the same reason capacity and goodput are the logins the workers committed in
+each window (their ``/health`` ``password_logins``, read at its start and end), not
+the welcomes the generator got round to reading; the generator's own count is
+reported beside them.
 
 The verdict holds: no worker declared dead or registered again (fenced) while
 its process lived; no established session dropped (no reconnect, no resume);
@@ -29,6 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing as mp
+import os
 import random
 import signal
 import statistics
@@ -42,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from app.chaos import cpu
 from app.chaos.checker import Ledger, judge
 from app.chaos.runner import PASSWORD, Peer, bounded, db_now, liveness_events, register_user
 from app.cluster.health import http_json
@@ -69,6 +75,7 @@ class OverloadConfig:
 @dataclass(slots=True)
 class _Second:
     logins: int = 0
+    committed: int = 0  # password logins the workers committed (their /health)
     shed: int = 0
     sends: list[float] = field(default_factory=list)
     max_lag_ms: float = 0.0
@@ -96,6 +103,11 @@ class OverloadVerdict:
     offered: int
     offered_per_s: float
     goodput_per_s: float
+    # The same two as the generator counted its welcomes (late when it is starved).
+    client_capacity_per_s: float
+    client_goodput_per_s: float
+    # CPU per committed login, calibration and overload: "machine 3.1 ms (workers ...)".
+    cpu_per_login: tuple[str, str]
     logged_in: int
     shed_answers: int
     errors: dict[str, int]
@@ -138,6 +150,10 @@ class OverloadVerdict:
             f" {self.offered_per_s:.0f}/s; goodput {self.goodput_per_s:.0f}/s"
             f" ({self.goodput_share:.0%}, at least {self.min_goodput:.0%});"
             f" logged in by the end {self.logged_in}/{self.offered}",
+            f"  (committed by the workers; as the generator counted its welcomes: capacity"
+            f" {self.client_capacity_per_s:.0f}/s, goodput {self.client_goodput_per_s:.0f}/s)",
+            f"  CPU per committed login: calibrating {self.cpu_per_login[0]};"
+            f" overloaded {self.cpu_per_login[1]}",
             f"  answered overloaded/rate_limited {self.shed_answers}"
             f" ({self.shed_answers / max(1, self.offered):.2f} per login); other errors"
             f" {dict(self.errors) or 0}",
@@ -158,20 +174,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _storm_process(
-    conn: Connection,
-    host: str,
-    port: int,
-    users: list[str],
-    config: OverloadConfig,
-    t0: float,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class _StormJob:
+    """What the storm's process is given (``t0``: the parent's timeline's start)."""
+
+    host: str
+    port: int
+    users: list[str]
+    config: OverloadConfig
+    t0: float
+    health_urls: list[str]
+
+
+def _storm_process(conn: Connection, job: _StormJob) -> None:
     """The storm's process (spawned by `run_overload`): the results go through ``conn``."""
     import uvloop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        uvloop.run(_storm(conn, host, port, users, config, t0))
+        uvloop.run(_storm(conn, job))
     except Exception as exc:
         conn.send(("failed", repr(exc)))
 
@@ -231,14 +252,74 @@ async def _reply(reader: asyncio.StreamReader, rid: int) -> dict[str, Any]:
             return frame
 
 
-async def _storm(
-    conn: Connection, host: str, port: int, users: list[str], config: OverloadConfig, t0: float
-) -> None:
+async def _healths(urls: list[str], timeout: float) -> list[Any]:
+    """The workers' ``/health`` bodies (None for one that did not answer)."""
+    answers = await asyncio.gather(*(asyncio.to_thread(http_json, u, timeout) for u in urls))
+    return [body for _, body in answers]
+
+
+def _password_logins(healths: list[Any]) -> int | None:
+    """Password logins the workers have committed so far (the sum of their
+    ``password_logins``), or None when one of them did not answer."""
+    counts = [body.get("password_logins") if isinstance(body, dict) else None for body in healths]
+    return sum(c for c in counts if isinstance(c, int)) if None not in counts else None
+
+
+Counts = list[tuple[int, float]]  # each worker's password_logins, and when it said so
+
+
+async def _committed_logins(health_urls: list[str]) -> Counts | None:
+    """Each worker's committed password logins with the time of its report (``at``,
+    the machine's monotonic clock), or None when one of them did not answer."""
+    counts: Counts = []
+    for body in await _healths(health_urls, 5.0):
+        if not isinstance(body, dict):
+            return None
+        count, at = body.get("password_logins"), body.get("at")
+        if not isinstance(count, int) or not isinstance(at, int | float):
+            return None
+        counts.append((count, float(at)))
+    return counts
+
+
+def _committed_rate(before: Counts | None, after: Counts | None) -> float | None:
+    """Logins per second the workers committed between two reads: each worker's count
+    over its own reports' times (a worker that answered late is still exact)."""
+    if before is None or after is None or len(before) != len(after):
+        return None
+    return sum(
+        (c1 - c0) / (a1 - a0) for (c0, a0), (c1, a1) in zip(before, after, strict=True) if a1 > a0
+    )
+
+
+class _Window:
+    """Logins per second over a window, as the workers committed them and as the
+    generator counted its welcomes (the first, unless a worker did not answer)."""
+
+    def __init__(self, storm: _Storm, health_urls: list[str]) -> None:
+        self._storm, self._urls = storm, health_urls
+
+    async def __aenter__(self) -> _Window:
+        self._committed = await _committed_logins(self._urls)
+        self._done = self._storm.done
+        self._started, self._cpu = time.monotonic(), time.process_time()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.seconds = time.monotonic() - self._started
+        self.cpu = (time.process_time() - self._cpu) / self.seconds
+        self.counted = (self._storm.done - self._done) / self.seconds
+        committed = _committed_rate(self._committed, await _committed_logins(self._urls))
+        self.committed = committed if committed is not None else self.counted
+
+
+async def _storm(conn: Connection, job: _StormJob) -> None:
     """Calibrate (closed loop), then overload (open loop at a multiple of it), then wait
     for every offered login, at most ``settle_s``. ``t0`` is the parent's (the monotonic
     clock is the machine's), so the seconds line up with its timeline."""
-    storm = _Storm(t0=t0)
-    names = itertools.cycle(users)
+    host, port, config, health_urls = job.host, job.port, job.config, job.health_urls
+    storm = _Storm(t0=job.t0)
+    names = itertools.cycle(job.users)
     loop = asyncio.get_running_loop()
 
     calibrate_end = time.monotonic() + config.calibrate_s
@@ -247,27 +328,42 @@ async def _storm(
         while time.monotonic() < calibrate_end:
             await _lean_login(host, port, next(names), storm)
 
-    started, cpu = time.monotonic(), time.process_time()
-    await asyncio.gather(*(closed_loop() for _ in range(config.calibrate_concurrency)))
-    capacity = storm.done / (time.monotonic() - started)
-    calibrate_cpu = (time.process_time() - cpu) / (time.monotonic() - started)
+    conn.send(("calibrating",))
+    async with _Window(storm, health_urls) as calibration:
+        await asyncio.gather(*(closed_loop() for _ in range(config.calibrate_concurrency)))
+        conn.send(("calibrated",))  # the parent's CPU mark; the window's last read follows
     shed_before = storm.shed
-    conn.send(("capacity", capacity, calibrate_cpu))
+    conn.send(
+        (
+            "capacity",
+            calibration.committed,
+            calibration.counted,
+            calibration.cpu,
+        )
+    )
 
-    offered_rate = max(1.0, capacity * config.overload_factor)
+    offered_rate = max(1.0, calibration.committed * config.overload_factor)
     logins: list[asyncio.Task[None]] = []
-    done_before = storm.done
-    overload_start, cpu = time.monotonic(), time.process_time()
-    overload_end = overload_start + config.overload_s
-    while (now := time.monotonic()) < overload_end:
-        due = int((now - overload_start) * offered_rate) + 1
-        while len(logins) < due:
-            logins.append(loop.create_task(_lean_login(host, port, next(names), storm)))
-        await asyncio.sleep(0.01)
-    goodput = (storm.done - done_before) / (time.monotonic() - overload_start)
-    overload_cpu = (time.process_time() - cpu) / (time.monotonic() - overload_start)
+    async with _Window(storm, health_urls) as overload:
+        overload_end = time.monotonic() + config.overload_s
+        while (now := time.monotonic()) < overload_end:
+            due = int((now - (overload_end - config.overload_s)) * offered_rate) + 1
+            while len(logins) < due:
+                logins.append(loop.create_task(_lean_login(host, port, next(names), storm)))
+            await asyncio.sleep(0.01)
+        conn.send(("overload_ended",))
     waiting = sum(not t.done() for t in logins)
-    conn.send(("storm_over", len(logins), goodput, waiting, overload_end, overload_cpu))
+    conn.send(
+        (
+            "storm_over",
+            len(logins),
+            overload.committed,
+            overload.counted,
+            waiting,
+            overload_end,
+            overload.cpu,
+        )
+    )
 
     pending = [t for t in logins if not t.done()]
     if pending:
@@ -298,19 +394,18 @@ async def _receive(conn: Connection, kind: str, timeout: float) -> tuple[Any, ..
 
 
 async def _sample_workers(cluster: LocalCluster, storm: _Storm, stop: asyncio.Event) -> None:
-    """Each second: the worst loop lag among the workers, and how many shed load."""
-    s = cluster.settings
+    """Each second: the worst loop lag among the workers, how many shed load, and how
+    many password logins they committed."""
+    urls = _health_urls(cluster)
+    last_committed: int | None = None
     while not stop.is_set():
-        healths = await asyncio.gather(
-            *(
-                asyncio.to_thread(
-                    http_json, f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health"
-                )
-                for w in cluster.worker_names()
-            )
-        )
+        healths = await _healths(urls, 1.0)
         second = storm.second()
-        for _, body in healths:
+        total = _password_logins(healths)
+        if total is not None and last_committed is not None:
+            second.committed += total - last_committed
+        last_committed = total if total is not None else last_committed
+        for body in healths:
             if isinstance(body, dict):
                 lag = body.get("loop_lag_ms")
                 if isinstance(lag, int | float):
@@ -321,12 +416,32 @@ async def _sample_workers(cluster: LocalCluster, storm: _Storm, stop: asyncio.Ev
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
-async def _anyone_shedding(cluster: LocalCluster) -> bool:
+async def _cpu_mark(
+    cluster: LocalCluster, generators: dict[str, list[int]]
+) -> tuple[cpu.CpuMark, int | None]:
+    """The CPU used so far by role, and the password logins committed so far."""
+    counts = await _committed_logins(_health_urls(cluster))
+    return cpu.mark(cluster, generators), sum(c for c, _ in counts) if counts else None
+
+
+def _cpu_per_login(
+    before: tuple[cpu.CpuMark, int | None], after: tuple[cpu.CpuMark, int | None]
+) -> str:
+    if before[1] is None or after[1] is None:
+        return "unknown (a worker did not answer)"
+    return cpu.per_unit_ms(cpu.used(before[0], after[0]), after[1] - before[1])
+
+
+def _health_urls(cluster: LocalCluster) -> list[str]:
     s = cluster.settings
-    for w in cluster.worker_names():
-        _, body = await asyncio.to_thread(
-            http_json, f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health"
-        )
+    return [
+        f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health" for w in cluster.worker_names()
+    ]
+
+
+async def _anyone_shedding(cluster: LocalCluster) -> bool:
+    for url in _health_urls(cluster):
+        _, body = await asyncio.to_thread(http_json, url)
         if not isinstance(body, dict) or body.get("shedding") or not body.get("healthy"):
             return True
     return False
@@ -394,25 +509,37 @@ async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) 
     mine, theirs = ctx.Pipe()
     proc = ctx.Process(
         target=_storm_process,
-        args=(theirs, host, port, storm_users, config, storm.t0),
+        args=(
+            theirs,
+            _StormJob(host, port, storm_users, config, storm.t0, _health_urls(cluster)),
+        ),
         daemon=True,
         name="overload-storm",
     )
     proc.start()
     theirs.close()
     try:
-        capacity, calibrate_cpu = await _receive(mine, "capacity", config.calibrate_s + 60)
+        await _receive(mine, "calibrating", 60)
+        # This process runs the established sessions: a generator too.
+        generators = {"storm": [proc.pid or 0], "established": [os.getpid()]}
+        before = await _cpu_mark(cluster, generators)
+        await _receive(mine, "calibrated", config.calibrate_s + 60)
+        calibrated = await _cpu_mark(cluster, generators)
+        capacity, client_capacity, calibrate_cpu = await _receive(mine, "capacity", 60)
         offered_rate = max(1.0, capacity * config.overload_factor)
         say(
-            f"[overload] capacity {capacity:.0f} logins/s (the storm's process used"
-            f" {calibrate_cpu:.0%} of a core)"
+            f"[overload] capacity {capacity:.0f} logins/s committed ({client_capacity:.0f}/s"
+            f" welcomed as the storm's process counted; it used {calibrate_cpu:.0%} of a core)"
         )
         say(
             f"[overload] offering {offered_rate:.0f} logins/s for {config.overload_s:.0f} s"
             f" ({config.overload_factor:g}x)"
         )
-        offered, goodput, waiting, overload_end, overload_cpu = await _receive(
-            mine, "storm_over", config.overload_s + 60
+        await _receive(mine, "overload_ended", config.overload_s + 60)
+        stormed = await _cpu_mark(cluster, generators)
+        cpu_per_login = (_cpu_per_login(before, calibrated), _cpu_per_login(calibrated, stormed))
+        offered, goodput, client_goodput, waiting, overload_end, overload_cpu = await _receive(
+            mine, "storm_over", 60
         )
         say(
             f"[overload] storm over; {waiting} logins still waiting (the storm's process"
@@ -461,11 +588,13 @@ async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) 
     await bounded(64, [p.stop() for p in peers])
 
     latencies = [ms for sec in storm.seconds.values() for ms in sec.sends]
-    timeline = ["  t(s)  logins  shed  sends  send_p99_ms  worst_lag_ms  shedding_workers"]
+    timeline = [
+        "  t(s)  committed  logins  shed  sends  send_p99_ms  worst_lag_ms  shedding_workers"
+    ]
     for index in sorted(storm.seconds):
         sec = storm.seconds[index]
         timeline.append(
-            f"  {index:4d}  {sec.logins:6d}  {sec.shed:4d}  {len(sec.sends):5d}"
+            f"  {index:4d}  {sec.committed:9d}  {sec.logins:6d}  {sec.shed:4d}  {len(sec.sends):5d}"
             f"  {_percentile(sec.sends, 0.99):11.0f}  {sec.max_lag_ms:12.0f}"
             f"  {sec.shedding_workers:16d}"
         )
@@ -474,6 +603,9 @@ async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) 
         offered=offered,
         offered_per_s=offered_rate,
         goodput_per_s=goodput,
+        client_capacity_per_s=client_capacity,
+        client_goodput_per_s=client_goodput,
+        cpu_per_login=cpu_per_login,
         logged_in=logged_in,
         shed_answers=shed_answers,
         errors=dict(storm.errors),

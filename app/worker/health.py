@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +74,9 @@ def health_report(src: Sources) -> dict[str, object]:
         # Password logins past argon2, and the transactions that opened them (logins.py).
         "password_logins": src.password_logins(),
         "password_login_batches": src.password_login_batches(),
+        # When this report was made (the machine's CLOCK_MONOTONIC, in seconds): a rate
+        # between two reports is exact however late each was answered.
+        "at": round(time.monotonic(), 4),
         "slow_readers": metrics.SLOW_READERS.value,
         "overloaded": src.overloaded(),
         # Admission control by kind of work: requests waiting for a slot now, and
