@@ -207,7 +207,8 @@ async def _lean_login(host: str, port: int, user: str, storm: _Storm) -> None:
     )
     while True:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 60.0)
+            async with asyncio.timeout(60.0):
+                reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             storm.errors[f"connect: {type(exc).__name__}"] += 1
             await asyncio.sleep(random.uniform(0.1, 0.5))
@@ -221,7 +222,7 @@ async def _lean_login(host: str, port: int, user: str, storm: _Storm) -> None:
                     storm.second().logins += 1
                     writer.write(b'{"op":"bye","rid":2}\n')
                     with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-                        await asyncio.wait_for(_reply(reader, 2), 5.0)
+                        await _reply(reader, 2, 5.0)
                     return
                 code = str(reply.get("code"))
                 if code not in SHED_CODES:
@@ -239,10 +240,17 @@ async def _lean_login(host: str, port: int, user: str, storm: _Storm) -> None:
         await asyncio.sleep(random.uniform(0.1, 0.5))
 
 
-async def _reply(reader: asyncio.StreamReader, rid: int) -> dict[str, Any]:
-    """The reply to request ``rid`` (other frames skipped), or a fatal error."""
+async def _reply(reader: asyncio.StreamReader, rid: int, within: float = 60.0) -> dict[str, Any]:
+    """The reply to request ``rid`` (other frames skipped), or a fatal error. (A timeout
+    on the task, not `wait_for`: that wraps each read in a task of its own, and the
+    storm's process reads tens of thousands of replies a second.)"""
+    async with asyncio.timeout(within):
+        return await _reply_now(reader, rid)
+
+
+async def _reply_now(reader: asyncio.StreamReader, rid: int) -> dict[str, Any]:
     while True:
-        line = await asyncio.wait_for(reader.readline(), 60.0)
+        line = await reader.readline()
         if not line:
             raise ConnectionError("the server closed the connection")
         frame = orjson.loads(line)
