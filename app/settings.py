@@ -340,6 +340,14 @@ class Settings:
     max_conns_per_addr: int = 50
     max_conn_rate_per_addr: int = 100
     conn_rate_period_s: int = 10
+    # New client connections per second the balancer accepts in all (TCP, TLS and
+    # WebSocket ports; split evenly over haproxy_processes). 0: no limit. Past it,
+    # new connections wait in the kernel's listen queue (clients retry their SYN)
+    # instead of each costing a connection through HAProxy into a worker that answers
+    # `overloaded`: a login storm queues at the door. It slows a reconnect storm just
+    # as much, so set it above the rate the cluster resumes sessions at
+    # (docs/operations.md, Overload; measured in docs/benchmarks.md).
+    client_accept_rate: int = 0
     # Addresses (or networks) exempt from those caps: the machine's own, where the
     # tests, the benchmarks and the CLI connect from. Other loopback addresses
     # (127.0.0.2, ...) are capped like any host.
@@ -377,6 +385,8 @@ class Settings:
             raise SettingsError("db_nodes must be at least 1")
         if self.haproxy_processes < 1:
             raise SettingsError("haproxy_processes must be at least 1")
+        if self.client_accept_rate < 0:
+            raise SettingsError("client_accept_rate must be 0 (no limit) or positive")
         if not 0 < self.worker_dead_after_s < self.worker_lease_s:
             raise SettingsError("worker_dead_after_s must be positive and below worker_lease_s")
         if self.lease_renew_interval_s * 2 > self.worker_dead_after_s:

@@ -113,7 +113,17 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
         # Entries outlive the rate's period (an entry with open connections never expires).
         conn_table_expire=f"{max(60, 2 * settings.conn_rate_period_s)}s",
         conn_cap_exempt=" ".join(str(net) for net in settings.conn_cap_exempt_networks()),
+        client_accept_rate=_accept_rate(settings),
     )
+
+
+def _accept_rate(settings: Settings) -> str:
+    """The client frontends' ``rate-limit sessions`` line (client_accept_rate, this
+    process's share of it), or nothing."""
+    if not settings.client_accept_rate:
+        return "    # no rate-limit sessions: client_accept_rate is 0"
+    share = -(-settings.client_accept_rate // settings.haproxy_processes)
+    return f"    rate-limit sessions {share}"
 
 
 def _dashboard_tls(settings: Settings, layout: Layout) -> str:

@@ -104,6 +104,8 @@ VALUES = {
     "conn_rate_period": "10s",
     "conn_table_expire": "60s",
     "conn_cap_exempt": "127.0.0.1/32 ::1/128",
+    # client_accept_rate 0, its default: no rate-limit sessions.
+    "client_accept_rate": "    # no rate-limit sessions: client_accept_rate is 0",
 }
 
 # The dashboard reads "show stat" through HAProxy's runtime API; in compose it reaches it

@@ -13,7 +13,7 @@ import pytest
 
 from app.cluster import haproxy, tls
 from app.cluster.layout import Layout
-from app.settings import Settings
+from app.settings import Settings, SettingsError
 from tests.compose_images import compose_image_module
 
 
@@ -170,6 +170,21 @@ def test_haproxy_accepts_the_config(tmp_path: Path, which: str) -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "[WARNING]" not in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_client_accept_rate_is_split_over_the_haproxy_processes(tmp_path: Path) -> None:
+    """client_accept_rate limits new client connections on every client port, each
+    process taking its share; 0 (the default) sets no limit."""
+    assert "rate-limit sessions" not in local_config(tmp_path / "off").replace(
+        "# no rate-limit sessions", ""
+    )
+    s = Settings(state_dir=tmp_path, client_accept_rate=1000, haproxy_processes=3)
+    config = haproxy.render(s, Layout.for_settings(s), s.haproxy_names()[1])
+    for frontend in ("frontend clients", "frontend websockets"):
+        assert "    rate-limit sessions 334\n" in section(config, frontend) + "\n"
+    assert config.count("rate-limit sessions") == 2  # not the database's ports
+    with pytest.raises(SettingsError):
+        Settings(client_accept_rate=-1)
 
 
 def test_check_intervals_stretch_past_four_haproxy_processes(tmp_path: Path) -> None:
