@@ -133,6 +133,11 @@ class Settings:
     # to backoff_max_s, after the one before; one that then stays up healthy_s starts
     # again from no backoff. supervise = false: nothing restarts by itself.
     supervise: bool = True
+    # While the workers refuse password logins or registrations, HAProxy accepts new
+    # client connections at about the rate the workers open sessions, and the rest
+    # wait in the kernel's listen queue (app/cluster/storm_gate.py; run by the
+    # supervisor). Lifted 5 s after the last refusal.
+    storm_gate: bool = True
     supervise_interval_s: float = 1.0
     supervise_backoff_base_s: float = 0.5
     supervise_backoff_max_s: float = 30.0
@@ -345,8 +350,9 @@ class Settings:
     # new connections wait in the kernel's listen queue (clients retry their SYN)
     # instead of each costing a connection through HAProxy into a worker that answers
     # `overloaded`: a login storm queues at the door. It slows a reconnect storm just
-    # as much, so set it above the rate the cluster resumes sessions at
-    # (docs/operations.md, Overload; measured in docs/benchmarks.md).
+    # as much, so set it above the rate the cluster resumes sessions at; storm_gate
+    # limits only while password logins are refused (docs/operations.md, Load
+    # shedding; measured in docs/benchmarks.md).
     client_accept_rate: int = 0
     # Addresses (or networks) exempt from those caps: the machine's own, where the
     # tests, the benchmarks and the CLI connect from. Other loopback addresses

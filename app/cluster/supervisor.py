@@ -18,6 +18,9 @@ What is stopped on purpose stays stopped: a component with a live hold mark
 run/supervisor.lock (app/cluster/runstate.py). Each tick returns a readable
 decision for every component whose situation changed; restarts are logged as
 ``component_restarted`` events and counted in run/restarts.json.
+
+With ``storm_gate`` on, the supervisor's process also runs the storm gate
+(app/cluster/storm_gate.py) in a thread of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from app.cluster.errors import ClusterError
 from app.cluster.launcher import LocalCluster
 from app.cluster.layout import Layout
 from app.cluster.process import PidRecord, read_pidfile
+from app.cluster.storm_gate import StormGateThread
 from app.settings import Settings
 
 log = logs.get_logger("supervisor")
@@ -217,6 +221,8 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if settings.storm_gate:
+        StormGateThread(cluster, stop).start()
     log.info(
         "supervisor_started",
         components=cluster.supervised_names(),
