@@ -522,6 +522,10 @@ class Settings:
     def worker_health_port(self, worker_id: str) -> int:
         return self.worker_health_base_port + _index(worker_id) - 1
 
+    def worker_health_url(self, worker_id: str, path: str = "/health") -> str:
+        """A worker's health server: ``/health`` (or ``path``) at its address."""
+        return f"http://{self.address_of(worker_id)}:{self.worker_health_port(worker_id)}{path}"
+
     def worker_agent_port(self, worker_id: str) -> int:
         return self.worker_agent_base_port + _index(worker_id) - 1
 

@@ -16,18 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.cluster.launcher import LocalCluster
+from app.cluster.process import proc_stat
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(pid: int) -> float | None:
     """utime + stime of ``pid`` (all its threads), in seconds; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    fields = proc_stat(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _descendants(pid: int) -> list[int]:

@@ -245,19 +245,15 @@ async def _reply(reader: asyncio.StreamReader, rid: int, within: float = 60.0) -
     on the task, not `wait_for`: that wraps each read in a task of its own, and the
     storm's process reads tens of thousands of replies a second.)"""
     async with asyncio.timeout(within):
-        return await _reply_now(reader, rid)
-
-
-async def _reply_now(reader: asyncio.StreamReader, rid: int) -> dict[str, Any]:
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("the server closed the connection")
-        frame = orjson.loads(line)
-        if not isinstance(frame, dict):
-            raise ValueError("not a JSON object")
-        if frame.get("rid") == rid or (frame.get("op") == "error" and "rid" not in frame):
-            return frame
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("the server closed the connection")
+            frame = orjson.loads(line)
+            if not isinstance(frame, dict):
+                raise ValueError("not a JSON object")
+            if frame.get("rid") == rid or (frame.get("op") == "error" and "rid" not in frame):
+                return frame
 
 
 async def _healths(urls: list[str], timeout: float) -> list[Any]:
@@ -404,7 +400,7 @@ async def _receive(conn: Connection, kind: str, timeout: float) -> tuple[Any, ..
 async def _sample_workers(cluster: LocalCluster, storm: _Storm, stop: asyncio.Event) -> None:
     """Each second: the worst loop lag among the workers, how many shed load, and how
     many password logins they committed."""
-    urls = _health_urls(cluster)
+    urls = cluster.worker_health_urls()
     last_committed: int | None = None
     while not stop.is_set():
         healths = await _healths(urls, 1.0)
@@ -428,8 +424,8 @@ async def _cpu_mark(
     cluster: LocalCluster, generators: dict[str, list[int]]
 ) -> tuple[cpu.CpuMark, int | None]:
     """The CPU used so far by role, and the password logins committed so far."""
-    counts = await _committed_logins(_health_urls(cluster))
-    return cpu.mark(cluster, generators), sum(c for c, _ in counts) if counts else None
+    committed = _password_logins(await _healths(cluster.worker_health_urls(), 5.0))
+    return cpu.mark(cluster, generators), committed
 
 
 def _cpu_per_login(
@@ -440,15 +436,8 @@ def _cpu_per_login(
     return cpu.per_unit_ms(cpu.used(before[0], after[0]), after[1] - before[1])
 
 
-def _health_urls(cluster: LocalCluster) -> list[str]:
-    s = cluster.settings
-    return [
-        f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health" for w in cluster.worker_names()
-    ]
-
-
 async def _anyone_shedding(cluster: LocalCluster) -> bool:
-    for url in _health_urls(cluster):
+    for url in cluster.worker_health_urls():
         _, body = await asyncio.to_thread(http_json, url)
         if not isinstance(body, dict) or body.get("shedding") or not body.get("healthy"):
             return True
@@ -519,7 +508,7 @@ async def run_overload(cluster: LocalCluster, config: OverloadConfig, say: Say) 
         target=_storm_process,
         args=(
             theirs,
-            _StormJob(host, port, storm_users, config, storm.t0, _health_urls(cluster)),
+            _StormJob(host, port, storm_users, config, storm.t0, cluster.worker_health_urls()),
         ),
         daemon=True,
         name="overload-storm",

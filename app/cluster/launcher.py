@@ -113,6 +113,10 @@ class LocalCluster:
         started with ``--workers 5`` is stopped whole by a plain ``down``."""
         return self._with_pidfiles(self.settings.worker_ids(), r"w(\d+)")
 
+    def worker_health_urls(self) -> list[str]:
+        """The running workers' ``/health`` URLs (`worker_names`)."""
+        return [self.settings.worker_health_url(w) for w in self.worker_names()]
+
     def haproxy_names(self) -> list[str]:
         """The configured HAProxy processes, and any more that a pid file names."""
         return self._with_pidfiles(self.settings.haproxy_names(), r"haproxy(\d*)")
@@ -466,9 +470,7 @@ class LocalCluster:
         return self._launch(wid, [sys.executable, "-m", "app.worker"], env)
 
     def wait_worker(self, wid: str, timeout: float = 20) -> None:
-        url = (
-            f"http://{self.settings.address_of(wid)}:{self.settings.worker_health_port(wid)}/health"
-        )
+        url = self.settings.worker_health_url(wid)
         wait_for(
             f"worker {wid}",
             lambda: (http_json(url)[0] == 200, "health check not passing"),
@@ -736,7 +738,7 @@ class LocalCluster:
             else:
                 at = s.address_of(name)
                 endpoint = f"{at}:{s.worker_port(name)} (health :{s.worker_health_port(name)})"
-                code, body = http_json(f"http://{at}:{s.worker_health_port(name)}/health")
+                code, body = http_json(s.worker_health_url(name))
                 ok = running and code == 200
                 detail = worker_detail(body) if isinstance(body, dict) else "not answering"
             count = restarts[name].count if name in restarts else 0

@@ -61,14 +61,20 @@ class RunAs:
         return result.returncode == 0
 
 
-def proc_start_time(pid: int) -> int | None:
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None once
+    the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name may contain spaces and parentheses: split after the last ')'.
-    rest = stat.rsplit(")", 1)[1].split()
-    if rest[0] == "Z":  # a zombie is as good as gone
+    return stat.rsplit(")", 1)[1].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    rest = proc_stat(pid)
+    if rest is None or rest[0] == "Z":  # a zombie is as good as gone
         return None
     return int(rest[19])
 

@@ -118,14 +118,6 @@ class StormGateThread(threading.Thread):
         self._cluster, self._stop, self._clock = cluster, stop, clock
         self.gate = StormGate(len(cluster.haproxy_names()))
 
-    def _urls(self) -> list[str]:
-        """The running cluster's workers (`up --workers N`), not the settings' default."""
-        s = self._cluster.settings
-        return [
-            f"http://{s.address_of(w)}:{s.worker_health_port(w)}/health"
-            for w in self._cluster.worker_names()
-        ]
-
     def run(self) -> None:
         while not self._stop.wait(1.0):
             try:
@@ -134,7 +126,9 @@ class StormGateThread(threading.Thread):
                 log.warning("storm_gate_failed", error=f"{type(exc).__name__}: {exc}")
 
     def look(self) -> None:
-        healths = [body for _, body in (http_json(url, 0.5) for url in self._urls())]
+        healths = [
+            body for _, body in (http_json(url, 0.5) for url in self._cluster.worker_health_urls())
+        ]
         before = self.gate.limit
         limit = self.gate.observe(reading(healths, self._clock()))
         if limit is None:

@@ -38,8 +38,7 @@ class Control:
         self.http = http
 
     def _worker_url(self, worker_id: str, path: str) -> str:
-        s = self.settings
-        return f"http://{s.address_of(worker_id)}:{s.worker_health_port(worker_id)}{path}"
+        return self.settings.worker_health_url(worker_id, path)
 
     def _patroni_url(self, node: str, path: str) -> str:
         s = self.settings
