@@ -39,7 +39,10 @@ from app.cluster.launcher import LocalCluster
 
 log = logs.get_logger("storm_gate")
 
-HEADROOM = 1.25  # admitted connections per committed login while engaged
+# Admitted connections per committed login while engaged: each one past the rate the
+# workers commit is a refusal, a retry and an arrival again (1.25 refused 0.55-0.59
+# per login, 1.1 0.26-0.54; docs/benchmarks.md, Queue at the door).
+HEADROOM = 1.1
 FLOOR = 20  # new connections a second each HAProxy process admits at least
 CALM_S = 5.0  # the limit is lifted this long after the last refused login
 _WEIGHT = 0.5  # of each new second in the committed rate's moving average
@@ -78,6 +81,11 @@ class StormGate:
         self._rate = 0.0  # sessions opened per second, moving average
         self._shed_at = -math.inf
 
+    def _share(self) -> int:
+        """Each HAProxy process's share of ``HEADROOM`` x the committed rate (rounded
+        to the millionth first, so 1.1 x 600 / 2 is 330, not 331)."""
+        return math.ceil(round(HEADROOM * self._rate / self.processes, 6))
+
     def observe(self, now: Reading | None) -> int | None:
         """The per-process limit to set now, or None to leave it as it is."""
         if now is None:
@@ -89,13 +97,13 @@ class StormGate:
         self._rate = served if self._rate == 0 else _WEIGHT * served + (1 - _WEIGHT) * self._rate
         if now.shed > last.shed:
             self._shed_at = now.at
-            limit = max(FLOOR, math.ceil(HEADROOM * self._rate / self.processes))
+            limit = max(FLOOR, self._share())
         elif self.limit and now.at - self._shed_at >= CALM_S:
             limit = 0
         elif self.limit:
             # Engaged and calm so far: follow the committed rate up, never down (a
             # quieter second is not a reason to admit fewer).
-            limit = max(self.limit, math.ceil(HEADROOM * self._rate / self.processes))
+            limit = max(self.limit, self._share())
         else:
             return None
         changed = limit != self.limit
