@@ -33,7 +33,10 @@ Also when the clients saw the drop, and the SYNs the kernel dropped at a full li
 queue during the storm (TcpExt ListenDrops: such a client's connect is retried after
 1 s, then 2, 4, ... s). Then a per-second timeline of the storm (connects, resumes,
 ``overloaded``) as a table, and as a PNG plot (``--plot``; needs matplotlib:
-``pip install -e .[bench]``).
+``pip install -e .[bench]``); and one of the logins before it (logins, resumes,
+``overloaded`` and drops a second, the sessions held as the clients and the workers
+count them, the workers' worst event-loop lag from their ``/health``) as a table, a
+CSV and a PNG beside the storm's.
 """
 
 from __future__ import annotations
@@ -41,19 +44,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import re
 import secrets
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from app.cluster.health import http_json
 from app.settings import Settings
 from bench._common import cluster_pids, own_cluster
 from bench._sessions import (
@@ -74,6 +81,9 @@ HOLD_S = 10.0  # the window in which the held sessions' CPU is measured
 class Cluster:
     settings: Settings  # enough of them for the database's address and the ports
     state_dir: Path
+    # The workers' /health (the login timeline's server columns); unknown for a
+    # cluster given by --state-dir, whose worker ports the benchmark does not read.
+    health_urls: list[str] = field(default_factory=list)
 
     def worker_pid(self, worker: str) -> int | None:
         try:
@@ -128,7 +138,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
         }
     settings = base.replace(**chosen.overrides(), **ports)
     with own_cluster(settings) as cluster:
-        yield Cluster(settings, cluster.layout.root)
+        yield Cluster(settings, cluster.layout.root, cluster.worker_health_urls())
 
 
 # ---- measurements ------------------------------------------------------------------------
@@ -279,6 +289,82 @@ def _percentile(values: list[float], q: float) -> float:
 # ---- the run -----------------------------------------------------------------------------
 
 
+class _HealthSampler(threading.Thread):
+    """About once a second, every worker's ``/health``: the worst event-loop lag among
+    them (each reports the worst of its last 10-20 s) and the sessions they hold."""
+
+    def __init__(self, urls: list[str]) -> None:
+        super().__init__(name="health-sampler", daemon=True)
+        self._urls = urls
+        self._done = threading.Event()
+        # (wall time, worst loop lag in ms, sessions held; None where a worker did not answer)
+        self.samples: list[tuple[float, float | None, int | None]] = []
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            while not self._done.wait(1.0):
+                bodies = [b for _, b in pool.map(lambda u: http_json(u, 0.8), self._urls)]
+                answered = [b for b in bodies if isinstance(b, dict)]
+                lags = [float(b.get("loop_lag_ms") or 0.0) for b in answered]
+                held = sum(int(b.get("sessions") or 0) for b in answered)
+                self.samples.append(
+                    (
+                        time.time(),
+                        max(lags) if lags else None,
+                        held if len(answered) == len(bodies) else None,
+                    )
+                )
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSecond:
+    """One second of the logins (second s is (s-1, s] from their start)."""
+
+    second: int
+    logins: int
+    resumes: int
+    overloaded: int
+    drops: int
+    online: int  # sessions the generators held at the second's end
+    server_sessions: int | None  # sessions the workers held (/health, sampled once a second)
+    worst_lag_ms: float | None  # the workers' worst event-loop lag (their /health)
+
+
+def _login_timeline(
+    fleet: Fleet,
+    origin: float,
+    seconds: int,
+    online: dict[int, int],
+    samples: list[tuple[float, float | None, int | None]],
+) -> list[LoginSecond]:
+    counts = fleet.per_second(origin)
+    server: dict[int, tuple[float | None, int | None]] = {}
+    for at, lag, held in samples:  # the second's last sample
+        server[int(at - origin) + 1] = (lag, held)
+    rows, last_online = [], 0
+    for second in range(1, seconds + 1):
+        c = counts.get(second, {})
+        last_online = online.get(second, last_online)
+        lag, held = server.get(second, (None, None))
+        rows.append(
+            LoginSecond(
+                second,
+                c.get("logins", 0),
+                c.get("resumes", 0),
+                c.get("overloaded", 0),
+                c.get("drops", 0),
+                last_online,
+                held,
+                lag,
+            )
+        )
+    return rows
+
+
 @dataclass
 class Result:
     sessions: int
@@ -313,6 +399,7 @@ class Result:
     # before their welcome, resumes, overloaded)
     timeline: list[tuple[int, int, int, int, int, int]]
     unresumed: int
+    login_timeline: list[LoginSecond] = field(default_factory=list)
 
 
 def run(args: argparse.Namespace, cluster: Cluster) -> Result:
@@ -358,11 +445,15 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
     with Fleet(configs) as fleet:
         gen_pids = [p.pid for p in fleet._procs if p.pid is not None]
         mark = _cpu_mark(cluster, gen_pids)
-        started = time.monotonic()
+        started, login_origin = time.monotonic(), time.time()
+        sampler = _HealthSampler(cluster.health_urls)
+        sampler.start()
+        online: dict[int, int] = {}  # the generators' sessions at each second's end
         deadline = started + args.login_timeout
         last_bar = 0.0
         while not fleet.all_ready():
             fleet.poll(0.2)
+            online[int(time.time() - login_origin) + 1] = fleet.sessions_online()
             if time.monotonic() - last_bar > 0.5:
                 last_bar = time.monotonic()
                 _bar(
@@ -380,6 +471,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
                 raise SystemExit(f"\nlogins not done after {args.login_timeout:.0f} s")
         login_s = time.monotonic() - started
         cpu_login = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
+        sampler.stop()
         net_storm = _softnet()
         _bar("logins ", fleet.totals["logins"], n, started, "done")
         sys.stderr.write("\n")
@@ -439,6 +531,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         while time.monotonic() < tail:
             fleet.poll(0.2)
         fleet.stop()
+    login_timeline = _login_timeline(fleet, login_origin, int(login_s) + 1, online, sampler.samples)
     resumed = [
         (dropped - killed_at, welcome - killed_at)
         for report in fleet.reports.values()
@@ -491,6 +584,7 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         rows_after=rows_after,
         timeline=timeline,
         unresumed=n - sum(r["online"] for r in fleet.reports.values()),
+        login_timeline=login_timeline,
     )
 
 
@@ -569,6 +663,7 @@ def report(r: Result) -> str:
         f"rows left on {r.victim}: {left[0] + left[1] if left else 0}; rows per worker now: "
         + ", ".join(f"{w} {a:,}/{d:,}" for w, (a, d) in r.rows_after.items())
     )
+    lines += _login_table(r.login_timeline)
     lines.append("storm timeline (per second; second s is (s-1, s] from the kill):")
     lines.append(
         f"{'s':>5} {'drops':>7} {'connects':>9} {'failed':>7} {'resumes':>9} {'overloaded':>11}"
@@ -577,6 +672,90 @@ def report(r: Result) -> str:
         f"{t:>5} {d:>7,} {c:>9,} {f:>7,} {res:>9,} {o:>11,}" for t, d, c, f, res, o in r.timeline
     ]
     return "\n".join(lines)
+
+
+def _login_table(rows: list[LoginSecond], at_most: int = 40) -> list[str]:
+    """The login timeline in at most ``at_most`` rows of equal spans (sums of the
+    counts; sessions at the span's end; the worst lag in it)."""
+    if not rows:
+        return []
+    span = max(1, math.ceil(len(rows) / at_most))
+    lines = [
+        f"login timeline ({span} s a row; per second within it; lag: the workers' worst,"
+        " each the worst of its last 10-20 s):",
+        f"{'s':>6} {'logins/s':>9} {'resumes/s':>10} {'overl./s':>9} {'drops/s':>8}"
+        f" {'online':>9} {'held':>9} {'lag ms':>8}",
+    ]
+    for i in range(0, len(rows), span):
+        part = rows[i : i + span]
+        end, n = part[-1], len(part)
+        lags = [x.worst_lag_ms for x in part if x.worst_lag_ms is not None]
+        held = "-" if end.server_sessions is None else f"{end.server_sessions:,}"
+        lines.append(
+            f"{end.second:>6} {sum(x.logins for x in part) / n:>9,.0f}"
+            f" {sum(x.resumes for x in part) / n:>10,.0f}"
+            f" {sum(x.overloaded for x in part) / n:>9,.0f}"
+            f" {sum(x.drops for x in part) / n:>8,.0f} {end.online:>9,} {held:>9}"
+            f" {(f'{max(lags):,.0f}' if lags else '-'):>8}"
+        )
+    return lines
+
+
+def write_login_csv(r: Result, path: Path) -> str:
+    fields = ("second", "logins", "resumes", "overloaded", "drops", "online")
+    lines = [",".join((*fields, "server_sessions", "worst_lag_ms"))]
+    for x in r.login_timeline:
+        held = "" if x.server_sessions is None else str(x.server_sessions)
+        lag = "" if x.worst_lag_ms is None else f"{x.worst_lag_ms:.1f}"
+        lines.append(",".join([*(str(getattr(x, f)) for f in fields), held, lag]))
+    path.write_text("\n".join(lines) + "\n")
+    return f"login timeline, per second: {path}"
+
+
+def plot_logins(r: Result, path: Path) -> str:
+    """Logins, resumes, refusals and drops a second; the sessions held and the workers'
+    worst event-loop lag beneath."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+    rows = r.login_timeline
+    seconds = [x.second for x in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    for name, label in (
+        ("logins", "logins/s"),
+        ("resumes", "resumes/s"),
+        ("overloaded", "overloaded/s"),
+        ("drops", "drops seen/s"),
+    ):
+        top.step(seconds, [getattr(x, name) for x in rows], where="pre", label=label, lw=0.8)
+    top.set_ylabel("per second")
+    top.set_title(f"Logins: {r.logins:,} sessions in {r.login_s:,.0f} s")
+    top.legend(loc="upper right")
+    top.grid(alpha=0.3)
+    bottom.plot(seconds, [x.online for x in rows], label="sessions held (clients)")
+    held = [(x.second, x.server_sessions) for x in rows if x.server_sessions is not None]
+    if held:
+        bottom.plot(*zip(*held, strict=True), label="sessions held (workers)", ls="--")
+    bottom.set_ylabel("sessions")
+    bottom.set_xlabel("seconds from the first login")
+    bottom.grid(alpha=0.3)
+    lag = bottom.twinx()
+    lags = [(x.second, x.worst_lag_ms) for x in rows if x.worst_lag_ms is not None]
+    if lags:
+        lag.plot(*zip(*lags, strict=True), color="tab:red", lw=0.8, label="worst loop lag")
+    lag.set_ylabel("workers' worst event-loop lag (ms)")
+    lag.set_ylim(bottom=0)
+    handles = bottom.get_legend_handles_labels()
+    extra = lag.get_legend_handles_labels()
+    bottom.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"login timeline plot: {path}"
 
 
 def plot(r: Result, path: Path) -> str:
@@ -628,7 +807,12 @@ def main() -> None:
     )
     parser.add_argument("--login-timeout", type=float, default=1800.0)
     parser.add_argument("--resume-timeout", type=float, default=120.0)
-    parser.add_argument("--plot", type=Path, help="PNG (default connections-N.png here)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="the storm's PNG (default connections-N.png here); the login timeline goes"
+        " beside it as NAME-logins.png and NAME-logins.csv",
+    )
     parser.add_argument(
         "--state-dir", type=Path, help="a running cluster (see above for its settings)"
     )
@@ -645,7 +829,12 @@ def main() -> None:
     with _cluster(args) as cluster:
         result = run(args, cluster)
     print(report(result), flush=True)
-    print(plot(result, args.plot or Path(f"connections-{args.sessions}.png")), flush=True)
+    path = args.plot or Path(f"connections-{args.sessions}.png")
+    print(plot(result, path), flush=True)
+    if result.login_timeline:
+        logins = path.with_name(f"{path.stem}-logins")
+        print(write_login_csv(result, logins.with_suffix(".csv")), flush=True)
+        print(plot_logins(result, logins.with_suffix(".png")), flush=True)
 
 
 if __name__ == "__main__":
