@@ -332,10 +332,16 @@ class Settings:
     tcp_keepalive_idle_s: int = 60
     tcp_keepalive_interval_s: int = 10
     tcp_keepalive_count: int = 3
-    # TCP keepalive from HAProxy to the workers (``srvtcpka``): the clients of a worker
-    # whose host died are cut within idle + interval x count seconds of silence (and
-    # reconnect elsewhere); a stalled worker's kernel answers, and it keeps them. Each
-    # idle connection costs a probe and its answer per idle seconds at the balancer.
+    # TCP keepalive from HAProxy to the workers (``srvtcpka``, and tcp-ut on each
+    # server): the clients of a worker whose host died are cut within idle + interval x
+    # count seconds of silence (and reconnect elsewhere). Only where a worker's host can
+    # vanish: always with hosts_net, elsewhere when backend_keepalive is set. On one
+    # host a dead worker's kernel closes its connections at once, and the probes cost:
+    # one and its answer per idle connection per idle seconds, through the same
+    # softirq as everything else. At 60,000 sessions on 2 cores, a worker's kill -9
+    # with them on dropped 15,875 sessions of live workers as well (the ACKs came
+    # later than the 8 s tcp-ut under the storm); 0 without (docs/benchmarks.md).
+    backend_keepalive: bool = False
     backend_keepalive_idle_s: int = 5
     backend_keepalive_interval_s: int = 1
     backend_keepalive_count: int = 3
@@ -607,6 +613,10 @@ class Settings:
     def tcp_user_timeout_s(self) -> int:
         """How long sent data may stay unacknowledged: as long as keepalive takes to give up."""
         return self.tcp_keepalive_idle_s + self.tcp_keepalive_interval_s * self.tcp_keepalive_count
+
+    def backend_keepalive_on(self) -> bool:
+        """Probes and tcp-ut towards the workers: with workers on other hosts only."""
+        return self.backend_keepalive or self.multihost()
 
     def backend_user_timeout_s(self) -> int:
         """HAProxy's TCP_USER_TIMEOUT towards the workers: as long as its probes take."""

@@ -500,7 +500,10 @@ class Fleet:
 
     def poll(self, timeout: float = 0.2) -> None:
         """Take in what the processes reported (waits at most ``timeout``)."""
-        for pipe in wait(self._pipes, timeout):
+        pipes = [p for p in self._pipes if not isinstance(p, _Closed)]
+        if not pipes:
+            time.sleep(timeout)
+        for pipe in wait(pipes, timeout) if pipes else []:
             index = self._pipes.index(pipe)  # type: ignore[arg-type]
             try:
                 while pipe.poll():  # type: ignore[union-attr]
@@ -560,7 +563,8 @@ class Fleet:
 
 
 class _Closed:
-    """Stands in for a pipe whose process has gone (``wait`` skips closed pipes)."""
+    """Stands in for a pipe whose process has gone (`Fleet.poll` waits on the others:
+    ``wait`` refuses a closed descriptor)."""
 
     def fileno(self) -> int:
         return -1

@@ -44,8 +44,10 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
     # other ports and get none (HAProxy adds it to checks only without `port`).
     agent_inter = _ms(settings.effective_agent_interval_s())
     # tcp-ut: data a worker's host leaves unacknowledged this long ends the connection
-    # (the template's srvtcpka does it for idle ones).
-    checks = f"agent-inter {agent_inter} tcp-ut {settings.backend_user_timeout_s()}s"
+    # (the template's srvtcpka does it for idle ones); with workers on other hosts only.
+    checks = f"agent-inter {agent_inter}"
+    if settings.backend_keepalive_on():
+        checks += f" tcp-ut {settings.backend_user_timeout_s()}s"
     workers = "\n".join(
         f"    server {wid} {at(wid)}:{settings.worker_port(wid)} send-proxy-v2 check port "
         f"{settings.worker_health_port(wid)} agent-check agent-port "
@@ -104,9 +106,7 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
         keepalive_idle=f"{settings.tcp_keepalive_idle_s}s",
         keepalive_interval=f"{settings.tcp_keepalive_interval_s}s",
         keepalive_count=settings.tcp_keepalive_count,
-        backend_keepalive_idle=f"{settings.backend_keepalive_idle_s}s",
-        backend_keepalive_interval=f"{settings.backend_keepalive_interval_s}s",
-        backend_keepalive_count=settings.backend_keepalive_count,
+        backend_keepalive=backend_keepalive(settings),
         max_conns_per_addr=settings.max_conns_per_addr,
         max_conn_rate_per_addr=settings.max_conn_rate_per_addr,
         conn_rate_period=f"{settings.conn_rate_period_s}s",
@@ -114,6 +114,19 @@ def _render(settings: Settings, layout: Layout, name: str) -> str:
         conn_table_expire=f"{max(60, 2 * settings.conn_rate_period_s)}s",
         conn_cap_exempt=" ".join(str(net) for net in settings.conn_cap_exempt_networks()),
         client_accept_rate=_accept_rate(settings),
+    )
+
+
+def backend_keepalive(settings: Settings) -> str:
+    """The workers' backends' keepalive lines (``srvtcpka``), or a comment saying why
+    there are none."""
+    if not settings.backend_keepalive_on():
+        return "    # no srvtcpka: the workers share this host (backend_keepalive off)"
+    return (
+        "    option srvtcpka\n"
+        f"    srvtcpka-idle {settings.backend_keepalive_idle_s}s\n"
+        f"    srvtcpka-intvl {settings.backend_keepalive_interval_s}s\n"
+        f"    srvtcpka-cnt {settings.backend_keepalive_count}"
     )
 
 

@@ -90,10 +90,9 @@ VALUES = {
     "keepalive_idle": "60s",
     "keepalive_interval": "10s",
     "keepalive_count": 3,
-    # backend_keepalive_*: probes towards the workers (a dead worker host's clients cut).
-    "backend_keepalive_idle": "5s",
-    "backend_keepalive_interval": "1s",
-    "backend_keepalive_count": 3,
+    # backend_keepalive off, its default on one host: a dead worker container's kernel
+    # closes its connections; no probes (app/cluster/haproxy.py, backend_keepalive).
+    "backend_keepalive": "    # no srvtcpka: the workers share this host (backend_keepalive off)",
     # Connection caps per client address (max_conns_per_addr, max_conn_rate_per_addr per
     # conn_rate_period_s; the table expiry as app/cluster/haproxy.py derives it). Exempt:
     # the container's own loopback only. Clients on other machines keep their address
@@ -123,20 +122,16 @@ def fix_servers(text: str) -> str:
     )
 
 
-# backend_keepalive_* summed, as Settings.backend_user_timeout_s(): on each server line.
-BACKEND_TCP_USER_TIMEOUT = "8s"
-
-
 def render(template: str) -> str:
     workers = (
         f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_PORT} send-proxy-v2 check port "
         f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
-        f"tcp-ut {BACKEND_TCP_USER_TIMEOUT} {DNS} init-addr none"
+        f"{DNS} init-addr none"
     )
     ws_workers = (
         f"    server-template w 1-{WORKER_SLOTS} worker:{WORKER_WS_PORT} check port "
         f"{WORKER_HEALTH_PORT} agent-check agent-port {WORKER_AGENT_PORT} agent-inter 1000ms "
-        f"tcp-ut {BACKEND_TCP_USER_TIMEOUT} {DNS} init-addr none"
+        f"{DNS} init-addr none"
     )
     db = "\n".join(
         f"    server {node} {node}:{PG_PORT} check port {PATRONI_REST_PORT} {DNS} init-addr none"

@@ -107,29 +107,40 @@ def test_timeouts_keepalive_and_caps_on_the_client_port(tmp_path: Path, which: s
     assert "timeout client 30m" in section(config, "defaults")
 
 
-@pytest.mark.parametrize("which", ["local", "compose"])
+KEEPALIVE = ("option srvtcpka", "srvtcpka-idle 5s", "srvtcpka-intvl 1s", "srvtcpka-cnt 3")
+
+
+@pytest.mark.parametrize("how", [{"backend_keepalive": True}, {"hosts_net": "10.77.0.0/24"}])
 def test_keepalive_towards_the_workers_cuts_a_dead_hosts_clients(
-    tmp_path: Path, which: str
+    tmp_path: Path, how: dict[str, object]
 ) -> None:
-    """A worker host that died sends no FIN: HAProxy's probes end its connections (8 s)."""
-    config = local_config(tmp_path) if which == "local" else compose_config()
+    """A worker host that died sends no FIN: HAProxy's probes end its connections (8 s),
+    where workers run on other hosts (hosts_net) or backend_keepalive says so."""
+    config = local_config(tmp_path, **how)
     for backend in ("backend workers", "backend ws_workers"):
         text = section(config, backend)
-        for directive in (
-            "option srvtcpka",
-            "srvtcpka-idle 5s",
-            "srvtcpka-intvl 1s",
-            "srvtcpka-cnt 3",
-        ):
+        for directive in KEEPALIVE:
             assert directive in text, (backend, directive)
         servers = server_lines(text)
         assert servers and all(
             line.endswith(" tcp-ut 8s") or " tcp-ut 8s " in line for line in servers
         )
-    tuned = local_config(tmp_path, backend_keepalive_idle_s=9, backend_keepalive_count=2)
+    tuned = local_config(tmp_path, backend_keepalive_idle_s=9, backend_keepalive_count=2, **how)
     assert "srvtcpka-idle 9s" in section(tuned, "backend workers")
     assert "srvtcpka-cnt 2" in section(tuned, "backend ws_workers")
     assert "tcp-ut 11s" in section(tuned, "backend ws_workers")
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_no_probes_towards_workers_on_the_same_host(tmp_path: Path, which: str) -> None:
+    """On one host a dead worker's kernel closes its connections; probes would only add
+    a packet and its answer per idle connection every 5 s (and, past tcp-ut, drop live
+    workers' clients when the box is too busy to answer in time)."""
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    for backend in ("backend workers", "backend ws_workers"):
+        text = section(config, backend)
+        assert "srvtcpka" not in text.replace("no srvtcpka", ""), backend
+        assert not any("tcp-ut" in line for line in server_lines(text)), backend
 
 
 def test_settings_reach_the_local_config(tmp_path: Path) -> None:
