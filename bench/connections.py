@@ -57,6 +57,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -315,7 +316,11 @@ class _HealthSampler(threading.Thread):
                     )
                 )
 
-    def stop(self) -> None:
+    def __enter__(self) -> _HealthSampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self._done.set()
         self.join(timeout=10)
 
@@ -402,6 +407,38 @@ class Result:
     login_timeline: list[LoginSecond] = field(default_factory=list)
 
 
+def _await_logins(
+    fleet: Fleet,
+    n: int,
+    started: float,
+    origin: float,
+    online: dict[int, int],
+    timeout: float,
+) -> None:
+    """Until every generator has logged its sessions in (at most ``timeout`` from
+    ``started``), with a progress bar; ``online`` gets the generators' sessions at each
+    second's end (from ``origin``, wall clock)."""
+    deadline, last_bar = started + timeout, 0.0
+    while not fleet.all_ready():
+        fleet.poll(0.2)
+        online[int(time.time() - origin) + 1] = fleet.sessions_online()
+        if time.monotonic() - last_bar > 0.5:
+            last_bar = time.monotonic()
+            _bar(
+                "logins ",
+                fleet.totals["logins"],
+                n,
+                started,
+                f"overloaded {fleet.totals['overloaded']:,} drops {fleet.totals['drops']:,}"
+                f" idle {fleet.totals['idle_timeouts']:,}"
+                f" ({fleet.totals['idle_after_ping']:,} pinged)"
+                f" lag {fleet.totals['lag_ms'] / 1000:,.0f} s"
+                f" online {fleet.sessions_online():,}",
+            )
+        if time.monotonic() > deadline:
+            raise SystemExit(f"\nlogins not done after {timeout:.0f} s")
+
+
 def run(args: argparse.Namespace, cluster: Cluster) -> Result:
     s = cluster.settings
     n = args.sessions
@@ -446,32 +483,11 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         gen_pids = [p.pid for p in fleet._procs if p.pid is not None]
         mark = _cpu_mark(cluster, gen_pids)
         started, login_origin = time.monotonic(), time.time()
-        sampler = _HealthSampler(cluster.health_urls)
-        sampler.start()
         online: dict[int, int] = {}  # the generators' sessions at each second's end
-        deadline = started + args.login_timeout
-        last_bar = 0.0
-        while not fleet.all_ready():
-            fleet.poll(0.2)
-            online[int(time.time() - login_origin) + 1] = fleet.sessions_online()
-            if time.monotonic() - last_bar > 0.5:
-                last_bar = time.monotonic()
-                _bar(
-                    "logins ",
-                    fleet.totals["logins"],
-                    n,
-                    started,
-                    f"overloaded {fleet.totals['overloaded']:,} drops {fleet.totals['drops']:,}"
-                    f" idle {fleet.totals['idle_timeouts']:,}"
-                    f" ({fleet.totals['idle_after_ping']:,} pinged)"
-                    f" lag {fleet.totals['lag_ms'] / 1000:,.0f} s"
-                    f" online {fleet.sessions_online():,}",
-                )
-            if time.monotonic() > deadline:
-                raise SystemExit(f"\nlogins not done after {args.login_timeout:.0f} s")
-        login_s = time.monotonic() - started
-        cpu_login = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
-        sampler.stop()
+        with _HealthSampler(cluster.health_urls) as sampler:
+            _await_logins(fleet, n, started, login_origin, online, args.login_timeout)
+            login_s = time.monotonic() - started
+            cpu_login = _cpu_used(mark, _cpu_mark(cluster, gen_pids))
         net_storm = _softnet()
         _bar("logins ", fleet.totals["logins"], n, started, "done")
         sys.stderr.write("\n")
@@ -712,16 +728,27 @@ def write_login_csv(r: Result, path: Path) -> str:
     return f"login timeline, per second: {path}"
 
 
-def plot_logins(r: Result, path: Path) -> str:
-    """Logins, resumes, refusals and drops a second; the sessions held and the workers'
-    worst event-loop lag beneath."""
+NO_MATPLOTLIB = "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only; None when it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+        return None
+    return plt
+
+
+def plot_logins(r: Result, path: Path) -> str:
+    """Logins, resumes, refusals and drops a second; the sessions held and the workers'
+    worst event-loop lag beneath."""
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     rows = r.login_timeline
     seconds = [x.second for x in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
@@ -759,13 +786,9 @@ def plot_logins(r: Result, path: Path) -> str:
 
 
 def plot(r: Result, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     seconds = [t for t, *_ in r.timeline]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     # Each count is of the second that ends at its mark.
