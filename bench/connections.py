@@ -114,6 +114,8 @@ def _running(state_dir: Path) -> Cluster:
 @contextlib.contextmanager
 def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
     if args.state_dir is not None:
+        if args.workers is not None:
+            raise SystemExit("--workers sizes a cluster of its own, not one given by --state-dir")
         yield _running(args.state_dir)
         return
     from app.cluster.capacity import Machine, plan
@@ -130,14 +132,23 @@ def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
     print(chosen.explain(), flush=True)
     # A port block has room for 10 workers: more get blocks of their own.
     ports = {}
-    if chosen.workers > 10:
+    if max(chosen.workers, args.workers or 0) > 10:
         ports = {
             "worker_base_port": free_port_block(),
             "worker_health_base_port": free_port_block(),
             "worker_agent_base_port": free_port_block(),
             "worker_ws_base_port": free_port_block(),
         }
-    settings = base.replace(**chosen.overrides(), **ports)
+    chosen_overrides = chosen.overrides()
+    if args.workers is not None:
+        # The plan keeps one worker spare; --workers fixes the count (issue #16's kill of
+        # 1/8: --workers 8), each then sized to hold its share of a dead worker's.
+        if args.workers < 2:
+            raise SystemExit("--workers wants at least 2 (one is killed)")
+        share = math.ceil(args.sessions / (args.workers - 1) / 100) * 100
+        chosen_overrides |= {"workers": args.workers, "worker_max_sessions": share}
+        print(f"--workers {args.workers}: worker_max_sessions {share:,}", flush=True)
+    settings = base.replace(**chosen_overrides, **ports)
     with own_cluster(settings) as cluster:
         yield Cluster(settings, cluster.layout.root, cluster.worker_health_urls())
 
@@ -388,6 +399,13 @@ class Result:
     victim_sessions: int
     latencies: list[float]
     noticed: list[float]  # when each client saw its connection drop, from the kill
+    # Each resume's later phases: from the drop seen to the start of the connect that
+    # resumed (the SDK's 0-100 ms jitter, failed attempts, the client's loop running
+    # late), that connect (the TCP handshake), and from it to the welcome (HAProxy,
+    # the worker's admission queue and batch).
+    waited: list[float]
+    handshake: list[float]
+    answered: list[float]
     listen_drops: int  # SYNs dropped at full listen queues during the storm (whole machine)
     softnet_drops: tuple[int, int]  # packets dropped at the per-CPU input queue: logins, storm
     syn_retrans: tuple[int, int]  # SYNs sent again: logins, storm
@@ -549,13 +567,13 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         fleet.stop()
     login_timeline = _login_timeline(fleet, login_origin, int(login_s) + 1, online, sampler.samples)
     resumed = [
-        (dropped - killed_at, welcome - killed_at)
+        (dropped - killed_at, connecting - killed_at, connected - killed_at, welcome - killed_at)
         for report in fleet.reports.values()
-        for dropped, welcome in report["resumed"]
+        for dropped, connecting, connected, welcome in report["resumed"]
         if welcome >= killed_at
     ]
-    latencies = [welcome for _, welcome in resumed]
-    noticed = [dropped for dropped, _ in resumed]
+    latencies = [welcome for *_, welcome in resumed]
+    noticed = [dropped for dropped, *_ in resumed]
     storm_s = max(10, int(max(latencies, default=0.0)) + 3)
     timeline = [
         (
@@ -584,6 +602,9 @@ def run(args: argparse.Namespace, cluster: Cluster) -> Result:
         victim_sessions=victim_sessions,
         latencies=latencies,
         noticed=noticed,
+        waited=[connecting - dropped for dropped, connecting, _, _ in resumed],
+        handshake=[connected - connecting for _, connecting, connected, _ in resumed],
+        answered=[welcome - connected for _, _, connected, welcome in resumed],
         listen_drops=listen_drops,
         softnet_drops=(net_storm[0] - net_login[0], net_end[0] - net_storm[0]),
         syn_retrans=(net_storm[1] - net_login[1], net_end[1] - net_storm[1]),
@@ -653,6 +674,20 @@ def report(r: Result) -> str:
         lines.append(
             f"the clients saw the drop: p50 {statistics.median(r.noticed):.2f} s, p99"
             f" {_percentile(r.noticed, 0.99):.2f} s, max {max(r.noticed):.2f} s after the kill"
+        )
+    phases = (
+        ("drop seen to connect", r.waited),
+        ("connect", r.handshake),
+        ("connected to welcome", r.answered),
+    )
+    if r.answered:
+        lines.append(
+            "then, p50 / p99 / max: "
+            + "; ".join(
+                f"{name} {statistics.median(xs):.2f} / {_percentile(xs, 0.99):.2f} /"
+                f" {max(xs):.2f} s"
+                for name, xs in phases
+            )
         )
     lines.append(
         f"SYNs dropped at a full listen queue during the storm (TcpExt ListenDrops, whole"
@@ -827,6 +862,12 @@ def main() -> None:
         help="nice value of the generator processes and of this one (default 0). Clients"
         " stand in for devices on other machines: a negative value (root only) keeps the"
         " cluster's load from starving them, so their pings and resumes are on time",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker count instead of the capacity plan's (which keeps one spare); the"
+        " killed worker then holds 1/N of the sessions",
     )
     parser.add_argument("--login-timeout", type=float, default=1800.0)
     parser.add_argument("--resume-timeout", type=float, default=120.0)
