@@ -252,9 +252,14 @@ class Settings:
     max_concurrent_registers: int = 2
     max_register_queue: int = 64
     # Resumes hash no password and share batched statements: many more at once,
-    # and a long queue for the reconnect storm after a worker dies.
+    # and a queue that holds a dead worker's share of clients. When a worker holding
+    # 12,500 dies, its clients are back within a second, ~1,800 at each of 7
+    # survivors: with 1,024 places the rest were refused and came back when their
+    # retry_after said, which doubled the CPU a resume cost and stretched the storm's
+    # p99 to 10-17 s; with 4,096 they wait their turn (docs/benchmarks.md, 12-07).
+    # Waiting costs a connection already open and a future.
     max_concurrent_resumes: int = 256
-    max_resume_queue: int = 1024
+    max_resume_queue: int = 4096
     # A request that finds its kind's slots busy waits this long for one (queue,
     # don't bounce) before it is answered `overloaded`. Keep it below auth_timeout_s:
     # a connection not logged in by then is closed, waiting or not.
