@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,7 +134,9 @@ async def _metrics(_: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def start_http(settings: Settings, sources: Sources, drain: Drain) -> web.AppRunner:
+async def start_http(
+    settings: Settings, sources: Sources, drain: Drain, sock: socket.socket | None = None
+) -> web.AppRunner:
     app = web.Application()
     app[SETTINGS] = settings
     app[SOURCES] = sources
@@ -143,8 +146,20 @@ async def start_http(settings: Settings, sources: Sources, drain: Drain) -> web.
     app.router.add_get("/metrics", _metrics)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(
-        runner, settings.host, settings.worker_health_port(settings.worker_id), reuse_address=True
-    )
+    # Every HAProxy process checks this port (each at fastinter, 4 a second, after a
+    # failed connection): aiohttp's default backlog of 128 overflowed while the loop
+    # was busy with a reconnect storm, and the checks' dropped SYNs marked a live
+    # worker DOWN.
+    site: web.BaseSite
+    if sock is not None:  # bound early (edge.bind_early)
+        site = web.SockSite(runner, sock, backlog=4096)
+    else:
+        site = web.TCPSite(
+            runner,
+            settings.host,
+            settings.worker_health_port(settings.worker_id),
+            reuse_address=True,
+            backlog=4096,
+        )
     await site.start()
     return runner

@@ -62,7 +62,7 @@ from app.worker.contacts import Contacts
 from app.worker.delivery import Delivery
 from app.worker.dispatch import Dispatcher
 from app.worker.drain import Drain
-from app.worker.edge import Edge, tune_listener
+from app.worker.edge import Edge, bind_early, tune_listener
 from app.worker.health import Sources, health_report, start_http
 from app.worker.listener import Listener
 from app.worker.liveness import LeaseThread, Liveness, PgLeases
@@ -95,6 +95,12 @@ class Worker:
             loop.add_signal_handler(sig, self._stop.set)
         s = self.settings
         wid = s.worker_id
+        # On the highest descriptors, so the kernel closes them first when this process
+        # is killed (edge.bind_early); they listen once the worker serves.
+        client_sock = bind_early(s.host, s.worker_port(wid))
+        ws_sock = bind_early(s.host, s.worker_ws_port(wid))
+        health_sock = bind_early(s.host, s.worker_health_port(wid))
+        agent_sock = bind_early(s.host, s.worker_agent_port(wid))
         pool = await _connect_db(s)
         self.events.start(pool)
         lease_pool = await create_pool(s, size=2, purpose="-lease")
@@ -205,19 +211,15 @@ class Worker:
         with contextlib.suppress(*DB_ERRORS):
             await announcer.announce_catch_up(f"started: {wid}")
         server = await loop.create_server(
-            lambda: ClientConnection(parts),
-            s.host,
-            s.worker_port(wid),
-            backlog=4096,
-            reuse_address=True,
+            lambda: ClientConnection(parts), sock=client_sock, backlog=4096
         )
         for listening in server.sockets:  # accepted sockets inherit keepalive
             tune_listener(listening, s)
-        agent = await asyncio.start_server(
-            drain.agent, s.host, s.worker_agent_port(wid), reuse_address=True
+        agent = await asyncio.start_server(  # backlog: as the health port's (health.py)
+            drain.agent, sock=agent_sock, backlog=4096
         )
-        health = await start_http(s, sources, drain)
-        websockets = await start_websockets(parts, s.host, s.worker_ws_port(wid))
+        health = await start_http(s, sources, drain, health_sock)
+        websockets = await start_websockets(parts, s.host, s.worker_ws_port(wid), ws_sock)
         background = [
             loop.create_task(liveness.run_reaper()),
             loop.create_task(liveness.run_lag_probe()),

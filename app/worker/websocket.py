@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 from collections import deque
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -313,12 +314,18 @@ def make_app(parts: ConnectionParts) -> web.Application:
     return app
 
 
-async def start_websockets(parts: ConnectionParts, host: str, port: int) -> web.AppRunner:
-    """Serve /ws and /chat/ on this worker's worker_ws port."""
+async def start_websockets(
+    parts: ConnectionParts, host: str, port: int, sock: socket.socket | None = None
+) -> web.AppRunner:
+    """Serve /ws and /chat/ on this worker's worker_ws port (``sock``: bound early)."""
     runner = web.AppRunner(
         make_app(parts), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=4096)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
     await site.start()
     return runner

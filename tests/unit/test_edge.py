@@ -13,7 +13,7 @@ from app.protocol.proxy import Refusal, build_proxy_header
 from app.settings import Settings, SettingsError
 from app.worker import metrics
 from app.worker.connection import ClientConnection
-from app.worker.edge import Edge, tune_listener
+from app.worker.edge import Edge, bind_early, tune_listener
 from app.worker.states import SessionState
 from tests.unit.worker_fakes import (
     GOOD_PASSWORD,
@@ -185,3 +185,26 @@ def test_keepalive_settings_are_checked() -> None:
         Settings(tcp_keepalive_count=0)
     with pytest.raises(SettingsError, match="auth_timeout_s"):
         Settings(auth_timeout_s=0)
+
+
+def test_a_listener_bound_early_sits_on_the_top_descriptor_and_refuses_until_it_listens() -> None:
+    """The kernel releases a killed process's descriptors highest first: the worker's
+    listeners go to the top of the table, so they close before its clients' sockets
+    and a dying worker stops completing handshakes at once (edge.bind_early)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    first = bind_early("127.0.0.1", 0)
+    second = bind_early("127.0.0.1", 0)
+    try:
+        assert first.fileno() == min(soft, 65_536) - 1
+        assert second.fileno() == first.fileno() - 1
+        assert not first.get_inheritable()
+        with pytest.raises(ConnectionRefusedError), socket.socket() as early:
+            early.connect(first.getsockname())
+        first.listen(8)
+        with socket.create_connection(first.getsockname(), timeout=2):
+            pass
+    finally:
+        first.close()
+        second.close()
