@@ -211,3 +211,17 @@ def test_check_intervals_stretch_past_four_haproxy_processes(tmp_path: Path) -> 
             assert servers
             assert all(f"agent-inter {inter}" in line for line in servers)
     assert Settings(haproxy_processes=25).effective_agent_interval_s() == 6.25
+
+
+@pytest.mark.parametrize("which", ["local", "compose"])
+def test_a_failed_connection_makes_the_next_check_decide(tmp_path: Path, which: str) -> None:
+    """observe layer4 with on-error sudden-death: a killed worker's refused connection
+    takes it out within one fastinter check; a connect that times out on a busy box no
+    longer marks a live worker DOWN by itself (mark-down did, for every worker of some
+    processes, in a 100,000-session storm)."""
+    config = local_config(tmp_path) if which == "local" else compose_config()
+    for backend in ("backend workers", "backend ws_workers"):
+        text = section(config, backend)
+        assert "observe layer4 error-limit 1 on-error sudden-death" in text, backend
+        assert "fastinter 250ms" in text, backend
+        assert "on-error mark-down" not in text, backend
