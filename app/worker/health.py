@@ -135,8 +135,10 @@ async def _metrics(_: web.Request) -> web.Response:
 
 
 async def start_http(
-    settings: Settings, sources: Sources, drain: Drain, sock: socket.socket | None = None
+    settings: Settings, sources: Sources, drain: Drain, sock: socket.socket
 ) -> web.AppRunner:
+    """Serve /health, /admin and /metrics on ``sock`` (the health port, bound early:
+    edge.bind_early)."""
     app = web.Application()
     app[SETTINGS] = settings
     app[SOURCES] = sources
@@ -150,16 +152,5 @@ async def start_http(
     # failed connection): aiohttp's default backlog of 128 overflowed while the loop
     # was busy with a reconnect storm, and the checks' dropped SYNs marked a live
     # worker DOWN.
-    site: web.BaseSite
-    if sock is not None:  # bound early (edge.bind_early)
-        site = web.SockSite(runner, sock, backlog=4096)
-    else:
-        site = web.TCPSite(
-            runner,
-            settings.host,
-            settings.worker_health_port(settings.worker_id),
-            reuse_address=True,
-            backlog=4096,
-        )
-    await site.start()
+    await web.SockSite(runner, sock, backlog=4096).start()
     return runner

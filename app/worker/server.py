@@ -219,7 +219,7 @@ class Worker:
             drain.agent, sock=agent_sock, backlog=4096
         )
         health = await start_http(s, sources, drain, health_sock)
-        websockets = await start_websockets(parts, s.host, s.worker_ws_port(wid), ws_sock)
+        websockets = await start_websockets(parts, ws_sock)
         background = [
             loop.create_task(liveness.run_reaper()),
             loop.create_task(liveness.run_lag_probe()),

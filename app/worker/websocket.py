@@ -314,18 +314,12 @@ def make_app(parts: ConnectionParts) -> web.Application:
     return app
 
 
-async def start_websockets(
-    parts: ConnectionParts, host: str, port: int, sock: socket.socket | None = None
-) -> web.AppRunner:
-    """Serve /ws and /chat/ on this worker's worker_ws port (``sock``: bound early)."""
+async def start_websockets(parts: ConnectionParts, sock: socket.socket) -> web.AppRunner:
+    """Serve /ws and /chat/ on ``sock`` (this worker's worker_ws port, bound early:
+    edge.bind_early)."""
     runner = web.AppRunner(
         make_app(parts), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock, backlog=4096)
-    else:
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
-    await site.start()
+    await web.SockSite(runner, sock, backlog=4096).start()
     return runner

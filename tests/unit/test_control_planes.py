@@ -28,6 +28,7 @@ from app.settings import Settings
 from app.store.social import push_key
 from app.worker import health
 from app.worker.drain import Drain
+from app.worker.edge import bind_early
 from app.worker.registry import Registry
 from app.worker.states import WorkerState
 from tests.compose_images import compose_image_module
@@ -115,7 +116,8 @@ async def test_the_worker_admin_endpoint_wants_the_derived_token(
         return real_compare(a, b)
 
     monkeypatch.setattr(health.hmac, "compare_digest", spy)
-    runner = await health.start_http(settings, sources, drain)
+    sock = bind_early(settings.host, settings.worker_health_port(WORKER_ID))
+    runner = await health.start_http(settings, sources, drain, sock)
     url = f"http://127.0.0.1:{settings.worker_health_port(WORKER_ID)}/admin/undrain"
     token = worker_admin_token(secrets["admin"])
     try:
