@@ -118,7 +118,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
             raise SystemExit("--workers sizes a cluster of its own, not one given by --state-dir")
         yield _running(args.state_dir)
         return
-    from app.cluster.capacity import Machine, plan
+    from app.cluster.capacity import Machine, plan, survivor_share
     from tests.cluster_fixture import free_port_block, make_settings
 
     overrides: dict[str, object] = dict(cluster_overrides())
@@ -145,7 +145,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Cluster]:
         # 1/8: --workers 8), each then sized to hold its share of a dead worker's.
         if args.workers < 2:
             raise SystemExit("--workers wants at least 2 (one is killed)")
-        share = math.ceil(args.sessions / (args.workers - 1) / 100) * 100
+        share = survivor_share(args.sessions, args.workers)
         chosen_overrides |= {"workers": args.workers, "worker_max_sessions": share}
         print(f"--workers {args.workers}: worker_max_sessions {share:,}", flush=True)
     settings = base.replace(**chosen_overrides, **ports)

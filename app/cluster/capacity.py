@@ -101,6 +101,12 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
+def survivor_share(sessions: int, workers: int) -> int:
+    """The sessions each worker must be able to hold when one of ``workers`` dies and the
+    others take its sessions (rounded up to a hundred)."""
+    return math.ceil(sessions / (workers - 1) / 100) * 100
+
+
 def plan(sessions: int, machine: Machine, settings: Settings) -> Plan:
     """The cluster for ``sessions`` logged-in sessions on ``machine``; CapacityError when
     it does not fit."""
@@ -120,7 +126,7 @@ def plan(sessions: int, machine: Machine, settings: Settings) -> Plan:
     if per_worker < 100:
         raise CapacityError(f"open-files limit {machine.open_files} leaves no room for clients")
     workers = max(s.workers, math.ceil(sessions / per_worker) + 1)
-    worker_max_sessions = math.ceil(sessions / (workers - 1) / 100) * 100
+    worker_max_sessions = survivor_share(sessions, workers)
     reasons.append(
         f"{workers} workers, worker_max_sessions {worker_max_sessions:,}: when one worker"
         f" dies, the other {workers - 1} take its sessions and hold"
