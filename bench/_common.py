@@ -40,6 +40,8 @@ class Target:
     client_ws_port: int | None = None
     client_wss_port: int | None = None
     worker_ws_ports: dict[str, int] = field(default_factory=dict)
+    # The settings of a cluster the benchmark started (None: a running one named).
+    settings: Settings | None = None
 
     def worker_pid(self, worker: str) -> int | None:
         if self.state_dir is None:
@@ -178,6 +180,7 @@ def cluster_target(args: argparse.Namespace, workers: int, **overrides: object) 
             client_ws_port=settings.client_ws_port,
             client_wss_port=settings.client_wss_port,
             worker_ws_ports={w: settings.worker_ws_port(w) for w in settings.worker_ids()},
+            settings=settings,
         )
 
 

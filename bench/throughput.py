@@ -36,6 +36,7 @@ import os
 import secrets
 import ssl
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -48,6 +49,7 @@ import uvloop
 
 from bench._common import CpuSampler, add_target_args, cluster_pids, cluster_target, format_cpu
 from bench._stalls import Second, StallProbe, header
+from bench._wal import WalProbe, WalStats
 from bench._wire import Frame, Wire, WsWire, close_ws_sessions, connect, connect_ws, hello, register
 
 BIN_S = 0.1
@@ -529,6 +531,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "lag, checkpoints and autovacuum runs (bench/_stalls.py)",
     )
     parser.add_argument(
+        "--wal",
+        action="store_true",
+        help="also print the WAL the measured window wrote per delivered message, by record "
+        "type (pg_waldump --stats on the primary; a cluster the benchmark starts)",
+    )
+    parser.add_argument(
+        "--flame",
+        type=Path,
+        metavar="SVG",
+        help="also record a flame graph of worker w1 over the measured window into SVG "
+        "(py-spy --nonblocking at 100 Hz: the worker is not stopped to be sampled)",
+    )
+    parser.add_argument(
         "--frames-per-s",
         type=float,
         default=200.0,
@@ -562,6 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.procs < 1 or args.pairs < args.procs:
         parser.error("need 1 <= --procs <= --pairs")
+    if args.wal and (args.port is not None or args.state_dir is not None):
+        parser.error("--wal needs a cluster the benchmark starts (its settings name the primary)")
     return args
 
 
@@ -635,14 +652,14 @@ def run(args: argparse.Namespace, target: Any) -> None:
             groups["generator"] = [os.getpid(), *(p.pid for p in procs)]
             probe = StallProbe(target.state_dir, t0, groups)
             probe.start()
-        results, cpu = _watch(args, target, procs, pipes, shared, t0)
+        results, cpu, wal = _watch(args, target, procs, pipes, shared, t0)
     finally:
         suspects = probe.stop() if probe is not None else None
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
             proc.join(5)
-    _report(args, results, cpu, suspects, list(probe.groups) if probe is not None else None)
+    _report(args, results, cpu, suspects, list(probe.groups) if probe is not None else None, wal)
 
 
 def _wait_ready(procs: list[Any], pipes: list[mpc.Connection], shared: list[Any], n: int) -> None:
@@ -671,13 +688,17 @@ def _watch(
     pipes: list[mpc.Connection],
     shared: list[Any],
     t0: float,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Print progress every second, sample CPU over the measured window, collect results."""
+) -> tuple[list[dict[str, Any]], dict[str, float], WalStats | None]:
+    """Print progress every second, sample CPU (and with --wal the WAL written) over the
+    measured window, collect results."""
     groups: dict[str, list[int]] = {}
     if target.state_dir is not None:
         groups = cluster_pids(target.state_dir)
     groups["load generator"] = [os.getpid(), *(p.pid for p in procs)]
     sampler = CpuSampler(groups)
+    wal_probe = WalProbe(target.settings) if args.wal and target.settings else None
+    wal: WalStats | None = None
+    flame: subprocess.Popen[bytes] | None = None
     win_start = t0 + args.warmup
     win_end = win_start + args.duration
     cpu: dict[str, float] = {}
@@ -689,9 +710,15 @@ def _watch(
         now = time.monotonic()
         if not sampling and now >= win_start:
             sampler.start()
+            if wal_probe is not None:
+                wal_probe.start()
+            if args.flame is not None:
+                flame = _record_flame(target, args.flame, args.duration)
             sampling = True
         if now >= win_end:
             cpu = sampler.stop()
+            if wal_probe is not None:
+                wal = wal_probe.stop()
             break
         if now >= tick:
             acked = sum(c[P_ACKED] for c in shared)
@@ -709,6 +736,9 @@ def _watch(
             tick += 1.0
         wake = min(tick, win_end, win_start if not sampling else win_end)
         time.sleep(max(0.0, wake - time.monotonic()))
+    if flame is not None:
+        flame.wait(30)
+        print(f"  flame graph of w1: {args.flame} (py-spy exit {flame.returncode})", flush=True)
     print("  draining ...", flush=True)
     results: list[dict[str, Any]] = []
     for i, pipe in enumerate(pipes):
@@ -718,7 +748,34 @@ def _watch(
         if kind != "result":
             raise SystemExit(f"generator {i} failed: {detail}")
         results.append(detail)
-    return results, cpu
+    return results, cpu, wal
+
+
+def _record_flame(target: Any, svg: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy sampling worker w1 for ``seconds``, writing a flame graph to ``svg``."""
+    spy = Path(sys.executable).with_name("py-spy")
+    pid = target.worker_pid("w1")
+    if not spy.exists() or pid is None:
+        raise SystemExit("--flame needs py-spy in the venv (make bootstrap) and worker w1's pid")
+    svg.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            str(spy),
+            "record",
+            "--nonblocking",
+            "--rate",
+            "100",
+            "--duration",
+            str(int(seconds)),
+            "--pid",
+            str(pid),
+            "--format",
+            "flamegraph",
+            "--output",
+            str(svg),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def _report(
@@ -727,6 +784,7 @@ def _report(
     cpu: dict[str, float],
     suspects: dict[int, Second] | None = None,
     groups: list[str] | None = None,
+    wal: WalStats | None = None,
 ) -> None:
     m = _merge(results)
     first = int(args.warmup / BIN_S)
@@ -776,6 +834,8 @@ def _report(
         print(format_cpu(cpu))
         if received:
             print(_cpu_per_message(cpu, received / d))
+    if wal is not None:
+        print("\n".join(wal.lines(received)))
 
 
 # The cluster's side of a message: every group but the load generator's, other

@@ -22,6 +22,9 @@ from app.store.db import columns
 from app.store.schema import INBOX_KIND_MESSAGE, INBOX_KIND_RECEIPT
 
 INBOX_CHANNEL = "sb_inbox"
+# A batch that met a concurrent insert of one of its (sender, cmid) runs again; more
+# than a few in a row would be a bug, reported as the statement's error.
+UNIQUE_RACE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +76,20 @@ WITH input AS MATERIALIZED (
         WITH ORDINALITY AS t(sender_id, sender_device, cmid, recipient_id, room_id, body, ord)
 ),
 allowed AS MATERIALIZED (
-    SELECT i.* FROM input i
-    WHERE i.recipient_id IS NOT NULL
-       OR EXISTS (SELECT 1 FROM room_members rm
-                  WHERE rm.room_id = i.room_id AND rm.user_id = i.sender_id
-                    AND rm.status = 'member')
+    SELECT DISTINCT ON (i.sender_id, i.cmid) i.* FROM input i
+    WHERE (i.recipient_id IS NOT NULL
+           OR EXISTS (SELECT 1 FROM room_members rm
+                      WHERE rm.room_id = i.room_id AND rm.user_id = i.sender_id
+                        AND rm.status = 'member'))
+      -- A subplan per input row, an index probe each: NOT EXISTS would be planned as an
+      -- anti-join, with the generic plan a scan of the whole table.
+      AND (SELECT 1 FROM messages m
+           WHERE m.sender_id = i.sender_id AND m.cmid = i.cmid LIMIT 1) IS NULL
+    ORDER BY i.sender_id, i.cmid, i.ord
 ),
 ins AS MATERIALIZED (
     INSERT INTO messages (sender_id, sender_device, cmid, recipient_id, room_id, body)
     SELECT sender_id, sender_device, cmid, recipient_id, room_id, body FROM allowed ORDER BY ord
-    ON CONFLICT (sender_id, cmid) DO NOTHING
     RETURNING id, sender_id, cmid, recipient_id, room_id, created_at
 ),
 targets AS MATERIALIZED (
@@ -143,10 +150,17 @@ async def store_batch(
     found again by (sender, cmid) and keep their id, timestamp and seq, and are
     answered only once they are replicated.
     """
-    rows = await conn.fetch(
-        _STORE_BATCH,
-        *columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body"),
-    )
+    args = columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
+    for attempt in range(1, UNIQUE_RACE_ATTEMPTS + 1):
+        try:
+            rows = await conn.fetch(_STORE_BATCH, *args)
+            break
+        except asyncpg.UniqueViolationError:
+            # Another transaction stored one of these (sender, cmid) between this
+            # statement's NOT EXISTS and its insert (a resend racing its original on
+            # another worker), and has committed: run again, and find it as a resend.
+            if attempt == UNIQUE_RACE_ATTEMPTS:
+                raise
     result: list[Stored | None] = [None] * len(batch)
     moved: dict[int, int] = {}
     for row in rows:

@@ -14,7 +14,9 @@ import pytest
 from app.cluster.launcher import LocalCluster
 from app.secrets import read_secrets
 from app.store import dashboard as dash_store
+from app.store import messages as message_store
 from app.store.db import create_pool
+from app.store.messages import NewMessage
 from app.store.social import push_key
 from tests.integration.helpers import (
     PASSWORD,
@@ -133,6 +135,65 @@ async def test_resend_with_same_client_id_stores_one_message(cluster: LocalClust
     assert count == 1
     await a.close()
     await b.close()
+
+
+async def test_a_batch_racing_another_for_the_same_client_id_stores_it_once(
+    cluster: LocalCluster,
+) -> None:
+    """The batch statement filters (sender, cmid) already stored, then inserts: a copy
+    in the same batch is stored once, and an insert of the same pair committed by
+    another transaction between the filter and the insert (a resend racing its
+    original on another worker) makes the statement run again and find it."""
+    alice, bob = new_user("alice"), new_user("bob")
+    await register(cluster, alice)
+    await register(cluster, bob)
+    async with db(cluster) as conn, db(cluster) as other:
+        rows = await conn.fetch(
+            "SELECT username, id FROM users WHERE username = ANY($1)", [alice, bob]
+        )
+        ids = {row["username"]: row["id"] for row in rows}
+        twice = NewMessage(ids[alice], "phone", "twice", ids[bob], None, "one copy")
+        stored, moved = await message_store.store_batch(conn, [twice, twice])
+        assert stored[0] is not None and stored[0] == stored[1]
+        assert moved[ids[bob]] == stored[0].recipient_seq
+        # The race: the other transaction's row is not committed when the batch's
+        # filter looks, and the batch's insert waits on it in the unique index.
+        await other.execute("BEGIN")
+        raced_id = await other.fetchval(
+            "INSERT INTO messages (sender_id, sender_device, cmid, recipient_id, body) "
+            "VALUES ($1, 'phone', 'raced', $2, 'first') RETURNING id",
+            ids[alice],
+            ids[bob],
+        )
+        racing = asyncio.create_task(
+            message_store.store_batch(
+                conn,
+                [
+                    NewMessage(ids[alice], "phone", "raced", ids[bob], None, "first"),
+                    NewMessage(ids[alice], "phone", "after", ids[bob], None, "second"),
+                ],
+            )
+        )
+        waited = 0
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            waited = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%INSERT INTO messages%'"
+            )
+            if waited:
+                break
+        assert waited == 1  # the batch is blocked on the uncommitted row
+        await other.execute("COMMIT")
+        (raced, after), _ = await racing
+        assert raced is not None and raced.id == raced_id
+        assert after is not None and after.recipient_seq is not None
+        count = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE sender_id = $1 AND cmid = ANY($2::text[])",
+            ids[alice],
+            ["twice", "raced", "after"],
+        )
+    assert count == 3
 
 
 @pytest.mark.parametrize("transport", ["tcp", "ws"])
