@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 
 import asyncpg
 
@@ -29,7 +30,7 @@ from app.store.schema import INBOX_KIND_MESSAGE
 from app.worker import metrics
 from app.worker.announce import Announcer
 from app.worker.registry import Registry
-from app.worker.states import Peer
+from app.worker.states import Peer, Session
 
 log = get_logger("delivery")
 
@@ -134,6 +135,11 @@ class Delivery:
     ) -> None:
         local = self._registry.by_user
         now = time.time()
+        # Per batch, not per message: one histogram call per commit time (a batch's
+        # messages share one) and one `message_delivered` event per session, its
+        # highest seq, written at the same moment as the rest.
+        commits: Counter[datetime] = Counter()
+        marks: dict[int, tuple[Session, int]] = {}  # by id(): a Session is not hashable
         for message, stored in zip(batch, results, strict=True):
             if stored is None or stored.recipient_seq is None or stored.sender_seq is None:
                 continue  # refused, resent, or a room message: the pump's job
@@ -159,8 +165,12 @@ class Delivery:
                     conn.write(frame)
                     session.delivered_seq = seq
                     self.delivered += 1
-                    metrics.observe_delivery(stored.created_at.timestamp(), now)
-                    self._events.delivered(session.user_id, session.session_id, session.epoch, seq)
+                    commits[stored.created_at] += 1
+                    marks[id(session)] = (session, seq)
+        for created_at, count in commits.items():
+            metrics.observe_delivery(created_at.timestamp(), now, count)
+        for session, seq in marks.values():
+            self._events.delivered(session.user_id, session.session_id, session.epoch, seq)
 
     def _direct_frame(self, message: NewMessage, stored: Stored, seq: int) -> bytes:
         names = self._registry.cached_names
@@ -235,6 +245,7 @@ class Delivery:
             return
         now = time.time()
         first_seq = session.delivered_seq
+        commits: Counter[datetime] = Counter()
         out: list[bytes] = []  # one write (one syscall) per round, not one per frame
         # Paced: stop once the transport's high-water mark is crossed. Its
         # pause_writing makes the connection unwritable, and resume_writing marks
@@ -269,10 +280,12 @@ class Delivery:
                 out.append(frame)
                 room -= len(frame)
                 self.delivered += 1
-                metrics.observe_delivery(entry.created_at.timestamp(), now)
+                commits[entry.created_at] += 1
             session.delivered_seq = entry.seq
         if out:
             conn.write(b"".join(out))
+        for created_at, count in commits.items():
+            metrics.observe_delivery(created_at.timestamp(), now, count)
         if session.delivered_seq > first_seq:
             self._events.delivered(
                 session.user_id, session.session_id, session.epoch, session.delivered_seq

@@ -104,6 +104,11 @@ class LeanHistogram(Collector):
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observe_many(self, value: float, count: int) -> None:
+        """``count`` observations of the same value: a batch's messages share a commit."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.total += value * count
+
     def collect(self) -> Iterator[HistogramMetricFamily]:
         running = 0
         buckets: list[tuple[str, float]] = []
@@ -293,5 +298,9 @@ class GcTimer:
             self._started = 0.0
 
 
-def observe_delivery(created_at_epoch_s: float, now: float | None = None) -> None:
-    DELIVERY_LATENCY.observe(max(0.0, (time.time() if now is None else now) - created_at_epoch_s))
+def observe_delivery(created_at_epoch_s: float, now: float | None = None, count: int = 1) -> None:
+    """``count`` deliveries of messages committed at ``created_at_epoch_s``: one call per
+    commit time in a round of writes, not one per message."""
+    DELIVERY_LATENCY.observe_many(
+        max(0.0, (time.time() if now is None else now) - created_at_epoch_s), count
+    )

@@ -21,6 +21,16 @@ def test_lean_histogram_buckets_are_cumulative_at_collection() -> None:
     assert abs(total - 5.565) < 1e-9
 
 
+def test_observe_many_counts_a_batch_of_one_value_once_each() -> None:
+    one_by_one = LeanHistogram("a_seconds", "test", buckets=(0.01, 0.1))
+    batched = LeanHistogram("b_seconds", "test", buckets=(0.01, 0.1))
+    for _ in range(7):
+        one_by_one.observe(0.05)
+    batched.observe_many(0.05, 7)
+    assert batched.counts == one_by_one.counts == [0, 7, 0]
+    assert abs(batched.total - one_by_one.total) < 1e-12
+
+
 def test_gc_timer_times_each_collection() -> None:
     timer = GcTimer()
     before = sum(GC_PAUSE.counts)
