@@ -53,7 +53,10 @@ class Stored:
 # lock the counters of the users in CTE ``targets`` (in user-id order, so concurrent
 # batches cannot deadlock; = ANY(ARRAY(...)) keeps it an index lookup however the
 # planner guesses sizes), then, once CTE ``numbered`` has given each new entry its
-# seq, move each counter to its user's highest.
+# seq, move each counter to its user's highest. The new values are looked up in a
+# map built once, not joined to ``maxes``: the planner, which cannot know a batch's
+# size, joined them by a nested loop rescanning ``maxes`` for every counter
+# (quadratic: ~40 % of a 300-message batch).
 _LOCK_COUNTERS = """locked AS MATERIALIZED (
     SELECT user_id, last_seq FROM inbox_counters
     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM targets))
@@ -64,11 +67,30 @@ _BUMP_COUNTERS = """maxes AS MATERIALIZED (
     SELECT user_id, max(seq) AS max_seq FROM numbered GROUP BY user_id
 ),
 bumped AS (
-    UPDATE inbox_counters c SET last_seq = m.max_seq
-    FROM maxes m
-    WHERE c.user_id = ANY(ARRAY(SELECT user_id FROM maxes)) AND c.user_id = m.user_id
+    UPDATE inbox_counters c SET last_seq = (m.seqs ->> c.user_id::text)::bigint
+    FROM (SELECT jsonb_object_agg(user_id::text, max_seq) AS seqs FROM maxes) m
+    WHERE c.user_id = ANY(ARRAY(SELECT user_id FROM maxes))
 ),"""
 
+# A batch of sends. The comments live here, not in the SQL: pg_stat_activity shows
+# the first 1,024 bytes of a statement (track_activity_query_size), and an operator
+# (or a test) looking at a backend should see there that it inserts into messages.
+#
+# - ``allowed``: 1:1 messages and room messages from members, whose (sender, cmid) is
+#   not stored yet, each once. The probe is a subplan per input row (an index probe
+#   each); NOT EXISTS would be planned as an anti-join, with the generic plan a scan of
+#   the whole table. A plain insert, not ON CONFLICT DO NOTHING: that wrote one more
+#   WAL record per message (its speculative-insert confirmation); a concurrent insert
+#   of the same pair is a unique violation, and the statement runs again.
+# - ``fresh``: ids taken here, in input order, so every later step reads one stream
+#   that carries its message's position (``ord``): no join back to the input.
+# - ``targets``: one row per new inbox entry, with what the reply needs.
+# - ``numbered``: each counter's value looked up in a map of the locked rows, not
+#   joined to them. Every user has a counter: a missing one fails the batch.
+# - The reply is grouped from the entries, not joined to them: the planner's nested
+#   loops over CTE scans made that quadratic in the batch. Every stored message has its
+#   sender's entry. The inboxes that moved are sent once, on the first row (in every
+#   row they made the reply quadratic in the batch).
 _STORE_BATCH = f"""
 WITH input AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
@@ -81,46 +103,49 @@ allowed AS MATERIALIZED (
            OR EXISTS (SELECT 1 FROM room_members rm
                       WHERE rm.room_id = i.room_id AND rm.user_id = i.sender_id
                         AND rm.status = 'member'))
-      -- A subplan per input row, an index probe each: NOT EXISTS would be planned as an
-      -- anti-join, with the generic plan a scan of the whole table.
       AND (SELECT 1 FROM messages m
            WHERE m.sender_id = i.sender_id AND m.cmid = i.cmid LIMIT 1) IS NULL
     ORDER BY i.sender_id, i.cmid, i.ord
 ),
-ins AS MATERIALIZED (
-    INSERT INTO messages (sender_id, sender_device, cmid, recipient_id, room_id, body)
-    SELECT sender_id, sender_device, cmid, recipient_id, room_id, body FROM allowed ORDER BY ord
-    RETURNING id, sender_id, cmid, recipient_id, room_id, created_at
+fresh AS MATERIALIZED (
+    SELECT nextval('messages_id_seq'::regclass) AS id, a.*
+    FROM (SELECT * FROM allowed ORDER BY ord) a
+),
+ins AS (
+    INSERT INTO messages (id, sender_id, sender_device, cmid, recipient_id, room_id, body)
+    SELECT id, sender_id, sender_device, cmid, recipient_id, room_id, body FROM fresh
 ),
 targets AS MATERIALIZED (
-    SELECT id AS message_id, recipient_id AS user_id FROM ins WHERE recipient_id IS NOT NULL
+    SELECT id AS message_id, recipient_id AS user_id, ord, sender_id, recipient_id
+    FROM fresh WHERE recipient_id IS NOT NULL
     UNION
-    SELECT id, sender_id FROM ins
+    SELECT id, sender_id, ord, sender_id, recipient_id FROM fresh
     UNION
-    SELECT ins.id, rm.user_id FROM ins
-    JOIN room_members rm ON rm.room_id = ins.room_id AND rm.status = 'member'
+    SELECT f.id, rm.user_id, f.ord, f.sender_id, f.recipient_id FROM fresh f
+    JOIN room_members rm ON rm.room_id = f.room_id AND rm.status = 'member'
 ),
 {_LOCK_COUNTERS}
 numbered AS MATERIALIZED (
-    SELECT t.user_id, t.message_id,
-           l.last_seq + row_number() OVER (PARTITION BY t.user_id ORDER BY t.message_id) AS seq
-    FROM targets t JOIN locked l USING (user_id)
+    SELECT t.user_id, t.message_id, t.ord, t.sender_id, t.recipient_id,
+           (l.seqs ->> t.user_id::text)::bigint
+               + row_number() OVER (PARTITION BY t.user_id ORDER BY t.message_id) AS seq
+    FROM targets t,
+         (SELECT jsonb_object_agg(user_id::text, last_seq) AS seqs FROM locked) l
 ),
 {_BUMP_COUNTERS}
 delivered AS (
     INSERT INTO inbox (user_id, seq, kind, message_id)
     SELECT user_id, seq, {INBOX_KIND_MESSAGE}, message_id FROM numbered
 )
-SELECT i.ord, ins.id, ins.created_at, n.seq AS sender_seq, r.seq AS recipient_seq,
-       -- Once, on the first row: in every row they made the reply quadratic in the batch.
+SELECT ord, message_id AS id, now() AS created_at,
+       max(seq) FILTER (WHERE user_id = sender_id) AS sender_seq,
+       max(seq) FILTER (WHERE user_id = recipient_id) AS recipient_seq,
        CASE WHEN row_number() OVER () = 1 THEN (SELECT array_agg(user_id) FROM maxes) END
            AS moved_users,
        CASE WHEN row_number() OVER () = 1 THEN (SELECT array_agg(max_seq) FROM maxes) END
            AS moved_seqs
-FROM ins
-JOIN input i ON i.sender_id = ins.sender_id AND i.cmid = ins.cmid
-LEFT JOIN numbered n ON n.message_id = ins.id AND n.user_id = ins.sender_id
-LEFT JOIN numbered r ON r.message_id = ins.id AND r.user_id = ins.recipient_id
+FROM numbered
+GROUP BY ord, message_id
 """
 
 # Rows found already there may come from a transaction that committed on the primary
