@@ -24,9 +24,11 @@ import secrets
 import statistics
 import time
 
+import asyncpg
+
 from app.settings import Settings
-from app.store.db import create_pool, dsn
-from app.store.messages import NewMessage, store_batch
+from app.store.db import columns, create_pool, dsn
+from app.store.messages import _STORE_BATCH, NewMessage, store_batch
 from bench._common import own_cluster
 from bench._sessions import password_hash, preregister
 
@@ -42,6 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=15, help="statements per size")
     parser.add_argument(
         "--users", type=int, default=2000, help="users registered (>= 2x the largest size)"
+    )
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=20000,
+        help="messages committed (in batches of 100) and the tables analyzed before measuring:"
+        " the planner plans from statistics, and a live cluster has some",
+    )
+    parser.add_argument(
+        "--explain",
+        type=int,
+        metavar="SIZE",
+        help="also print EXPLAIN ANALYZE of one batch of SIZE messages (its generic plan)",
     )
     args = parser.parse_args(argv)
     args.size_list = [int(x) for x in args.sizes.split(",") if x.strip()]
@@ -66,16 +81,14 @@ async def measure(settings: Settings, args: argparse.Namespace) -> None:
                     "SELECT id FROM users WHERE username = ANY($1::text[]) ORDER BY id", names
                 )
             ]
+            await _preload(conn, ids, args.preload)
+            if args.explain:
+                await _explain(conn, ids, args.explain)
             print(f"{'batch':>6} {'median ms':>10} {'min ms':>8} {'µs/msg (median)':>16}")
             for size in args.size_list:
                 took: list[float] = []
                 for _ in range(args.repeat):
-                    batch = [
-                        NewMessage(
-                            ids[2 * k], "phone", secrets.token_hex(8), ids[2 * k + 1], None, "hi"
-                        )
-                        for k in range(size)
-                    ]
+                    batch = _batch(ids, size)
                     tx = conn.transaction()
                     await tx.start()
                     t0 = time.perf_counter()
@@ -92,6 +105,45 @@ async def measure(settings: Settings, args: argparse.Namespace) -> None:
                 )
     finally:
         await pool.close()
+
+
+def _batch(ids: list[int], size: int) -> list[NewMessage]:
+    """``size`` 1:1 messages, each between a pair of users of its own."""
+    return [
+        NewMessage(ids[2 * k], "phone", secrets.token_hex(8), ids[2 * k + 1], None, "hi")
+        for k in range(size)
+    ]
+
+
+async def _preload(conn: asyncpg.Connection, ids: list[int], messages: int) -> None:
+    t0 = time.monotonic()
+    for done in range(0, messages, 100):
+        await store_batch(conn, _batch(ids, min(100, messages - done)))
+    await conn.execute("ANALYZE messages, inbox, inbox_counters")
+    print(f"{messages:,} messages stored and the tables analyzed in {time.monotonic() - t0:.1f} s")
+
+
+async def _explain(conn: asyncpg.Connection, ids: list[int], size: int) -> None:
+    """The plan the writer pool runs, generic (the connection forces it): a prepared
+    statement EXPLAINed with literal arguments (the batch's values are digits and hex)."""
+    batch = _batch(ids, size)
+
+    def literal(values: list[object], kind: str) -> str:
+        items = ",".join("NULL" if v is None else f'"{v}"' for v in values)
+        return f"'{{{items}}}'::{kind}[]"
+
+    arrays = columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
+    kinds = ("bigint", "text", "text", "bigint", "bigint", "text")
+    await conn.execute(f"PREPARE sb_cost({', '.join(k + '[]' for k in kinds)}) AS {_STORE_BATCH}")
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        args = ", ".join(literal(a, k) for a, k in zip(arrays, kinds, strict=True))
+        rows = await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE sb_cost({args})")
+    finally:
+        await tx.rollback()
+        await conn.execute("DEALLOCATE sb_cost")
+    print("\n".join(r[0] for r in rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,7 +86,8 @@ bumped AS (
 #   that carries its message's position (``ord``): no join back to the input.
 # - ``targets``: one row per new inbox entry, with what the reply needs.
 # - ``numbered``: each counter's value looked up in a map of the locked rows, not
-#   joined to them. Every user has a counter: a missing one fails the batch.
+#   joined to them, before the window's sort (a sort of rows that carried the map
+#   copied it once per row). Every user has a counter: a missing one fails the batch.
 # - The reply is grouped from the entries, not joined to them: the planner's nested
 #   loops over CTE scans made that quadratic in the batch. Every stored message has its
 #   sender's entry. The inboxes that moved are sent once, on the first row (in every
@@ -126,11 +127,12 @@ targets AS MATERIALIZED (
 ),
 {_LOCK_COUNTERS}
 numbered AS MATERIALIZED (
-    SELECT t.user_id, t.message_id, t.ord, t.sender_id, t.recipient_id,
-           (l.seqs ->> t.user_id::text)::bigint
-               + row_number() OVER (PARTITION BY t.user_id ORDER BY t.message_id) AS seq
-    FROM targets t,
-         (SELECT jsonb_object_agg(user_id::text, last_seq) AS seqs FROM locked) l
+    SELECT user_id, message_id, ord, sender_id, recipient_id,
+           base + row_number() OVER (PARTITION BY user_id ORDER BY message_id) AS seq
+    FROM (SELECT t.*, (l.seqs ->> t.user_id::text)::bigint AS base
+          FROM targets t,
+               (SELECT jsonb_object_agg(user_id::text, last_seq) AS seqs FROM locked) l
+          OFFSET 0) b
 ),
 {_BUMP_COUNTERS}
 delivered AS (
