@@ -59,6 +59,8 @@ bench: bootstrap
 	$(VENV)/bin/python -m bench.throughput --mode max --tls
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 5000
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000
+	$(VENV)/bin/python -m bench.throughput --mode rate --rate 3000 --wal
+	$(VENV)/bin/python -m bench.batch_cost
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000 --ack-every 1
 	$(VENV)/bin/python -m bench.throughput --mode rate --rate 2000 --ack-every 10 --read-every 1
 	$(VENV)/bin/python -m bench.session_memory
