@@ -23,12 +23,13 @@ import asyncio
 import secrets
 import statistics
 import time
+from typing import Any
 
 import asyncpg
 
 from app.settings import Settings
-from app.store.db import columns, create_pool, dsn
-from app.store.messages import _STORE_BATCH, NewMessage, store_batch
+from app.store.db import create_pool, dsn
+from app.store.messages import NewMessage, explain_store_batch, store_batch
 from bench._common import own_cluster
 from bench._sessions import password_hash, preregister
 
@@ -124,26 +125,29 @@ async def _preload(conn: asyncpg.Connection, ids: list[int], messages: int) -> N
 
 
 async def _explain(conn: asyncpg.Connection, ids: list[int], size: int) -> None:
-    """The plan the writer pool runs, generic (the connection forces it): a prepared
-    statement EXPLAINed with literal arguments (the batch's values are digits and hex)."""
-    batch = _batch(ids, size)
+    """The plan the writer pool runs (generic), node by node: time, rows and loops."""
+    plan = await explain_store_batch(conn, _batch(ids, size))
 
-    def literal(values: list[object], kind: str) -> str:
-        items = ",".join("NULL" if v is None else f'"{v}"' for v in values)
-        return f"'{{{items}}}'::{kind}[]"
+    def show(node: dict[str, Any], depth: int) -> None:
+        extra = "".join(
+            f", {key.lower()} {node[key]:,}"
+            for key in ("Rows Removed by Filter", "Rows Removed by Join Filter")
+            if node.get(key)
+        )
+        print(
+            f"{'  ' * depth}"
+            + (f"[{node['Subplan Name']}] " if "Subplan Name" in node else "")
+            + f"{node['Node Type']}"
+            + (f" on {node['Relation Name']}" if "Relation Name" in node else "")
+            + (f" ({node['CTE Name']})" if "CTE Name" in node else "")
+            + f": {node['Actual Total Time']:.2f} ms, rows {node['Actual Rows']:,}"
+            f" x {node['Actual Loops']:,} loops{extra}"
+        )
+        for child in node.get("Plans", ()):
+            show(child, depth + 1)
 
-    arrays = columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
-    kinds = ("bigint", "text", "text", "bigint", "bigint", "text")
-    await conn.execute(f"PREPARE sb_cost({', '.join(k + '[]' for k in kinds)}) AS {_STORE_BATCH}")
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        args = ", ".join(literal(a, k) for a, k in zip(arrays, kinds, strict=True))
-        rows = await conn.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE sb_cost({args})")
-    finally:
-        await tx.rollback()
-        await conn.execute("DEALLOCATE sb_cost")
-    print("\n".join(r[0] for r in rows))
+    print(f"EXPLAIN ANALYZE of one batch of {size} (generic plan):")
+    show(plan, 1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
+import orjson
 
 from app.store.db import columns
 from app.store.schema import INBOX_KIND_MESSAGE, INBOX_KIND_RECEIPT
@@ -210,6 +212,38 @@ async def store_batch(
             index = missing[row["ord"] - 1]
             result[index] = Stored(row["id"], row["created_at"], row["sender_seq"])
     return result, moved
+
+
+_STORE_BATCH_TYPES = ("bigint", "text", "text", "bigint", "bigint", "text")
+
+
+def _array_literal(values: Sequence[object], kind: str) -> str:
+    def element(value: object) -> str:
+        if value is None:
+            return "NULL"
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    text = "{" + ",".join(element(v) for v in values) + "}"
+    return "'" + text.replace("'", "''") + f"'::{kind}[]"
+
+
+async def explain_store_batch(conn: asyncpg.Connection, batch: Sequence[NewMessage]) -> Any:
+    """EXPLAIN (ANALYZE, FORMAT JSON) of the send batch statement for ``batch`` with the
+    generic plan the writer pool runs, inside a transaction rolled back: nothing stays.
+    (EXPLAIN EXECUTE takes no bound parameters, so the arrays go in as quoted literals.)"""
+    arrays = columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
+    args = ", ".join(_array_literal(a, k) for a, k in zip(arrays, _STORE_BATCH_TYPES, strict=True))
+    types = ", ".join(f"{k}[]" for k in _STORE_BATCH_TYPES)
+    await conn.execute(f"PREPARE sb_explain({types}) AS {_STORE_BATCH}")
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE sb_explain({args})")
+    finally:
+        await tx.rollback()
+        await conn.execute("DEALLOCATE sb_explain")
+    return orjson.loads(plan)[0]["Plan"]
 
 
 @dataclass(frozen=True, slots=True)
