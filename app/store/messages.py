@@ -56,9 +56,11 @@ class Stored:
 # batches cannot deadlock; = ANY(ARRAY(...)) keeps it an index lookup however the
 # planner guesses sizes), then, once CTE ``numbered`` has given each new entry its
 # seq, move each counter to its user's highest. The new values are looked up in a
-# map built once, not joined to ``maxes``: the planner, which cannot know a batch's
-# size, joined them by a nested loop rescanning ``maxes`` for every counter
-# (quadratic: ~40 % of a 300-message batch).
+# map, not joined to ``maxes``: the planner, which cannot know a batch's size, joined
+# them by a nested loop rescanning ``maxes`` for every counter (quadratic: ~40 % of a
+# 300-message batch). Each map is an uncorrelated scalar subquery, so PostgreSQL
+# builds it once (an InitPlan); as a one-row relation in FROM, a nested loop may put it
+# on the inner side and build it again for every row (it did, for read receipts).
 _LOCK_COUNTERS = """locked AS MATERIALIZED (
     SELECT user_id, last_seq FROM inbox_counters
     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM targets))
@@ -69,10 +71,26 @@ _BUMP_COUNTERS = """maxes AS MATERIALIZED (
     SELECT user_id, max(seq) AS max_seq FROM numbered GROUP BY user_id
 ),
 bumped AS (
-    UPDATE inbox_counters c SET last_seq = (m.seqs ->> c.user_id::text)::bigint
-    FROM (SELECT jsonb_object_agg(user_id::text, max_seq) AS seqs FROM maxes) m
+    UPDATE inbox_counters c
+    SET last_seq = ((SELECT jsonb_object_agg(user_id::text, max_seq) FROM maxes)
+                    ->> c.user_id::text)::bigint
     WHERE c.user_id = ANY(ARRAY(SELECT user_id FROM maxes))
 ),"""
+
+
+def _numbered(carried: str, order: str) -> str:
+    """CTE ``numbered``: each row of ``targets`` with its seq in its user's inbox, the
+    counter's value looked up in a map of the ``locked`` rows (built once, not joined to
+    them) before the window's sort (OFFSET 0 keeps the lookup below it)."""
+    return f"""numbered AS MATERIALIZED (
+    SELECT user_id, {carried},
+           base + row_number() OVER (PARTITION BY user_id ORDER BY {order}) AS seq
+    FROM (SELECT t.*,
+                 ((SELECT jsonb_object_agg(user_id::text, last_seq) FROM locked)
+                  ->> t.user_id::text)::bigint AS base
+          FROM targets t OFFSET 0) b
+),"""
+
 
 # A batch of sends. The comments live here, not in the SQL: pg_stat_activity shows
 # the first 1,024 bytes of a statement (track_activity_query_size), and an operator
@@ -87,9 +105,8 @@ bumped AS (
 # - ``fresh``: ids taken here, in input order, so every later step reads one stream
 #   that carries its message's position (``ord``): no join back to the input.
 # - ``targets``: one row per new inbox entry, with what the reply needs.
-# - ``numbered``: each counter's value looked up in a map of the locked rows, not
-#   joined to them, before the window's sort (a sort of rows that carried the map
-#   copied it once per row). Every user has a counter: a missing one fails the batch.
+# - ``numbered`` (``_numbered``): every user has a counter; a missing one fails the
+#   batch (seq NULL).
 # - The reply is grouped from the entries, not joined to them: the planner's nested
 #   loops over CTE scans made that quadratic in the batch. Every stored message has its
 #   sender's entry. The inboxes that moved are sent once, on the first row (in every
@@ -128,14 +145,7 @@ targets AS MATERIALIZED (
     JOIN room_members rm ON rm.room_id = f.room_id AND rm.status = 'member'
 ),
 {_LOCK_COUNTERS}
-numbered AS MATERIALIZED (
-    SELECT user_id, message_id, ord, sender_id, recipient_id,
-           base + row_number() OVER (PARTITION BY user_id ORDER BY message_id) AS seq
-    FROM (SELECT t.*, (l.seqs ->> t.user_id::text)::bigint AS base
-          FROM targets t,
-               (SELECT jsonb_object_agg(user_id::text, last_seq) AS seqs FROM locked) l
-          OFFSET 0) b
-),
+{_numbered("message_id, ord, sender_id, recipient_id", "message_id")}
 {_BUMP_COUNTERS}
 delivered AS (
     INSERT INTO inbox (user_id, seq, kind, message_id)
@@ -169,6 +179,23 @@ FOR KEY SHARE OF m
 """
 
 
+async def _fetch_racing(
+    conn: asyncpg.Connection, statement: str, args: list[list[Any]]
+) -> list[asyncpg.Record]:
+    """Run a batch statement that probes for rows already there and then inserts: when
+    another transaction inserted one of the same keys between the probe and the insert
+    (a resend racing its original on another worker) and committed, the insert meets
+    the unique constraint; run again, and the probe finds it."""
+    for attempt in range(1, UNIQUE_RACE_ATTEMPTS + 1):
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
+            return rows
+        except asyncpg.UniqueViolationError:
+            if attempt == UNIQUE_RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def store_batch(
     conn: asyncpg.Connection, batch: Sequence[NewMessage]
 ) -> tuple[list[Stored | None], dict[int, int]]:
@@ -179,17 +206,11 @@ async def store_batch(
     found again by (sender, cmid) and keep their id, timestamp and seq, and are
     answered only once they are replicated.
     """
-    args = columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
-    for attempt in range(1, UNIQUE_RACE_ATTEMPTS + 1):
-        try:
-            rows = await conn.fetch(_STORE_BATCH, *args)
-            break
-        except asyncpg.UniqueViolationError:
-            # Another transaction stored one of these (sender, cmid) between this
-            # statement's NOT EXISTS and its insert (a resend racing its original on
-            # another worker), and has committed: run again, and find it as a resend.
-            if attempt == UNIQUE_RACE_ATTEMPTS:
-                raise
+    rows = await _fetch_racing(
+        conn,
+        _STORE_BATCH,
+        columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body"),
+    )
     result: list[Stored | None] = [None] * len(batch)
     moved: dict[int, int] = {}
     for row in rows:

@@ -200,6 +200,59 @@ async def test_a_batch_racing_another_for_the_same_client_id_stores_it_once(
     assert count == 3
 
 
+async def test_a_read_batch_answers_each_read_and_survives_a_race_for_the_same_receipt(
+    cluster: LocalCluster,
+) -> None:
+    """Per read: recorded (author, seq), already recorded or the reader's own (False),
+    not visible to the reader (None); a read asked twice in one batch is recorded once;
+    a receipt inserted by another transaction between the batch's probe and its insert
+    makes the statement run again and answer False."""
+    alice, bob, eve = new_user("alice"), new_user("bob"), new_user("eve")
+    for user in (alice, bob, eve):
+        await register(cluster, user)
+    async with db(cluster) as conn, db(cluster) as other:
+        rows = await conn.fetch(
+            "SELECT username, id FROM users WHERE username = ANY($1)", [alice, bob, eve]
+        )
+        ids = {row["username"]: row["id"] for row in rows}
+        stored, _ = await message_store.store_batch(
+            conn,
+            [NewMessage(ids[alice], "phone", f"r{k}", ids[bob], None, f"m{k}") for k in range(3)],
+        )
+        m0, m1, m2 = (s.id for s in stored if s is not None)
+        read = message_store.ReadRequest
+        answers = await message_store.read_batch(
+            conn,
+            [read(ids[bob], m0), read(ids[bob], m0), read(ids[alice], m0), read(ids[eve], m0)],
+        )
+        assert answers[0] == (ids[alice], answers[0][1]) and answers[1:] == [False, False, None]
+        # The race: bob's read of m1 recorded by another transaction, not yet committed.
+        await other.execute("BEGIN")
+        await other.execute(
+            "INSERT INTO receipts (message_id, reader_id) VALUES ($1, $2)", m1, ids[bob]
+        )
+        racing = asyncio.create_task(
+            message_store.read_batch(conn, [read(ids[bob], m1), read(ids[bob], m2)])
+        )
+        waited = 0
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            waited = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
+                "AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
+                conn.get_server_pid(),
+            )
+            if waited:
+                break
+        assert waited == 1
+        await other.execute("COMMIT")
+        raced, after = await racing
+        assert raced is False
+        assert after == (ids[alice], answers[0][1] + 1)
+        count = await conn.fetchval("SELECT count(*) FROM receipts WHERE reader_id = $1", ids[bob])
+    assert count == 3
+
+
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", ()) for n in _plan_nodes(child))]
 
