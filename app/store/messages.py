@@ -186,14 +186,19 @@ async def _fetch_racing(
     another transaction inserted one of the same keys between the probe and the insert
     (a resend racing its original on another worker) and committed, the insert meets
     the unique constraint; run again, and the probe finds it."""
-    for attempt in range(1, UNIQUE_RACE_ATTEMPTS + 1):
+    for _ in range(UNIQUE_RACE_ATTEMPTS - 1):
         try:
             rows: list[asyncpg.Record] = await conn.fetch(statement, *args)
             return rows
         except asyncpg.UniqueViolationError:
-            if attempt == UNIQUE_RACE_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    rows = await conn.fetch(statement, *args)  # a violation now is the statement's error
+    return rows
+
+
+def _store_args(batch: Sequence[NewMessage]) -> list[list[Any]]:
+    """_STORE_BATCH's arrays, in its parameters' order (types: _STORE_BATCH_TYPES)."""
+    return columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
 
 
 async def store_batch(
@@ -206,11 +211,7 @@ async def store_batch(
     found again by (sender, cmid) and keep their id, timestamp and seq, and are
     answered only once they are replicated.
     """
-    rows = await _fetch_racing(
-        conn,
-        _STORE_BATCH,
-        columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body"),
-    )
+    rows = await _fetch_racing(conn, _STORE_BATCH, _store_args(batch))
     result: list[Stored | None] = [None] * len(batch)
     moved: dict[int, int] = {}
     for row in rows:
@@ -252,7 +253,7 @@ async def explain_store_batch(conn: asyncpg.Connection, batch: Sequence[NewMessa
     """EXPLAIN (ANALYZE, FORMAT JSON) of the send batch statement for ``batch`` with the
     generic plan the writer pool runs, inside a transaction rolled back: nothing stays.
     (EXPLAIN EXECUTE takes no bound parameters, so the arrays go in as quoted literals.)"""
-    arrays = columns(batch, "sender_id", "sender_device", "cmid", "recipient_id", "room_id", "body")
+    arrays = _store_args(batch)
     args = ", ".join(_array_literal(a, k) for a, k in zip(arrays, _STORE_BATCH_TYPES, strict=True))
     types = ", ".join(f"{k}[]" for k in _STORE_BATCH_TYPES)
     await conn.execute(f"PREPARE sb_explain({types}) AS {_STORE_BATCH}")

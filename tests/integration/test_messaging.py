@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
@@ -137,6 +138,22 @@ async def test_resend_with_same_client_id_stores_one_message(cluster: LocalClust
     await b.close()
 
 
+async def _waits_on_a_transaction(
+    observer: asyncpg.Connection, waiting: asyncpg.Connection
+) -> bool:
+    """Whether ``waiting``'s backend comes to wait on another transaction's lock (a row
+    that transaction inserted and has not committed) within 5 s, seen from ``observer``."""
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if await observer.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
+            "AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
+            waiting.get_server_pid(),
+        ):
+            return True
+    return False
+
+
 async def test_a_batch_racing_another_for_the_same_client_id_stores_it_once(
     cluster: LocalCluster,
 ) -> None:
@@ -177,17 +194,7 @@ async def test_a_batch_racing_another_for_the_same_client_id_stores_it_once(
                 ],
             )
         )
-        waited = 0
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            waited = await other.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
-                "AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
-                conn.get_server_pid(),
-            )
-            if waited:
-                break
-        assert waited == 1  # the batch is blocked on the uncommitted row
+        assert await _waits_on_a_transaction(other, conn)  # blocked on the uncommitted row
         await other.execute("COMMIT")
         (raced, after), _ = await racing
         assert raced is not None and raced.id == raced_id
@@ -234,17 +241,7 @@ async def test_a_read_batch_answers_each_read_and_survives_a_race_for_the_same_r
         racing = asyncio.create_task(
             message_store.read_batch(conn, [read(ids[bob], m1), read(ids[bob], m2)])
         )
-        waited = 0
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            waited = await other.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 "
-                "AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
-                conn.get_server_pid(),
-            )
-            if waited:
-                break
-        assert waited == 1
+        assert await _waits_on_a_transaction(other, conn)
         await other.execute("COMMIT")
         raced, after = await racing
         assert raced is False
